@@ -1,0 +1,200 @@
+"""The `maskedlm` command line: parses arguments and dispatches to the Python API; no logic lives here.
+
+Each subcommand imports its module lazily (so `maskedlm --help` stays fast) and calls one function. A UserError
+becomes a one-line `maskedlm: error: ...` on stderr and exit status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from maskedlm.errors import UserError
+
+
+def _tokenizer_train(a):
+    from maskedlm.tokenizer import train_tokenizer
+
+    path = train_tokenizer(
+        inputs=a.input, vocab_size=a.vocab_size, kind=a.kind, out=a.out, lowercase=a.lowercase,
+        input_format=a.format, text_field=a.text_field,
+    )
+    print(f"wrote {path}")
+
+
+def _prepare(a):
+    from maskedlm.data.prepare import prepare
+
+    prepare(
+        inputs=a.input, tokenizer=a.tokenizer, seq_len=a.seq_len, out=a.out, val_fraction=a.val_fraction,
+        input_format=a.format, text_field=a.text_field, doc_per=a.doc_per, workers=a.workers, seed=a.seed,
+        overwrite=a.overwrite,
+    )
+
+
+def _train(a):
+    from maskedlm.train import train
+
+    train(config=a.config, data=a.data, out=a.out, overrides=a.overrides, resume=a.resume, init_from=a.init_from)
+
+
+def _eval(a):
+    from maskedlm.evaluate import evaluate_model
+
+    print(json.dumps(evaluate_model(a.model, data=a.data, split=a.split, overrides=a.overrides), indent=2))
+
+
+def _fill(a):
+    from maskedlm.inference import fill, format_fill
+
+    result = fill(a.model, a.text, top_k=a.top_k)
+    print(json.dumps(result, indent=2) if a.json else format_fill(result))
+
+
+def _explain(a):
+    from maskedlm.inference import explain, format_explain
+
+    result = explain(a.model, a.text, mask=a.mask, seed=a.seed)
+    print(json.dumps(result, indent=2) if a.json else format_explain(result))
+
+
+def _score(a):
+    from maskedlm.inference import score
+
+    print(json.dumps(score(a.model, a.text), indent=2))
+
+
+def _demo(a):
+    from maskedlm.demo import run_demo
+
+    run_demo(minutes=a.minutes, quick=a.quick, out=a.out)
+
+
+def _export(a):
+    from maskedlm.hf import export
+
+    export(a.model, out=a.out, overwrite=a.overwrite)
+
+
+def _import(a):
+    from maskedlm.hf import import_checkpoint
+
+    import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)
+
+
+def _masks(a):
+    from maskedlm.masking import masks_report
+
+    print(masks_report(a.data, config=a.config, overrides=a.overrides, rows=a.rows, as_json=a.json, split=a.split))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tok_sub.add_parser("train", help="train a WordPiece, BPE or Unigram tokenizer on text files")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories (recursive) or globs; .gz is read transparently")
+    t.add_argument("--vocab-size", type=int, default=30522)
+    t.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], default="wordpiece")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--lowercase", action="store_true")
+    t.add_argument("--format", choices=["text", "jsonl"], default=None, help="default: jsonl for *.jsonl[.gz], else text")
+    t.add_argument("--text-field", default="text")
+    t.set_defaults(fn=_tokenizer_train)
+
+    t = sub.add_parser("prepare", help="tokenize a corpus into packed rows (train/ and val/ shards + meta.json)")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH")
+    t.add_argument("--tokenizer", required=True, metavar="DIR", help="a maskedlm or Hugging Face tokenizer directory, or a tokenizer.json")
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--out", required=True, metavar="DATA_DIR")
+    t.add_argument("--val-fraction", type=float, default=0.01)
+    t.add_argument("--format", choices=["text", "jsonl"], default=None)
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--doc-per", choices=["line", "file", "blank-line"], default="blank-line")
+    t.add_argument("--workers", type=int, default=0, help="0: one per core")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    t.set_defaults(fn=_prepare)
+
+    t = sub.add_parser("train", help="pretrain (or continue pretraining) an encoder")
+    t.add_argument("--config", default="bert-mini", help="a TOML file or a preset name from configs/")
+    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--out", required=True, metavar="RUN_DIR")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    t.add_argument("--init-from", default=None, metavar="HF_DIR", help="start from a Hugging Face BERT/ModernBERT checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    t.set_defaults(fn=_train)
+
+    t = sub.add_parser("eval", help="masked loss, accuracy and perplexity at a fixed evaluation mask")
+    t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
+    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--split", choices=["val", "train", "all"], default="val")
+    t.add_argument("overrides", nargs="*", metavar="eval.key=value")
+    t.set_defaults(fn=_eval)
+
+    t = sub.add_parser("fill", help="top-k tokens at each [MASK]")
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("text")
+    t.add_argument("--top-k", type=int, default=5)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=_fill)
+
+    t = sub.add_parser("explain", help="the objective's view of one example: x, A(x), x̄, −log p per position")
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("text")
+    t.add_argument("--mask", nargs="+", required=True, metavar="WORD_OR_INDEX")
+    t.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 corruption (default: every selected token becomes [MASK])")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=_explain)
+
+    t = sub.add_parser("score", help="pseudo-log-likelihood of a text (each token masked in turn)")
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("text")
+    t.set_defaults(fn=_score)
+
+    t = sub.add_parser("demo", help="the embedded default run on Shakespeare's works")
+    t.add_argument("--minutes", type=float, default=5.0)
+    t.add_argument("--quick", action="store_true", help="end within a minute (CI)")
+    t.add_argument("--out", default="demo_out", metavar="DIR")
+    t.set_defaults(fn=_demo)
+
+    t = sub.add_parser("export", help="write a Hugging Face transformers directory")
+    t.add_argument("model", metavar="MODEL")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(fn=_export)
+
+    t = sub.add_parser("import", help="convert a Hugging Face BERT/ModernBERT directory into a maskedlm model")
+    t.add_argument("hf_dir", metavar="HF_DIR")
+    t.add_argument("--out", required=True, metavar="MODEL")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(fn=_import)
+
+    t = sub.add_parser("masks", help="show what a masking configuration does to the data")
+    t.add_argument("data", metavar="DATA_DIR")
+    t.add_argument("--config", default=None, help="a TOML file or preset (its masking section)")
+    t.add_argument("--rows", type=int, default=3)
+    t.add_argument("--split", choices=["train", "val"], default="train")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="masking.key=value")
+    t.set_defaults(fn=_masks)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"maskedlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("maskedlm: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
