@@ -6,7 +6,19 @@ UserError naming the key and the value. Loading presets and overrides lives here
 
 from __future__ import annotations
 
+import copy
+import difflib
+import hashlib
+import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from maskedlm.errors import UserError
 
@@ -23,7 +35,7 @@ class ModelConfig:
     hidden: int = 256  # bert-mini width (Turc et al. 2019, "Well-Read Students Learn Better")
     layers: int = 4
     heads: int = 4
-    intermediate: int = 1024  # 4 × hidden, as in BERT
+    intermediate: int = 1024  # 4 × hidden, as in BERT; for `modern` the GeGLU width (Wi has 2 × intermediate rows)
     max_positions: int = 512  # learned positions in the bert family; RoPE (modern) has no table but we still bound seq_len
     type_vocab_size: int = 2  # BERT's segment embeddings; kept so weights load into BertForMaskedLM unchanged
     dropout: float = 0.0  # hidden dropout; 0 for short pretraining runs (Cramming, Geiping & Goldstein 2022)
@@ -33,6 +45,8 @@ class ModelConfig:
     rope_theta: float = 160000.0  # ModernBERT's global-attention RoPE base
     pad_vocab_multiple: int = 64  # pad the embedding/decoder rows to a multiple of 64 for matmul efficiency
     doc_attention: bool = False  # block-diagonal attention from document starts (packed rows)
+    # Decoder weight = input embeddings (BERT, ModernBERT): saves V×C parameters and is what HF checkpoints expect.
+    tie_embeddings: bool = True
 
     def validate(self) -> None:
         _check(self.family in ("bert", "modern"), f"model.family must be 'bert' or 'modern', got {self.family!r}")
@@ -98,6 +112,9 @@ class TrainConfig:
     seed: int = 0  # model initialisation and loader order
     log_every_steps: int = 10
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops with a checkpoint
+    device: str = "auto"  # "auto": this rank's CUDA device when there is one, else "cpu"
+    prefetch: bool = True  # read and mask the next steps on a background thread (masks are identical either way)
+    parallel: str = "ddp"  # multi-process wrapping under torchrun: "ddp" (FSDP2 is issue 6, not implemented yet)
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -108,6 +125,11 @@ class TrainConfig:
         _check(self.precision in ("bf16", "fp32"), f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
         _check(self.log_every_steps > 0, f"train.log_every_steps must be > 0, got {self.log_every_steps}")
         _check(self.max_bad_steps > 0, f"train.max_bad_steps must be > 0, got {self.max_bad_steps}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+        _check(self.parallel in ("ddp",), f"train.parallel must be 'ddp' (FSDP2 is not implemented yet), got {self.parallel!r}")
 
 
 @dataclass
@@ -151,3 +173,178 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: presets, TOML files, dotted overrides. Values are coerced to each field's type (an override arrives as a
+# string) and anything that cannot be coerced, or a key that does not exist, is rejected naming the key.
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+# Keys that may change between a run and its --resume: they decide when to log, evaluate and save, never what the
+# weights become, so changing them keeps the bit-identical-resume promise.
+RESUME_FREE_KEYS = frozenset({
+    "train.log_every_steps", "train.prefetch", "train.device",
+    "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows",
+    "checkpoint.every_steps", "checkpoint.keep",
+})
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
+
+
+def _parse_scalar(text: str):
+    """An override's value as TOML would read it (numbers, booleans, arrays), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(key: str, value, typ):
+    origin = get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 steps
+            return int(value)
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        args = get_args(typ)
+        if isinstance(value, str):  # "0.9,0.98"
+            value = [_parse_scalar(v.strip()) for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, t) for v, t in zip(value, args))
+    raise UserError(f"{key}: unsupported field type {typ!r}")  # a programming error, surfaced plainly
+
+
+def _unknown(key: str, known: list[str]) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def all_keys() -> list[str]:
+    out = []
+    for section, cls in _section_types().items():
+        out += [f"{section}.{f.name}" for f in fields(cls)]
+    return out
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    sections = _section_types()
+    if len(parts) != 2 or parts[0] not in sections:
+        close = difflib.get_close_matches(key, all_keys(), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"keys look like section.key, sections: {', '.join(sections)}"
+        raise UserError(f"unknown config key {key!r} ({hint})")
+    section, name = parts
+    hints = get_type_hints(sections[section])
+    if name not in hints or name not in {f.name for f in fields(sections[section])}:
+        raise _unknown(key, all_keys())
+    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+
+
+def _apply_dict(cfg: Config, data: dict, source: str) -> None:
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: top-level key {section!r} must be a [section] table (sections: {', '.join(_section_types())})")
+        if section not in _section_types():
+            raise _unknown(section, list(_section_types()))
+        for name, value in table.items():
+            _set(cfg, f"{section}.{name}", value)
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> Config:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read config {str(path)!r}: {e}") from None
+    cfg = Config()
+    base = data.pop("base", None)  # `base = "bert-mini"`: start from a preset or another file, then change a few keys
+    if base is not None:
+        base_path = _resolve(str(base), relative_to=path.parent)
+        if base_path in seen:
+            raise UserError(f"{path}: `base` makes a cycle through {base_path}")
+        cfg = _read_toml(base_path, seen + (path,))
+    _apply_dict(cfg, data, str(path))
+    return cfg
+
+
+def _resolve(name: str, relative_to: Path | None = None) -> Path:
+    p = Path(name)
+    if relative_to is not None and not p.is_absolute() and (relative_to / p).is_file():
+        return (relative_to / p).resolve()
+    if p.is_file():
+        return p.resolve()
+    preset = PRESETS_DIR / f"{name}.toml"
+    if preset.is_file() and "/" not in name:
+        return preset
+    raise UserError(f"config {name!r} is neither a TOML file nor a preset (presets: {', '.join(preset_names())})")
+
+
+def load_config(config: "str | Path | Config | dict | None" = None, overrides=()) -> Config:
+    """A preset name, a TOML file, a Config or a dict (e.g. a run's config.json), then `section.key=value` overrides."""
+    if config is None:
+        cfg = Config()
+    elif isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    elif isinstance(config, dict):
+        cfg = Config()
+        _apply_dict(cfg, config, "config")
+    else:
+        cfg = _read_toml(_resolve(str(config)))
+    for item in overrides or ():
+        key, eq, text = str(item).partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"override {item!r} must look like section.key=value")
+        _set(cfg, key.strip(), _parse_scalar(text.strip()))
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    """The Config saved as config.json (a run dir or a checkpoint dir), validated."""
+    return load_config(data)
+
+
+def flat_config(cfg: Config) -> dict:
+    return {f"{s}.{k}": v for s, table in cfg.to_dict().items() for k, v in table.items()}
+
+
+def config_diff(a: Config, b: Config, ignore=RESUME_FREE_KEYS) -> list[str]:
+    """Dotted keys whose values differ (tuples and lists compare equal, as JSON round-trips them)."""
+    fa, fb = flat_config(a), flat_config(b)
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and norm(fa.get(k)) != norm(fb.get(k)))
+
+
+def config_hash(cfg: Config, ignore=RESUME_FREE_KEYS) -> str:
+    """sha256 of the canonical JSON of the keys that decide the weights (RESUME_FREE_KEYS left out)."""
+    flat = {k: v for k, v in flat_config(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=list).encode()).hexdigest()
