@@ -219,7 +219,10 @@ def _maskedlm_optimizer(model, ocfg, device):
     for name in ("build_optimizer", "make_optimizer", "create_optimizer"):
         fn = getattr(mo, name, None)
         if fn is not None:
-            opt = fn(model, ocfg)
+            try:
+                opt = fn(model, ocfg, device)
+            except TypeError:
+                opt = fn(model, ocfg)
             return opt[0] if isinstance(opt, tuple) else opt
     return _adamw(model.parameters(), ocfg.lr, device)
 
