@@ -65,6 +65,25 @@ class MaskingConfig:
     mask_token_prob: float = 0.8  # of selected positions: [MASK] 80%, random 10%, unchanged 10% (BERT)
     random_token_prob: float = 0.1
     seed: int = 0
+    # What one masking decision covers: token (BERT), word (whole-word masking, BERT's later release), span (SpanBERT,
+    # Joshi et al. 2020) or ngram (ERNIE / Megatron-LM). Token is the default because it is the published BERT objective.
+    unit: str = "token"
+    # Wettig et al. 2022 separate the share of tokens predicted from the share corrupted. 0 means "= mask_rate" (the
+    # standard objective, where the two are the same positions).
+    predict_rate: float = 0.0
+    corrupt_rate: float = 0.0
+    # Rate by training step: constant (mask_rate throughout), or linear / cosine from rate_start to rate_end over
+    # rate_schedule_steps steps, then rate_end (e.g. 0.3 → 0.15). Keyed by step so a resumed run masks identically.
+    rate_schedule: str = "constant"
+    rate_start: float = 0.0  # 0: mask_rate
+    rate_end: float = 0.0  # 0: mask_rate
+    rate_schedule_steps: int = 0  # required (> 0) for linear/cosine: usually train.max_steps
+    # Random replacements drawn uniformly from non-special tokens (BERT) or by corpus frequency from the data dir's
+    # token_counts.npy (fairseq's freq_weighted_replacement).
+    random_token_dist: str = "uniform"
+    span_geometric_p: float = 0.2  # SpanBERT's span length in words ~ Geometric(0.2) ...
+    span_max_words: int = 10  # ... truncated at 10 words: mean 3.8 words, as published (Joshi et al. 2020)
+    max_ngram: int = 3  # n-grams of 1..3 whole words with P(n) ∝ 1/n (Megatron-LM's BERT dataset default)
 
     def validate(self) -> None:
         _check(0.0 < self.mask_rate < 1.0, f"masking.mask_rate must be in (0, 1), got {self.mask_rate}")
@@ -72,8 +91,32 @@ class MaskingConfig:
         _check(0.0 <= self.random_token_prob <= 1.0, f"masking.random_token_prob must be in [0, 1], got {self.random_token_prob}")
         _check(
             self.mask_token_prob + self.random_token_prob <= 1.0 + 1e-9,
-            f"masking.mask_token_prob + masking.random_token_prob must be <= 1, got {self.mask_token_prob + self.random_token_prob}",
+            f"masking.mask_token_prob + masking.random_token_prob must be <= 1, got {self.mask_token_prob + self.random_token_prob:g}",
         )
+        _check(isinstance(self.seed, int), f"masking.seed must be an integer, got {self.seed!r}")
+        units = ("token", "word", "span", "ngram")
+        _check(self.unit in units, f"masking.unit must be one of {', '.join(units)}, got {self.unit!r}")
+        for k in ("predict_rate", "corrupt_rate", "rate_start", "rate_end"):
+            v = getattr(self, k)
+            _check(0.0 <= v < 1.0, f"masking.{k} must be in (0, 1) (or 0 for mask_rate), got {v}")
+        schedules = ("constant", "linear", "cosine")
+        _check(self.rate_schedule in schedules, f"masking.rate_schedule must be one of {', '.join(schedules)}, got {self.rate_schedule!r}")
+        _check(self.rate_schedule_steps >= 0, f"masking.rate_schedule_steps must be >= 0, got {self.rate_schedule_steps}")
+        if self.rate_schedule != "constant":
+            _check(
+                self.rate_schedule_steps > 0,
+                f"masking.rate_schedule={self.rate_schedule!r} needs masking.rate_schedule_steps > 0 (e.g. train.max_steps), got {self.rate_schedule_steps}",
+            )
+            _check(
+                self.predict_rate == 0.0 and self.corrupt_rate == 0.0,
+                f"masking.rate_schedule={self.rate_schedule!r} schedules one rate; leave masking.predict_rate and "
+                f"masking.corrupt_rate at 0, got {self.predict_rate} and {self.corrupt_rate}",
+            )
+        dists = ("uniform", "unigram")
+        _check(self.random_token_dist in dists, f"masking.random_token_dist must be uniform or unigram, got {self.random_token_dist!r}")
+        _check(0.0 < self.span_geometric_p <= 1.0, f"masking.span_geometric_p must be in (0, 1], got {self.span_geometric_p}")
+        _check(self.span_max_words >= 1, f"masking.span_max_words must be >= 1, got {self.span_max_words}")
+        _check(self.max_ngram >= 1, f"masking.max_ngram must be >= 1, got {self.max_ngram}")
 
 
 @dataclass
