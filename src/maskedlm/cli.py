@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_prepare)
 
     t = sub.add_parser("train", help="pretrain (or continue pretraining) an encoder")
-    t.add_argument("--config", default="bert-mini", help="a TOML file or a preset name from configs/")
+    t.add_argument("--config", default=None,
+                   help="a TOML file or a preset name from src/maskedlm/configs/ (default: bert-mini; with --resume, the run's own)")
     t.add_argument("--data", required=True, metavar="DATA_DIR")
     t.add_argument("--out", required=True, metavar="RUN_DIR")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")

@@ -1,0 +1,344 @@
+"""Checkpoints: atomic save, verified load, keep-last-K, and `load_model` for every command that takes a MODEL.
+
+A checkpoint is RUN_DIR/checkpoints/step_XXXXXXX/ with model.safetensors, config.json, tokenizer.json, state.json and
+optimizer.pt. It is written into a temporary directory and renamed; `latest` is replaced with os.replace; state.json
+records each file's size and sha256, so a truncated or corrupted checkpoint is detected instead of half-loaded.
+Nothing is unpickled: weights are safetensors, optimizer tensors load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from maskedlm.errors import UserError
+
+WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER = "model.safetensors", "config.json", "tokenizer.json", "state.json", "optimizer.pt"
+STEP_RE = re.compile(r"^step_(\d+)$")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be trusted: missing files, wrong sizes or hashes, unreadable contents."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# -- low-level writers (one place each, so tests can simulate a full disk) -------------------------------------------
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _write_weights(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_optimizer(path: Path, state: dict) -> None:
+    torch.save(state, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same directory, fsync, then os.replace: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_text(tmp, text)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _file_record(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def library_versions() -> dict:
+    import numpy
+    import safetensors
+    import tokenizers
+
+    import maskedlm
+
+    return {
+        "maskedlm": maskedlm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def rng_state() -> dict:
+    """Torch's global RNG states (dropout draws from them), as base64 so state.json stays plain JSON."""
+    enc = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode()  # noqa: E731
+    out = {"cpu": enc(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    dec = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
+    if "cpu" in state:
+        torch.set_rng_state(dec(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([dec(s) for s in state["cuda"]])
+
+
+# -- save ------------------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: dict,
+    tokenizer_json: str | Path | None,
+    state: dict,
+    keep: int = 2,
+) -> Path:
+    """Write step_XXXXXXX atomically, point `latest` at it, keep the last `keep`. Returns the checkpoint dir.
+
+    An OSError (disk full, permissions) removes the partial temporary directory and raises CheckpointError; the
+    previous checkpoint and `latest` are untouched.
+    """
+    ck_root = Path(run_dir) / "checkpoints"
+    ck_root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    final = ck_root / name
+    tmp = ck_root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        _write_weights(tmp / WEIGHTS, tensors)
+        if optimizer is not None:
+            _write_optimizer(tmp / OPTIMIZER, optimizer.state_dict())
+        _write_text(tmp / CONFIG, json.dumps(config, indent=2))
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
+        files = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
+        full_state = {
+            "format_version": FORMAT_VERSION, "step": step, **state, "versions": library_versions(), "files": files,
+        }
+        _write_text(tmp / STATE, json.dumps(full_state, indent=2))
+        for p in tmp.iterdir():
+            _fsync_path(p)
+        _fsync_path(tmp)
+        if final.exists():  # a resumed run reaching a step that a killed run had saved but not made `latest`
+            trash = ck_root / f".trash-{name}-{os.getpid()}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync_path(ck_root)
+        atomic_write_text(ck_root / "latest", name + "\n")
+        _fsync_path(ck_root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = read_latest_name(ck_root)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not save checkpoint {name} in {ck_root}: {e.strerror or e}; {kept}. Free disk space, then continue "
+            "with --resume"
+        ) from e
+    prune(ck_root, keep)
+    return final
+
+
+def step_dirs(ck_root: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoint dirs, oldest first (temporary and trash dirs are not listed)."""
+    if not ck_root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in ck_root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return sorted(out)
+
+
+def prune(ck_root: Path, keep: int) -> None:
+    latest = read_latest_name(ck_root)
+    dirs = step_dirs(ck_root)
+    for _, p in dirs[: max(0, len(dirs) - keep)]:
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_tmp(ck_root: Path) -> None:
+    """Temporary dirs left by a process killed during a save: never loaded, safe to delete."""
+    if ck_root.is_dir():
+        for p in ck_root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-", ".latest.tmp-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def read_latest_name(ck_root: Path) -> str | None:
+    try:
+        name = (Path(ck_root) / "latest").read_text().strip()
+    except OSError:
+        return None
+    return name if STEP_RE.match(name) else None
+
+
+# -- load ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict  # the full resolved Config as a dict
+    state: dict  # state.json
+    model_state: dict  # name -> tensor
+    optimizer_state: dict | None
+
+
+def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool = True) -> Checkpoint:
+    """Read and verify one checkpoint dir; CheckpointError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = json.loads((path / STATE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {STATE} (a save was interrupted?)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({e})") from None
+    files = state.get("files", {})
+    for name in (WEIGHTS, CONFIG) + ((OPTIMIZER,) if load_optimizer else ()):
+        if name not in files or not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {name}")
+    if verify:
+        for name, rec in files.items():
+            p = path / name
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint {path} lacks {name}")
+            if p.stat().st_size != rec["bytes"]:
+                raise CheckpointError(
+                    f"checkpoint {path}: {name} has {p.stat().st_size} bytes, expected {rec['bytes']} (truncated?)"
+                )
+            if _file_record(p)["sha256"] != rec["sha256"]:
+                raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in {STATE} (corrupted)")
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({e})") from None
+    try:
+        from safetensors.torch import load_file
+
+        model_state = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type on a bad header or short file
+        raise CheckpointError(f"checkpoint {path}: {WEIGHTS} is unreadable ({e})") from None
+    opt = None
+    if load_optimizer:
+        try:
+            opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: {OPTIMIZER} is unreadable ({e})") from None
+    return Checkpoint(path=path, config=config, state=state, model_state=model_state, optimizer_state=opt)
+
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """`latest` first, then every other finished checkpoint, newest first."""
+    ck_root = Path(run_dir) / "checkpoints"
+    latest = read_latest_name(ck_root)
+    dirs = [p for _, p in reversed(step_dirs(ck_root))]
+    if latest and (ck_root / latest).is_dir():
+        dirs = [ck_root / latest] + [p for p in dirs if p.name != latest]
+    return dirs
+
+
+def load_for_resume(run_dir: str | Path, warn=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; a damaged one is reported and the previous one used. None: no checkpoint."""
+    problems = []
+    for p in checkpoint_candidates(run_dir):
+        try:
+            ck = read_checkpoint(p)
+        except CheckpointError as e:
+            warn(f"warning: skipping damaged checkpoint: {e}")
+            problems.append(str(e))
+            continue
+        return ck
+    if problems:
+        raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + "; ".join(problems))
+    return None
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run dir (→ its latest checkpoint) or a checkpoint dir."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    ck_root = path / "checkpoints"
+    if ck_root.is_dir():
+        latest = read_latest_name(ck_root)
+        if latest and (ck_root / latest).is_dir():
+            return ck_root / latest
+        dirs = step_dirs(ck_root)
+        if dirs:
+            return dirs[-1][1]
+        raise UserError(f"run dir {path} has no checkpoint yet")
+    if not path.exists():
+        raise UserError(f"model {path} does not exist")
+    raise UserError(f"{path} is neither a run dir nor a checkpoint dir (no {STATE}, no checkpoints/)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from a run dir (its latest checkpoint) or a checkpoint dir.
+
+    A damaged latest checkpoint is an error that names the previous, loadable one, rather than a silent fallback:
+    inference should not quietly use older weights.
+    """
+    from maskedlm.config import config_from_dict
+    from maskedlm.model import MaskedLM
+
+    ck_dir = resolve_checkpoint_dir(path)
+    try:
+        ck = read_checkpoint(ck_dir, load_optimizer=False)
+    except CheckpointError as e:
+        others = [p for p in checkpoint_candidates(ck_dir.parent) if p != ck_dir] if ck_dir.parent.name == "checkpoints" else []
+        for p in others:
+            try:
+                read_checkpoint(p, load_optimizer=False)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}; the previous checkpoint {p} loads: pass it as MODEL") from None
+        raise
+    cfg = config_from_dict(ck.config)
+    model = MaskedLM(cfg.model)
+    missing, unexpected = model.load_state_dict(ck.model_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ck_dir}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.to(device).eval()
+    tokenizer = None
+    if (ck_dir / TOKENIZER).is_file():
+        from maskedlm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(ck_dir / TOKENIZER)
+    return model, cfg, tokenizer

@@ -1,0 +1,155 @@
+"""The torchrun environment, process groups, model wrapping and reductions: the only module that knows about ranks.
+
+One process (no torchrun variables) takes the same calls as N processes: every helper here is a no-op or identity
+when the world has one rank, so the training loop is one code path (DESIGN decision 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from maskedlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_INFO = DistInfo()
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
+    """Join the process group when torchrun started us (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
+    global _INFO
+    rank, world, local = env_world()
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device is {device!r} but no CUDA device is available; use train.device=cpu")
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        # A timeout turns a dead peer into an error on the others instead of a hang forever (issue 6).
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    _INFO = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return _INFO
+
+
+def info() -> DistInfo:
+    return _INFO
+
+
+def rank() -> int:
+    return _INFO.rank
+
+
+def world_size() -> int:
+    return _INFO.world_size
+
+
+def is_main() -> bool:
+    return _INFO.is_main
+
+
+def print0(*args, **kwargs) -> None:
+    if _INFO.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; identity on one process."""
+    if _INFO.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if _INFO.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a small picklable object on every rank (used for the 'stop now' decision)."""
+    if not _INFO.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if _INFO.distributed:
+        dist.barrier()
+
+
+def _sum_hook(_state, bucket):
+    # DDP's default hook averages gradients over ranks; the loss is already divided by the global count of A(x), so
+    # the gradient of the global objective is the plain sum (DESIGN decision 4: no double averaging).
+    fut = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def wrap_model(model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module:
+    """DDP with summed gradients under torchrun; the model itself on one process."""
+    if not _INFO.distributed:
+        return model
+    if parallel != "ddp":
+        raise UserError(f"train.parallel={parallel!r} is not implemented yet; use ddp")
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[_INFO.device.index] if _INFO.device.type == "cuda" else None)
+    ddp.register_comm_hook(state=None, hook=_sum_hook)
+    return ddp
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The MaskedLM under DDP and/or torch.compile wrappers (for saving and evaluation)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def grad_sync(model: torch.nn.Module, sync: bool):
+    """Skip DDP's all-reduce on all but the last micro-batch of a step (gradients accumulate locally)."""
+    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

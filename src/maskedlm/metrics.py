@@ -1,0 +1,99 @@
+"""Where training numbers go: RUN_DIR/metrics.jsonl, a tqdm progress bar, TensorBoard event files when installed.
+
+Rank 0 gets a MetricsLogger; other ranks get NullLogger, which does nothing, so the loop never asks which rank it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the record readable by strict parsers
+    return v
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records after `max_step` (a resumed run rewrites the steps a killed run had logged past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
+        if rec.get("step", 0) <= max_step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, total_steps: int | None, start_step: int = 0, progress: bool | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on terminals only; elsewhere (CI, logs) the loop prints a line every log_every_steps.
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=None if progress is None else not progress,
+                        unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        except Exception:  # tensorboard not installed: JSONL and the bar are enough
+            self.tb = None
+
+    @property
+    def bar_visible(self) -> bool:
+        return not self.bar.disable
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        step = record.get("step", 0)
+        if self.tb is not None:
+            kind = record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def progress(self, steps: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(steps)
+
+    def write(self, text: str) -> None:
+        """A line above the bar (tqdm.write keeps the bar intact)."""
+        self.bar.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class NullLogger:
+    """For ranks other than 0: accepts everything, writes nothing."""
+
+    bar_visible = False
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def progress(self, *a, **k) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
