@@ -1,0 +1,636 @@
+"""Corpus → packed rows: read text/JSON Lines (files, dirs, globs, .gz), tokenize in parallel, pack, shard.
+
+Streaming with bounded memory: files are read in blocks, huge documents are cut at whitespace into chunks before
+tokenizing, and rows leave for disk a shard at a time. Output goes to a temp dir beside --out and is renamed at the
+end, so a failure leaves nothing half-written. The on-disk format itself is data/shards.py's.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import zlib
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from maskedlm.data import shards as fmt
+from maskedlm.errors import UserError
+
+SEQ_LEN_MIN, SEQ_LEN_MAX = 8, 8192
+DOC_PER = ("line", "file", "blank-line")
+FORMATS = ("text", "jsonl")
+READ_BYTES = 1 << 20  # file read block
+# Documents longer than this are tokenized in pieces cut at whitespace: bounded memory for a 50 MB line, and
+# pieces of one document still spread over workers.
+CHUNK_CHARS = 1 << 16
+BATCH_CHARS = 1 << 18  # text per tokenizer call / worker task: ~100k tokens, a few MB of Python lists
+# Corpora below this many tokens are held in memory until the end, so the split can guarantee a validation row.
+BUFFER_TOKENS = 1 << 20
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_CUT = re.compile(r"\s(?=\S)")  # a cut before the last whitespace char of a run keeps byte-level BPE's " word" intact
+_SEPARATORS = {"line": re.compile(r"\n"), "blank-line": re.compile(r"\n[^\S\n]*\n"), "file": None}
+
+
+# ----------------------------------------------------------------------------------------------- reading inputs
+
+def _warn(msg: str) -> None:
+    print(f"maskedlm: warning: {msg}", file=sys.stderr)
+
+
+def resolve_inputs(inputs) -> list[Path]:
+    """Files named by `inputs` (files, dirs walked recursively, globs), sorted within each input, without repeats."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs or [])
+    if not inputs:
+        raise UserError("no input given; pass --input PATH (files, directories or globs)")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            if not found:
+                raise UserError(f"input directory has no files: {item}")
+        elif _GLOB_CHARS.search(str(item)):
+            found = []
+            for m in sorted(globlib.glob(str(item), recursive=True)):
+                mp = Path(m)
+                found += [mp] if mp.is_file() else sorted(q for q in mp.rglob("*") if q.is_file())
+            if not found:
+                raise UserError(f"input pattern matches no files: {item}")
+        else:
+            raise UserError(f"input path does not exist: {item}")
+        files += found
+    seen, out = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def _format_of(path: Path, input_format: str | None) -> str:
+    if input_format is not None:
+        return input_format
+    name = path.name.lower()
+    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "text"
+
+
+class _Counter:
+    """A codec error handler that replaces invalid UTF-8 with U+FFFD and counts the bytes it replaced."""
+
+    def __init__(self):
+        self.replaced = 0
+
+    def __call__(self, err):
+        self.replaced += err.end - err.start
+        return "\ufffd", err.end
+
+
+_REPLACED = _Counter()
+codecs.register_error("maskedlm-count", _REPLACED)
+
+
+def _read_blocks(path: Path, stats: dict):
+    """Decoded text of one file in blocks; stats["bytes_done"] follows the bytes read from disk."""
+    raw = open(path, "rb")
+    try:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="maskedlm-count")
+        first, last_pos = True, 0
+        while True:
+            try:
+                block = stream.read(READ_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                raise UserError(f"cannot read {path}: {e}") from None
+            pos = raw.tell()
+            stats["bytes_done"] += pos - last_pos
+            last_pos = pos
+            final = not block
+            text = decoder.decode(block, final=final)
+            if first and text.startswith("\ufeff"):  # a UTF-8 byte-order mark is not text
+                text = text[1:]
+            first = False
+            if text:
+                yield text
+            if final:
+                return
+    finally:
+        raw.close()
+
+
+def _cut(s: str, limit: int) -> int:
+    """Where to cut a long document: before a whitespace char that precedes a word, in s[limit//2:limit]."""
+    cut = None
+    for m in _CUT.finditer(s, limit // 2, limit):
+        cut = m.start()
+    # No whitespace in half a chunk (one enormous "word"): cut hard; only this cut may split a word.
+    return cut if cut else limit
+
+
+def _pieces_of(text: str, first: bool, chunk_chars: int):
+    """(piece, starts_document) for one whole document text, cut into pieces of at most chunk_chars."""
+    while len(text) > chunk_chars:
+        c = _cut(text, chunk_chars)
+        yield text[:c], first
+        first = False
+        text = text[c:]
+    if text:
+        yield text, first
+
+
+def _text_pieces(blocks, doc_per: str, chunk_chars: int, stats: dict):
+    """(piece, starts_document) for a text file; a document is a line, a blank-line block or the whole file."""
+    sep = _SEPARATORS[doc_per]
+    buf, started = "", False  # started: the current document already has pieces out
+    for block in blocks:
+        buf += block
+        if sep is not None:
+            parts = sep.split(buf)
+            buf = parts.pop()
+            for p in parts:
+                p = p.rstrip() if started else p.strip()
+                if p:
+                    if not started:
+                        stats["documents"] += 1
+                    yield from _pieces_of(p, not started, chunk_chars)
+                started = False
+        if not started:
+            buf = buf.lstrip()
+        while len(buf) > 2 * chunk_chars:  # the document so far is long: send its head on
+            c = _cut(buf, chunk_chars)
+            if not started:
+                stats["documents"] += 1
+            yield buf[:c], not started
+            started, buf = True, buf[c:]
+    buf = buf.rstrip() if started else buf.strip()
+    if buf:
+        if not started:
+            stats["documents"] += 1
+        yield from _pieces_of(buf, not started, chunk_chars)
+
+
+def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: dict):
+    buf, line_no = "", 0
+    for block in (*blocks, "\n"):
+        buf += block
+        lines = buf.split("\n")
+        buf = lines.pop()
+        for line in lines:
+            line_no += 1
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line or use --format text") from None
+            stats["records"] += 1
+            text = rec.get(text_field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                stats["missing_field"] += 1
+                if isinstance(rec, dict) and len(stats["fields_seen"]) < 20:
+                    stats["fields_seen"].update(k for k in rec if isinstance(k, str))
+                continue
+            text = text.strip()
+            if text:
+                stats["documents"] += 1
+                yield from _pieces_of(text, True, chunk_chars)
+
+
+def _new_stats() -> dict:
+    return {"files": 0, "empty_files": 0, "documents": 0, "records": 0, "missing_field": 0, "fields_seen": set(),
+            "bytes_total": 0, "bytes_done": 0, "replaced_bytes": 0, "replaced_files": 0}
+
+
+def iter_pieces(files: list[Path], input_format=None, text_field="text", doc_per="blank-line", stats=None,
+                chunk_chars: int | None = None):
+    """(text piece, starts_document) over all files in order; counts into `stats` (see _new_stats)."""
+    stats = _new_stats() if stats is None else stats
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    for path in files:
+        stats["files"] += 1
+        docs_before, replaced_before = stats["documents"], _REPLACED.replaced
+        blocks = _read_blocks(path, stats)
+        if _format_of(path, input_format) == "jsonl":
+            yield from _jsonl_pieces(blocks, path, text_field, chunk_chars, stats)
+        else:
+            yield from _text_pieces(blocks, doc_per, chunk_chars, stats)
+        if stats["documents"] == docs_before:
+            stats["empty_files"] += 1
+        if _REPLACED.replaced > replaced_before:
+            stats["replaced_files"] += 1
+            stats["replaced_bytes"] += _REPLACED.replaced - replaced_before
+
+
+def _check_options(input_format, doc_per):
+    if input_format not in (None, *FORMATS):
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {input_format!r}")
+    if doc_per not in DOC_PER:
+        raise UserError(f"doc_per must be one of {', '.join(DOC_PER)}, got {doc_per!r}")
+
+
+def _report_input(stats: dict, text_field: str, files: list[Path]) -> None:
+    """Warnings for skipped/replaced input; UserError when nothing usable was found."""
+    if stats["records"] and stats["missing_field"] == stats["records"]:
+        seen = ", ".join(sorted(stats["fields_seen"])[:10]) or "none"
+        raise UserError(
+            f"none of the {stats['records']} JSON Lines records has a string field {text_field!r} "
+            f"(fields seen: {seen}); pass --text-field NAME"
+        )
+    if stats["documents"] == 0:
+        raise UserError(f"no text found: all {stats['files']} input files are empty ({', '.join(map(str, files[:3]))}"
+                        f"{', ...' if len(files) > 3 else ''})")
+    if stats["missing_field"]:
+        _warn(f"skipped {stats['missing_field']} of {stats['records']} JSON Lines records without a string field {text_field!r}")
+    if stats["empty_files"]:
+        _warn(f"skipped {stats['empty_files']} empty input files")
+    if stats["replaced_bytes"]:
+        _warn(f"replaced {stats['replaced_bytes']} invalid UTF-8 bytes with U+FFFD in {stats['replaced_files']} files")
+
+
+def iter_corpus_texts(inputs, input_format=None, text_field="text", stats=None, doc_per="blank-line"):
+    """Text pieces of a corpus (for tokenizer training); errors and warnings as in prepare, raised at the end."""
+    _check_options(input_format, doc_per)
+    files = resolve_inputs(inputs)
+    stats = _new_stats() if stats is None else stats
+    stats.update({k: v for k, v in _new_stats().items() if k not in stats})
+    for piece, _ in iter_pieces(files, input_format, text_field, doc_per, stats):
+        yield piece
+    _report_input(stats, text_field, files)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizing
+
+_WORKER_TOK = None
+
+
+def _worker_init(tok_json: str) -> None:
+    global _WORKER_TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
+    from tokenizers import Tokenizer
+
+    _WORKER_TOK = Tokenizer.from_str(tok_json)
+
+
+def _encode(texts: list[str], tok=None):
+    """Token ids, word-start flags and per-text lengths of a batch of texts (no special tokens added)."""
+    tok = tok or _WORKER_TOK
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    ids, words, lens = [], [], []
+    for e in encs:
+        ids += e.ids
+        words += e.word_ids
+        lens.append(len(e.ids))
+    lens = np.asarray(lens, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.uint32)
+    # A token starts a word when its word id differs from the previous token's; None (an added token such as
+    # a literal "[MASK]" in the text) becomes NaN, which differs from everything, so it is a word of its own.
+    w = np.asarray(words, dtype=np.float64)
+    start = np.ones(len(w), dtype=bool)
+    if len(w) > 1:
+        start[1:] = w[1:] != w[:-1]
+    bounds = np.cumsum(lens)[:-1]
+    start[bounds[bounds < len(w)]] = True  # each piece starts a word: pieces are cut at whitespace
+    return ids, start.astype(np.uint8) * np.uint8(fmt.FLAG_WORD_START), lens
+
+
+def _batches(pieces, batch_chars: int):
+    texts, starts, n = [], [], 0
+    for text, first in pieces:
+        texts.append(text)
+        starts.append(first)
+        n += len(text)
+        if n >= batch_chars:
+            yield texts, starts
+            texts, starts, n = [], [], 0
+    if texts:
+        yield texts, starts
+
+
+def _encoded_batches(pieces, tok, workers: int, batch_chars: int):
+    """(ids, word-start flags, lens, starts) per batch, in order; at most 2 batches per worker in flight."""
+    if workers <= 1:
+        for texts, starts in _batches(pieces, batch_chars):
+            yield (*_encode(texts, tok), starts)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    # Said before forking, so tokenizers' fork guard stays quiet in the parent and parallelism stays off in workers.
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(tok.to_str(),))
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+    try:
+        pending: deque = deque()
+        for texts, starts in _batches(pieces, batch_chars):
+            pending.append((pool.apply_async(_encode, (texts,)), starts))
+            while len(pending) >= 2 * workers:
+                res, st = pending.popleft()
+                yield (*res.get(), st)
+        while pending:
+            res, st = pending.popleft()
+            yield (*res.get(), st)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# -------------------------------------------------------------------------------------------- split and pack
+
+def _uniform(seed: int, doc: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per document index, from SplitMix64 of (seed, index): the split needs no RNG state."""
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15)) ^ doc.astype(np.uint64)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+class _Packer:
+    """One split's token stream → rows of [CLS] + seq_len-1 tokens, documents joined by [SEP]."""
+
+    def __init__(self, writer: fmt.ShardWriter, seq_len: int, cls: int, sep: int, counts: np.ndarray | None):
+        self.writer, self.seq_len, self.cls, self.sep, self.counts = writer, seq_len, cls, sep, counts
+        self.ids: list[np.ndarray] = []
+        self.flags: list[np.ndarray] = []
+        self.pending = 0
+        self.tokens_in = 0  # content tokens, [SEP]s included, before cutting into rows
+        self.documents = 0
+
+    def add(self, ids: np.ndarray, flags: np.ndarray) -> None:
+        """Tokens of this split in order; a token with the doc-start flag begins a document."""
+        if not len(ids):
+            return
+        doc_pos = np.flatnonzero(flags & fmt.FLAG_DOC_START)
+        self.documents += len(doc_pos)
+        if len(doc_pos) and doc_pos[0] == 0 and self.tokens_in == 0:
+            doc_pos = doc_pos[1:]  # [SEP] goes between documents, not before the first
+        if len(doc_pos):
+            ids = np.insert(ids, doc_pos, self.sep)
+            flags = np.insert(flags, doc_pos, np.uint8(fmt.FLAG_WORD_START))
+        self.tokens_in += len(ids)
+        self.ids.append(ids)
+        self.flags.append(flags)
+        self.pending += len(ids)
+        body = self.seq_len - 1
+        if self.pending < body:
+            return
+        ids, flags = np.concatenate(self.ids), np.concatenate(self.flags)
+        k = len(ids) // body
+        rows_ids = np.empty((k, self.seq_len), self.writer.dtype)
+        rows_flags = np.empty((k, self.seq_len), np.uint8)
+        rows_ids[:, 0] = self.cls
+        rows_flags[:, 0] = fmt.FLAG_WORD_START
+        rows_ids[:, 1:] = ids[: k * body].reshape(k, body)
+        rows_flags[:, 1:] = flags[: k * body].reshape(k, body)
+        if self.counts is not None:
+            self.counts += np.bincount(rows_ids.reshape(-1), minlength=len(self.counts))[: len(self.counts)]
+        self.writer.add(rows_ids, rows_flags)
+        self.ids, self.flags = [ids[k * body:]], [flags[k * body:]]
+        self.pending = len(self.ids[0])
+
+    def finish(self) -> int:
+        """Close the shards; returns the tokens of the final partial row, which are dropped."""
+        self.writer.close()
+        return self.pending
+
+
+def _route(ids, flags, doc, is_val, packers) -> None:
+    """Send each token to its document's split (is_val per token); order within a split is kept."""
+    if not is_val.any():
+        packers["train"].add(ids, flags)
+    elif is_val.all():
+        packers["val"].add(ids, flags)
+    else:
+        packers["train"].add(ids[~is_val], flags[~is_val])
+        packers["val"].add(ids[is_val], flags[is_val])
+
+
+def _choose_val(doc_ids: np.ndarray, doc_tokens: np.ndarray, u: np.ndarray, val_fraction: float, seq_len: int) -> np.ndarray:
+    """Val documents for a corpus held in memory: those with u < val_fraction, unless that leaves a split without a
+    row; then the fewest changes (taking documents in order of u) that give each split at least one row."""
+    body = seq_len - 1
+    order = np.argsort(u, kind="stable")
+    tok_sorted = doc_tokens[order]
+    csum = np.concatenate([[0], np.cumsum(tok_sorted)])  # tokens of the k most val-like documents
+    total, n = int(csum[-1]), len(doc_ids)
+    k = np.arange(n + 1)
+    val_tok = csum + np.maximum(k - 1, 0)  # + [SEP]s between documents
+    train_tok = (total - csum) + np.maximum(n - k - 1, 0)
+    k0 = int((u < val_fraction).sum())
+    if val_tok[k0] >= body and train_tok[k0] >= body:
+        chosen = k0
+    else:
+        ok = np.flatnonzero((val_tok >= body) & (train_tok >= body) & (k >= 1) & (k <= n - 1))
+        if not len(ok):
+            rows = (total + n - 1) // body
+            raise UserError(
+                f"corpus too small to hold out validation: {total} tokens in {n} documents make {rows} row(s) of "
+                f"seq_len {seq_len}, and no split by document gives both train and val a row; add text, lower "
+                "--seq-len, or pass --val-fraction 0"
+            )
+        chosen = int(ok[np.argmin(np.abs(ok - k0))])
+    return np.sort(doc_ids[order[:chosen]])
+
+
+# ------------------------------------------------------------------------------------------------- prepare
+
+def _is_prepared(p: Path) -> bool:
+    return (p / "meta.json").exists() or (p / "train").exists() or (p / "val").exists()
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose a new DATA_DIR")
+    if out.is_dir():
+        if _is_prepared(out):
+            if not overwrite:
+                raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it, or choose a new --out")
+        elif any(out.iterdir()):
+            raise UserError(f"{out} exists, is not empty and holds no prepared data; refusing to replace it; choose a new --out")
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished temp dir to `out`; an old prepared dir is replaced only with overwrite."""
+    _check_out(out, overwrite)
+    if out.is_dir() and _is_prepared(out):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+
+
+def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=None, text_field="text",
+            doc_per="blank-line", workers=0, seed=0, overwrite=False, *, progress: bool | None = None) -> dict:
+    """Tokenize a corpus into DATA_DIR (train/ and val/ shards, meta.json, tokenizer.json, token_counts.npy).
+
+    Returns the meta dict. `progress`: None shows a bar on a terminal only; True/False force it.
+    """
+    from tokenizers import Tokenizer
+
+    from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
+
+    # -- every check that needs no reading comes first, so bad options fail before any work
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or not SEQ_LEN_MIN <= seq_len <= SEQ_LEN_MAX:
+        raise UserError(f"seq_len must be an integer in [{SEQ_LEN_MIN}, {SEQ_LEN_MAX}], got {seq_len}")
+    seq_len = int(seq_len)
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_fraction = float(val_fraction)
+    if int(workers) < 0:
+        raise UserError(f"workers must be >= 0 (0: one per core), got {workers}")
+    workers = int(workers) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    _check_options(input_format, doc_per)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    sp = special_ids(tok)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = fmt.id_dtype(vocab_size)
+    files = resolve_inputs(inputs)
+    out = Path(out)
+    _check_out(out, overwrite)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.prepare-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        meta = _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format, text_field,
+                             doc_per, workers, seed, progress, tokenizer_hash(tok))
+        meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"prepared {out}: train {tr['rows']} rows ({tr['documents']} docs), val {va['rows']} rows "
+          f"({va['documents']} docs) of {seq_len} tokens; dropped {meta['dropped_tail_tokens']} tail tokens",
+          file=sys.stderr)
+    return meta
+
+
+def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format, text_field, doc_per,
+                  workers, seed, progress, tok_hash) -> dict:
+    from tqdm import tqdm
+
+    stats = _new_stats()
+    stats["bytes_total"] = sum(f.stat().st_size for f in files)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    writers = {s: fmt.ShardWriter(tmp / s, seq_len, dtype) for s in fmt.SPLITS}
+    packers = {s: _Packer(writers[s], seq_len, sp.cls, sp.sep, counts if s == "train" else None) for s in fmt.SPLITS}
+    bar = tqdm(total=stats["bytes_total"], unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+               disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+    buffered: list | None = []  # (ids, flags, doc) per batch while the corpus is small; None once streaming
+    buffered_tokens = 0
+    next_doc = 0  # index of the next document; documents are numbered in reading order
+    last_doc = -1  # document of the last token seen
+    pieces = iter_pieces(files, input_format, text_field, doc_per, stats)
+    try:
+        for ids, flags, lens, starts in _encoded_batches(pieces, tok, workers, BATCH_CHARS):
+            piece_doc = next_doc - 1 + np.cumsum(np.asarray(starts, dtype=np.int64))  # a piece's document index
+            next_doc = int(piece_doc[-1]) + 1 if len(piece_doc) else next_doc
+            doc = np.repeat(piece_doc, lens)
+            if len(ids):  # the doc-start bit goes on a document's first token, which may sit in an earlier batch
+                first = np.empty(len(doc), dtype=bool)
+                first[0] = doc[0] != last_doc
+                first[1:] = doc[1:] != doc[:-1]
+                flags[first] |= np.uint8(fmt.FLAG_DOC_START)
+                last_doc = int(doc[-1])
+            if buffered is not None:
+                buffered.append((ids, flags, doc))
+                buffered_tokens += len(ids)
+                if buffered_tokens > BUFFER_TOKENS:  # big corpus: split by hash alone and stream from here on
+                    for b in buffered:
+                        _route(*b[:2], b[2], _uniform(seed, b[2]) < val_fraction, packers)
+                    buffered = None
+            else:
+                _route(ids, flags, doc, _uniform(seed, doc) < val_fraction, packers)
+            bar.update(stats["bytes_done"] - bar.n)
+            bar.set_postfix(docs=stats["documents"], refresh=False)
+    finally:
+        bar.close()
+    _report_input(stats, text_field, files)
+
+    if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
+        ids = np.concatenate([b[0] for b in buffered]) if buffered else np.zeros(0, np.uint32)
+        flags = np.concatenate([b[1] for b in buffered]) if buffered else np.zeros(0, np.uint8)
+        doc = np.concatenate([b[2] for b in buffered]) if buffered else np.zeros(0, np.int64)
+        doc_ids, doc_tokens = np.unique(doc, return_counts=True)
+        total_rows = (len(ids) + max(len(doc_ids) - 1, 0)) // (seq_len - 1)
+        if total_rows == 0:
+            raise UserError(
+                f"corpus too small: {len(ids)} tokens in {len(doc_ids)} documents make no row of seq_len {seq_len} "
+                f"(a row holds [CLS] + {seq_len - 1} tokens); add text or lower --seq-len"
+            )
+        if val_fraction > 0:
+            val_docs = _choose_val(doc_ids, doc_tokens, _uniform(seed, doc_ids), val_fraction, seq_len)
+            is_val = np.isin(doc, val_docs)
+        else:
+            is_val = np.zeros(len(doc), dtype=bool)
+        _route(ids, flags, doc, is_val, packers)
+
+    dropped = {s: packers[s].finish() for s in fmt.SPLITS}
+    if writers["train"].rows == 0:
+        raise UserError(f"corpus too small: no train row of seq_len {seq_len}; add text, lower --seq-len or --val-fraction")
+    if val_fraction > 0 and writers["val"].rows == 0:
+        _warn(f"the val split got no row (val_fraction {val_fraction}); raise --val-fraction for a validation set")
+    np.save(tmp / "token_counts.npy", counts)
+    (tmp / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "special_ids": sp.as_dict(),
+        "seq_len": seq_len,
+        "dtype": dtype.name,
+        "tokenizer_hash": tok_hash,
+        "splits": {
+            s: {"rows": writers[s].rows, "tokens": writers[s].rows * seq_len, "documents": packers[s].documents,
+                "shards": writers[s].shards, "dropped_tail_tokens": dropped[s]}
+            for s in fmt.SPLITS
+        },
+        "sources": [],
+        "files": stats["files"],
+        "input_bytes": stats["bytes_total"],
+        "documents": stats["documents"],
+        "skipped_empty_files": stats["empty_files"],
+        "replaced_bytes": stats["replaced_bytes"],
+        "jsonl_records": stats["records"],
+        "jsonl_missing_text_field": stats["missing_field"],
+        "dropped_tail_tokens": int(sum(dropped.values())),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "doc_per": doc_per,
+        "input_format": input_format,
+        "text_field": text_field,
+        "flags": {"doc_start": fmt.FLAG_DOC_START, "word_start": fmt.FLAG_WORD_START},
+    }

@@ -1,0 +1,178 @@
+"""The prepared-data format on disk: meta.json, and per split shards of packed rows (ids + per-token flags).
+
+Shards are plain .npy files ([rows, seq_len] ids as uint16/uint32, and uint8 flags) that numpy memory-maps, so any
+row is read in O(1) without loading a shard. This module writes and reads that format; it does not tokenize.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from maskedlm.errors import UserError
+
+FORMAT_VERSION = 1
+FLAG_DOC_START = 1  # bit 0: the first real token of a document
+FLAG_WORD_START = 2  # bit 1: a token that starts a word (special tokens are words of their own)
+SPLITS = ("train", "val")
+# Ids of one shard stay under this many bytes: files of a size that is easy to copy, list and check.
+SHARD_BYTES = 256 * 2**20
+
+
+def _not_prepared(data_dir, why: str) -> UserError:
+    return UserError(f"{data_dir} is not a prepared data dir ({why}); run `maskedlm prepare` first")
+
+
+def load_meta(data_dir) -> dict:
+    """meta.json of a prepared data dir, checked for the fields readers rely on."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise _not_prepared(data_dir, "no meta.json")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _not_prepared(data_dir, "meta.json is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise _not_prepared(data_dir, "meta.json is not an object")
+    for key in ("format_version", "vocab_size", "special_ids", "seq_len", "dtype", "splits"):
+        if key not in meta:
+            raise _not_prepared(data_dir, f"meta.json lacks {key!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise UserError(
+            f"{data_dir} has data format_version {meta['format_version']}, this maskedlm reads {FORMAT_VERSION}; "
+            "prepare the data again"
+        )
+    return meta
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}"
+
+
+def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
+    """A .npy (version 1.0) header of a fixed 128 bytes, so a shard's row count can be filled in after its rows."""
+    d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(dtype), tuple(shape))
+    body = d.ljust(128 - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+class ShardWriter:
+    """Streams rows of one split into shards of at most `rows_per_shard` rows; nothing is held in memory."""
+
+    def __init__(self, split_dir, seq_len: int, dtype, rows_per_shard: int | None = None):
+        self.dir = Path(split_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.seq_len = int(seq_len)
+        self.dtype = np.dtype(dtype)
+        if rows_per_shard is None:
+            rows_per_shard = max(1, SHARD_BYTES // (self.seq_len * self.dtype.itemsize))
+        self.rows_per_shard = int(rows_per_shard)
+        self._files = None  # (ids file, flags file) of the open shard
+        self._n = 0  # rows in the open shard
+        self.rows = 0
+        self.shards: list[str] = []
+
+    def _open(self) -> None:
+        name = shard_name(len(self.shards))
+        self.shards.append(name)
+        self._files = (open(self.dir / f"{name}.ids.npy", "wb"), open(self.dir / f"{name}.flags.npy", "wb"))
+        for f in self._files:
+            f.write(b"\0" * 128)  # the header goes here once the row count is known
+        self._n = 0
+
+    def _close_shard(self) -> None:
+        for f, dt in zip(self._files, (self.dtype, np.dtype(np.uint8))):
+            f.seek(0)
+            f.write(_npy_header(dt, (self._n, self.seq_len)))
+            f.close()
+        self._files = None
+
+    def add(self, ids: np.ndarray, flags: np.ndarray) -> None:
+        """Append rows ([n, seq_len] each)."""
+        i = 0
+        while i < len(ids):
+            if self._files is None:
+                self._open()
+            take = min(len(ids) - i, self.rows_per_shard - self._n)
+            self._files[0].write(np.ascontiguousarray(ids[i:i + take], dtype=self.dtype).tobytes())
+            self._files[1].write(np.ascontiguousarray(flags[i:i + take], dtype=np.uint8).tobytes())
+            self._n += take
+            self.rows += take
+            i += take
+            if self._n == self.rows_per_shard:
+                self._close_shard()
+
+    def close(self) -> list[str]:
+        if self._files is not None:
+            self._close_shard()
+        return self.shards
+
+
+class RowStore:
+    """Rows of one split, memory-mapped from its shards; `rows(indices)` copies only the rows asked for."""
+
+    def __init__(self, split_dir):
+        self.dir = Path(split_dir)
+        if not self.dir.is_dir():
+            raise _not_prepared(self.dir.parent, f"no {self.dir.name}/ split")
+        names = None
+        seq_len = None
+        try:  # meta.json names the shards; fall back to what is on disk for a bare split dir
+            meta = load_meta(self.dir.parent)
+            names = meta["splits"][self.dir.name]["shards"]
+            seq_len = int(meta["seq_len"])
+        except (UserError, KeyError, TypeError):
+            names = sorted(p.name[: -len(".ids.npy")] for p in self.dir.glob("shard_*.ids.npy"))
+        self._ids, self._flags = [], []
+        for name in names:
+            try:
+                ids = np.load(self.dir / f"{name}.ids.npy", mmap_mode="r")
+                flags = np.load(self.dir / f"{name}.flags.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read shard {self.dir / name}: {e}; prepare the data again") from None
+            if ids.ndim != 2 or ids.shape != flags.shape:
+                raise UserError(f"shard {self.dir / name} has ids {ids.shape} and flags {flags.shape}; prepare the data again")
+            self._ids.append(ids)
+            self._flags.append(flags)
+        if seq_len is None:
+            seq_len = self._ids[0].shape[1] if self._ids else 0
+        self.seq_len = seq_len
+        for ids in self._ids:
+            if ids.shape[1] != seq_len:
+                raise UserError(f"a shard in {self.dir} has rows of {ids.shape[1]} tokens, expected {seq_len}")
+        counts = np.array([len(a) for a in self._ids], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # row offset of each shard
+        self.num_shards = len(self._ids)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def rows(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n, seq_len], flags uint8 [n, seq_len]) for the global row `indices` of this split."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows in {self.dir}")
+        out_ids = np.empty((idx.size, self.seq_len), np.int64)
+        out_flags = np.empty((idx.size, self.seq_len), np.uint8)
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            local = idx[sel] - self._starts[s]
+            out_ids[sel] = self._ids[s][local]
+            out_flags[sel] = self._flags[s][local]
+        return out_ids, out_flags
+
+
+def open_split(data_dir, split: str) -> RowStore:
+    """The RowStore of `split` ("train" or "val") in a prepared data dir."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    load_meta(data_dir)
+    return RowStore(Path(data_dir) / split)

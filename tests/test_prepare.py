@@ -1,0 +1,406 @@
+"""prepare and the shard format, checked against the tokenizer's own encodings of a corpus this file generates."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskedlm.cli import main
+from maskedlm.data import prepare as prep
+from maskedlm.data import shards
+from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, load_meta, open_split
+from maskedlm.errors import UserError
+from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zé", "qu", "ba", "do", "fe", "gi", "pé"]
+PUNCT = [".", ",", "!", "?", ";", "'s", "-"]
+
+
+def make_docs(n: int, seed: int, min_words=3, max_words=60, tag=False) -> list[str]:
+    """Documents of pseudo-words, some capitalised, with punctuation, digits and runs of spaces."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n):
+        words = [f"{d:04d}"] if tag else []  # 4 digits: random numbers below have at most 3
+        for _ in range(rng.randint(min_words, max_words)):
+            w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+            r = rng.random()
+            if r < 0.1:
+                w = w.capitalize()
+            elif r < 0.15:
+                w = str(rng.randint(0, 999))
+            if rng.random() < 0.15:
+                w += rng.choice(PUNCT)
+            words.append(w)
+        text = ""
+        for i, w in enumerate(words):
+            text += ("" if i == 0 else ("  " if rng.random() < 0.05 else " ")) + w
+            if rng.random() < 0.05 and i < len(words) - 1:
+                text += "\n"  # a single newline inside a blank-line document
+        docs.append(text)
+    return docs
+
+
+def write_blank_line(path: Path, docs: list[str]) -> Path:
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+KINDS = ["wordpiece", "bpe", "unigram"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(120, seed=1)
+    return write_blank_line(d / "corpus.txt", docs), docs
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory, corpus) -> dict:
+    d = tmp_path_factory.mktemp("toks")
+    out = {}
+    for kind, vocab in (("wordpiece", 300), ("bpe", 400), ("unigram", 200)):
+        out[kind] = train_tokenizer([str(corpus[0])], vocab, kind, d / kind, lowercase=(kind == "wordpiece")).parent
+    return out
+
+
+def reference_stream(tok, docs: list[str]):
+    """Ids and flags of the packed stream, from the tokenizer's own encodings: docs joined by [SEP]."""
+    sp = special_ids(tok)
+    ids, flags = [], []
+    for i, enc in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
+        if not enc.ids:
+            continue
+        if ids:
+            ids.append(sp.sep)
+            flags.append(FLAG_WORD_START)
+        prev = object()
+        for j, w in enumerate(enc.word_ids):
+            f = FLAG_WORD_START if (w is None or w != prev) else 0
+            if j == 0:
+                f |= FLAG_DOC_START
+            flags.append(f)
+            prev = w
+        ids += enc.ids
+    return np.array(ids, dtype=np.int64), np.array(flags, dtype=np.uint8)
+
+
+def all_rows(data_dir, split="train"):
+    store = open_split(data_dir, split)
+    return store.rows(np.arange(len(store), dtype=np.int64))
+
+
+def squash(s: str) -> str:
+    return "".join(s.split())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seq_len", [8, 45])
+def test_rows_are_the_tokenizers_stream(tmp_path, corpus, toks, kind, seq_len):
+    path, docs = corpus
+    tok = load_tokenizer(toks[kind])
+    sp = special_ids(tok)
+    meta = prep.prepare([str(path)], toks[kind], seq_len, tmp_path / "data", val_fraction=0.0, workers=1)
+    ids, flags = all_rows(tmp_path / "data")
+    ref_ids, ref_flags = reference_stream(tok, docs)
+    body = seq_len - 1
+    # Row count predicted from an independent token count; the remainder is the dropped tail.
+    assert meta["splits"]["train"]["rows"] == len(ref_ids) // body == len(ids)
+    assert meta["dropped_tail_tokens"] == len(ref_ids) % body
+    assert ids.shape == (len(ref_ids) // body, seq_len)
+    assert (ids[:, 0] == sp.cls).all() and (flags[:, 0] == FLAG_WORD_START).all()
+    assert not (ids == sp.pad).any()
+    n = ids.shape[0] * body
+    np.testing.assert_array_equal(ids[:, 1:].reshape(-1), ref_ids[:n])
+    # Word starts agree with the tokenizer's word_ids; doc starts sit on each document's first token.
+    np.testing.assert_array_equal(flags[:, 1:].reshape(-1), ref_flags[:n])
+    assert meta["splits"]["train"]["documents"] == len(docs)
+    # Decoding gives back the text (modulo the tokenizer's normalization and spacing).
+    content = ids[:, 1:].reshape(-1)
+    pieces = np.split(content, np.flatnonzero(content == sp.sep))
+    decoded = [tok.decode(p[p != sp.sep].tolist()) for p in pieces]
+    norm = tok.normalizer.normalize_str if tok.normalizer else (lambda s: s)
+    for i, text in enumerate(decoded[:-1]):  # the last one may be cut by the dropped tail
+        assert squash(text) == squash(norm(docs[i])), (i, text, docs[i])
+    assert squash(norm(docs[len(decoded) - 1])).startswith(squash(decoded[-1]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_documents_are_chunked_without_changing_tokens(tmp_path, monkeypatch, toks, kind):
+    # Tiny read blocks and chunks: separators straddle blocks and every document is tokenized in many pieces.
+    monkeypatch.setattr(prep, "READ_BYTES", 37)
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 50)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 300)
+    docs = make_docs(12, seed=7, min_words=40, max_words=120)
+    path = write_blank_line(tmp_path / "long.txt", docs)
+    tok = load_tokenizer(toks[kind])
+    prep.prepare([str(path)], toks[kind], 16, tmp_path / "data", val_fraction=0.0, workers=1)
+    ids, flags = all_rows(tmp_path / "data")
+    ref_ids, ref_flags = reference_stream(tok, docs)
+    n = ids.shape[0] * 15
+    assert len(ref_ids) // 15 == ids.shape[0]
+    np.testing.assert_array_equal(ids[:, 1:].reshape(-1), ref_ids[:n])
+    np.testing.assert_array_equal(flags[:, 1:].reshape(-1), ref_flags[:n])
+
+
+def test_doc_per_line_and_file(tmp_path, toks):
+    tok = load_tokenizer(toks["wordpiece"])
+    docs = [d.replace("\n", " ") for d in make_docs(30, seed=3)]
+    (tmp_path / "lines.txt").write_text("\n".join(docs[:20]) + "\n\n\n", encoding="utf-8")
+    (tmp_path / "d").mkdir()
+    for i, d in enumerate(docs[20:]):
+        (tmp_path / "d" / f"f{i}.txt").write_text(d.replace(" ", "\n\n", 1), encoding="utf-8")  # blank lines inside
+    prep.prepare([str(tmp_path / "lines.txt")], toks["wordpiece"], 16, tmp_path / "a", val_fraction=0, doc_per="line", workers=1)
+    prep.prepare([str(tmp_path / "d")], toks["wordpiece"], 16, tmp_path / "b", val_fraction=0, doc_per="file", workers=1)
+    for out, ds in (("a", docs[:20]), ("b", [d.replace(" ", "\n\n", 1) for d in docs[20:]])):
+        ids, _ = all_rows(tmp_path / out)
+        ref, _ = reference_stream(tok, ds)
+        assert load_meta(tmp_path / out)["documents"] == len(ds)
+        np.testing.assert_array_equal(ids[:, 1:].reshape(-1), ref[: ids.shape[0] * 15])
+
+
+def test_jsonl_gz_globs_and_dirs(tmp_path, toks):
+    tok = load_tokenizer(toks["unigram"])
+    docs = make_docs(40, seed=5)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    recs = [json.dumps({"body": d, "id": i}) for i, d in enumerate(docs[:20])]
+    recs.insert(3, json.dumps({"id": "no text"}))
+    with gzip.open(tmp_path / "in" / "sub" / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(recs) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[20:30]), encoding="utf-8")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"body": d}) + "\n" for d in docs[30:]))
+    meta = prep.prepare([str(tmp_path / "in"), str(tmp_path / "c*.gz")], toks["unigram"], 16, tmp_path / "data",
+                        val_fraction=0.0, text_field="body", workers=1)
+    assert meta["jsonl_missing_text_field"] == 1 and meta["jsonl_records"] == 41 and meta["files"] == 3
+    # Files of a directory come sorted by path: in/b.jsonl before in/sub/a.jsonl.gz, then the glob's.
+    expected = docs[20:30] + docs[:20] + docs[30:]
+    ids, _ = all_rows(tmp_path / "data")
+    ref, _ = reference_stream(tok, expected)
+    np.testing.assert_array_equal(ids[:, 1:].reshape(-1), ref[: ids.shape[0] * 15])
+
+
+def test_val_holds_whole_documents_and_split_is_deterministic(tmp_path, toks):
+    tok = load_tokenizer(toks["wordpiece"])
+    sp = special_ids(tok)
+    docs = make_docs(200, seed=11, tag=True, max_words=20)
+    path = write_blank_line(tmp_path / "c.txt", docs)
+    by_tag = {f"{i:04d}": i for i in range(len(docs))}
+
+    def split_docs(out):
+        found = {}
+        for split in ("train", "val"):
+            ids, flags = all_rows(out, split)
+            content = ids[:, 1:].reshape(-1)
+            text = tok.decode(content.tolist())
+            found[split] = [by_tag[t] for t in text.split() if t in by_tag]
+            # Each split's stream is its own documents, whole and in order, joined by [SEP].
+            ref, ref_flags = reference_stream(tok, [docs[i] for i in found[split]])
+            if split == "val" and found[split] and content[0] != ref[0]:
+                pytest.fail("val does not start at a document start")
+            np.testing.assert_array_equal(content, ref[: len(content)])
+            np.testing.assert_array_equal(flags[:, 1:].reshape(-1), ref_flags[: len(content)])
+        return found
+
+    prep.prepare([str(path)], toks["wordpiece"], 24, tmp_path / "a", val_fraction=0.2, seed=3, workers=1)
+    a = split_docs(tmp_path / "a")
+    assert not set(a["train"]) & set(a["val"])
+    assert 20 <= len(a["val"]) <= 60  # 0.2 of 200 documents, give or take the tail
+    meta = load_meta(tmp_path / "a")
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 200
+    prep.prepare([str(path)], toks["wordpiece"], 24, tmp_path / "b", val_fraction=0.2, seed=3, workers=2)
+    for split in ("train", "val"):  # worker processes change nothing
+        for x, y in zip(all_rows(tmp_path / "a", split), all_rows(tmp_path / "b", split)):
+            np.testing.assert_array_equal(x, y)
+    prep.prepare([str(path)], toks["wordpiece"], 24, tmp_path / "c", val_fraction=0.2, seed=4, workers=1)
+    assert set(split_docs(tmp_path / "c")["val"]) != set(a["val"])
+
+
+def test_tiny_corpus_still_gets_a_val_row(tmp_path, toks):
+    docs = make_docs(4, seed=2, min_words=20, max_words=30)
+    path = write_blank_line(tmp_path / "c.txt", docs)
+    meta = prep.prepare([str(path)], toks["wordpiece"], 16, tmp_path / "data", val_fraction=0.01, workers=1)
+    assert meta["splits"]["val"]["rows"] >= 1 and meta["splits"]["train"]["rows"] >= 1
+    assert meta["splits"]["val"]["documents"] >= 1
+    with pytest.raises(UserError, match="too small to hold out validation"):
+        prep.prepare([str(path)], toks["wordpiece"], 128, tmp_path / "x", val_fraction=0.5, workers=1)  # 1 row in all
+    assert not (tmp_path / "x").exists()
+    one = write_blank_line(tmp_path / "one.txt", docs[:1])  # one document cannot be split
+    with pytest.raises(UserError, match="too small to hold out validation"):
+        prep.prepare([str(one)], toks["wordpiece"], 16, tmp_path / "x", val_fraction=0.1, workers=1)
+    meta = prep.prepare([str(one)], toks["wordpiece"], 16, tmp_path / "x", val_fraction=0.0, workers=1)
+    assert meta["splits"]["val"]["rows"] == 0 and meta["splits"]["train"]["rows"] >= 1
+
+
+def test_shards_memmap_counts_and_meta(tmp_path, monkeypatch, corpus, toks):
+    monkeypatch.setattr(shards, "SHARD_BYTES", 16 * 10 * 2)  # 10 rows of 16 uint16 per shard
+    path, docs = corpus
+    tok = load_tokenizer(toks["bpe"])
+    meta = prep.prepare([str(path)], toks["bpe"], 16, tmp_path / "data", val_fraction=0.1, workers=1)
+    d = tmp_path / "data"
+    tr = meta["splits"]["train"]
+    assert len(tr["shards"]) == -(-tr["rows"] // 10) > 2
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.get_vocab_size()
+    assert meta["tokenizer_hash"] == tokenizer_hash(load_tokenizer(d)) == tokenizer_hash(tok)
+    assert meta["special_ids"] == special_ids(tok).as_dict()
+    arr = np.load(d / "train" / "shard_00000.ids.npy", mmap_mode="r")
+    assert isinstance(arr, np.memmap) and arr.dtype == np.uint16 and arr.shape == (10, 16)
+    store = open_split(d, "train")
+    assert len(store) == tr["rows"] and store.seq_len == 16
+    full = np.concatenate([np.load(d / "train" / f"{s}.ids.npy") for s in tr["shards"]]).astype(np.int64)
+    idx = np.array([5, 0, len(store) - 1, 17, 5], dtype=np.int64)
+    ids, flags = store.rows(idx)
+    assert ids.dtype == np.int64 and flags.dtype == np.uint8
+    np.testing.assert_array_equal(ids, full[idx])
+    counts = np.load(d / "token_counts.npy")
+    np.testing.assert_array_equal(counts, np.bincount(full.reshape(-1), minlength=meta["vocab_size"]))
+    with pytest.raises(IndexError):
+        store.rows(np.array([len(store)]))
+
+
+def test_invalid_utf8_and_empty_files_are_counted(tmp_path, capsys, toks):
+    docs = make_docs(30, seed=9)
+    raw = ("\n\n".join(docs)).encode("utf-8")
+    raw = raw[:100] + b"\xff\xfe" + raw[100:200] + b"\xc3" + raw[200:]  # 3 invalid bytes
+    (tmp_path / "bad.txt").write_bytes(raw)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("\n \n\t\n")
+    main(["prepare", "--input", str(tmp_path / "bad.txt"), str(tmp_path / "empty.txt"), str(tmp_path / "blank.txt"),
+          "--tokenizer", str(toks["wordpiece"]), "--seq-len", "16", "--out", str(tmp_path / "data"), "--workers", "1"])
+    meta = load_meta(tmp_path / "data")
+    assert meta["replaced_bytes"] == 3 and meta["skipped_empty_files"] == 2
+    err = capsys.readouterr().err
+    assert "replaced 3 invalid UTF-8 bytes" in err and "skipped 2 empty input files" in err
+
+
+def test_huge_single_line_streams(tmp_path, monkeypatch, toks):
+    # A 3 MB line with no newline: read, chunked and tokenized piecewise, never held whole with its tokens.
+    monkeypatch.setattr(prep, "BUFFER_TOKENS", 1000)
+    words = make_docs(1, seed=13, min_words=4000, max_words=4000)[0].replace("\n", " ")
+    line = (words + " ") * (3_000_000 // (len(words) + 1))
+    (tmp_path / "big.txt").write_text(line, encoding="utf-8")
+    tracemalloc.start()
+    meta = prep.prepare([str(tmp_path / "big.txt")], toks["wordpiece"], 128, tmp_path / "data", val_fraction=0,
+                        doc_per="line", workers=1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert meta["documents"] == 1
+    tok = load_tokenizer(toks["wordpiece"])
+    assert meta["splits"]["train"]["rows"] == len(tok.encode(line, add_special_tokens=False).ids) // 127
+    # Python-side memory stays well under the line plus its tokens as Python lists (~ 3 MB + 1M ints).
+    assert peak < 30e6, peak
+
+
+# ------------------------------------------------------------------------------------------- bad input via the CLI
+
+@pytest.fixture()
+def existing(tmp_path, corpus, toks):
+    """A prepared data dir with a snapshot of every file's bytes, to check that failures leave it untouched."""
+    out = tmp_path / "data"
+    prep.prepare([str(corpus[0])], toks["wordpiece"], 16, out, val_fraction=0.1, workers=1)
+    snap = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    return out, snap
+
+
+def run_cli(args, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("maskedlm: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    return errors[0]
+
+
+def no_mask_tokenizer(tmp_path, toks) -> Path:
+    spec = json.loads((toks["wordpiece"] / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "[MASK]"]
+    spec["model"]["vocab"] = {k: v for k, v in spec["model"]["vocab"].items() if k != "[MASK]"}
+    p = tmp_path / "nomask.json"
+    p.write_text(json.dumps(spec))
+    return p
+
+
+BAD = {
+    "missing path": (lambda t, c, k: ["--input", str(t / "nope.txt")], "input path does not exist"),
+    "no glob match": (lambda t, c, k: ["--input", str(t / "*.nothing")], "matches no files"),
+    "all empty": (lambda t, c, k: ["--input", str(_touch(t / "e1.txt")), str(_touch(t / "e2.txt"))], "all 2 input files are empty"),
+    "too small": (lambda t, c, k: ["--input", str(_write(t / "s.txt", "ka lo mi"))], "corpus too small"),
+    "seq_len low": (lambda t, c, k: ["--input", str(c), "--seq-len", "4"], "seq_len must be an integer in [8, 8192], got 4"),
+    "seq_len high": (lambda t, c, k: ["--input", str(c), "--seq-len", "9000"], "got 9000"),
+    "no [MASK]": (lambda t, c, k: ["--input", str(c), "--tokenizer", str(no_mask_tokenizer(t, k))], "no [MASK] token"),
+    "no text field": (lambda t, c, k: ["--input", str(_write(t / "r.jsonl", '{"txt": "ka lo"}\n{"txt": "mi"}\n'))],
+                      "none of the 2 JSON Lines records has a string field 'text' (fields seen: txt)"),
+    "bad json": (lambda t, c, k: ["--input", str(_write(t / "r.jsonl", '{"text": "ka"}\n{"text": \n'))], "r.jsonl:2: not valid JSON"),
+    "bad gzip": (lambda t, c, k: ["--input", str(_write(t / "x.txt.gz", "not gzip"))], "cannot read"),
+    "no tokenizer": (lambda t, c, k: ["--input", str(c), "--tokenizer", str(t / "none")], "tokenizer not found"),
+    "val fraction": (lambda t, c, k: ["--input", str(c), "--val-fraction", "1.5"], "val_fraction must be in [0, 1), got 1.5"),
+}
+
+
+def _touch(p: Path) -> Path:
+    p.write_bytes(b"")
+    return p
+
+
+def _write(p: Path, s: str) -> Path:
+    p.write_text(s)
+    return p
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys, corpus, toks, existing, case):
+    out, snap = existing
+    make_args, message = BAD[case]
+    args = make_args(tmp_path, corpus[0], toks)
+    if "--tokenizer" not in args:
+        args += ["--tokenizer", str(toks["wordpiece"])]
+    line = run_cli(["prepare", *args, "--seq-len", "16", "--out", str(out), "--overwrite", "--workers", "1"]
+                   if "--seq-len" not in args else ["prepare", *args, "--out", str(out), "--overwrite", "--workers", "1"],
+                   capsys)
+    assert message in line, line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dir left behind
+
+
+def test_refuses_prepared_out_without_overwrite(tmp_path, capsys, corpus, toks, existing):
+    out, snap = existing
+    line = run_cli(["prepare", "--input", str(corpus[0]), "--tokenizer", str(toks["bpe"]), "--seq-len", "16",
+                    "--out", str(out)], capsys)
+    assert "already holds prepared data; pass --overwrite" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snap
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = run_cli(["prepare", "--input", str(corpus[0]), "--tokenizer", str(toks["bpe"]), "--seq-len", "16",
+                    "--out", str(other), "--overwrite"], capsys)
+    assert "holds no prepared data; refusing" in line and (other / "notes.txt").read_text() == "mine"
+    # With --overwrite the old data is replaced as a whole.
+    main(["prepare", "--input", str(corpus[0]), "--tokenizer", str(toks["bpe"]), "--seq-len", "16", "--out", str(out),
+          "--overwrite", "--workers", "1"])
+    assert load_meta(out)["tokenizer_hash"] == tokenizer_hash(load_tokenizer(toks["bpe"]))
+
+
+@pytest.mark.slow
+def test_50mb_line_peak_memory(tmp_path, toks):
+    import resource
+    import subprocess
+    import sys
+
+    words = make_docs(1, seed=13, min_words=4000, max_words=4000)[0].replace("\n", " ")
+    with open(tmp_path / "big.txt", "w") as f:
+        for _ in range(50_000_000 // (len(words) + 1)):
+            f.write(words + " ")
+    code = (f"from maskedlm.data.prepare import prepare; prepare([{str(tmp_path / 'big.txt')!r}], "
+            f"{str(toks['wordpiece'])!r}, 128, {str(tmp_path / 'data')!r}, val_fraction=0.001, doc_per='line')")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": "src"})
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kb < 1_000_000, peak_kb

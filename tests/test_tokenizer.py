@@ -1,0 +1,118 @@
+"""Tokenizer training and loading, checked against transformers' own tokenizer classes on the same files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from maskedlm.cli import main
+from maskedlm.errors import UserError
+from maskedlm.tokenizer import SPECIAL_TOKENS, SpecialIds, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+
+WORDS = ["Ka", "lomi", "nerusa", "tivo", "zébado", "fegi", "pé", "quba", "dofe", "gilo", "mira", "sorel"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    p = tmp_path_factory.mktemp("tokcorpus") / "c.txt"
+    docs = [" ".join(rng.choice(WORDS) + rng.choice(["", "", ",", "."]) for _ in range(rng.randint(5, 30))) for _ in range(200)]
+    p.write_text("\n\n".join(docs), encoding="utf-8")
+    return p
+
+
+SAMPLE = "Ka lomi, zébado pé qubadofe mira sorel."
+
+
+@pytest.mark.parametrize("kind,vocab", [("wordpiece", 200), ("bpe", 350), ("unigram", 120)])
+def test_trained_tokenizer_loads_in_transformers(tmp_path, corpus, kind, vocab):
+    from transformers import PreTrainedTokenizerFast
+
+    path = train_tokenizer([str(corpus)], vocab, kind, tmp_path / kind, lowercase=(kind == "wordpiece"))
+    assert path == tmp_path / kind / "tokenizer.json"
+    tok = load_tokenizer(path.parent)
+    assert tok.get_vocab_size() <= vocab
+    sp = special_ids(tok)
+    assert [tok.id_to_token(i) for i in sp.all()] == list(SPECIAL_TOKENS)
+    assert json.loads((path.parent / "special_ids.json").read_text()) == sp.as_dict()
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path.parent))
+    assert hf.mask_token_id == sp.mask and hf.pad_token_id == sp.pad and hf.cls_token_id == sp.cls
+    # transformers adds [CLS] ... [SEP] like BERT; the body is exactly our tokenizer's encoding.
+    body = tok.encode(SAMPLE, add_special_tokens=False).ids
+    assert hf(SAMPLE)["input_ids"] == [sp.cls, *body, sp.sep]
+    assert sp.unk not in body or kind == "wordpiece"
+    assert "".join(hf.decode(body).split()).lower() == "".join(SAMPLE.split()).lower() or kind == "wordpiece"
+
+
+def test_cli_tokenizer_train(tmp_path, corpus, capsys):
+    main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "150", "--kind", "unigram", "--out", str(tmp_path / "t")])
+    assert "tokenizer.json" in capsys.readouterr().out
+    assert special_ids(load_tokenizer(tmp_path / "t")).mask == 4
+
+
+def test_vocab_txt_dir_matches_transformers_bert(tmp_path):
+    from transformers import BertTokenizer  # the pure-Python WordPiece: an implementation we did not write
+
+    vocab = list(SPECIAL_TOKENS) + ["the", "cat", "sat", "##s", "on", "mat", "ka", "##lo", "##mi", ",", ".", "c", "##a", "##t"]
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    text = "The cats sat, on Kalomi mat. Dog"
+    tok = load_tokenizer(d)  # no tokenizer_config.json: BERT's default lowercasing
+    ref = BertTokenizer(str(d / "vocab.txt"), do_lower_case=True)
+    assert tok.encode(text, add_special_tokens=False).ids == ref.encode(text, add_special_tokens=False)
+    assert tok.encode(text).ids == ref.encode(text)
+    (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    cased = load_tokenizer(d)
+    ref = BertTokenizer(str(d / "vocab.txt"), do_lower_case=False)
+    assert cased.encode(text, add_special_tokens=False).ids == ref.encode(text, add_special_tokens=False)
+    assert special_ids(cased) == SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+
+
+def test_roberta_style_special_tokens(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "hello": 4, "<mask>": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    sp = special_ids(load_tokenizer(tmp_path / "tokenizer.json"))
+    assert sp == SpecialIds(pad=1, unk=3, cls=0, sep=2, mask=5) and set(sp.all()) == {0, 1, 2, 3, 5}
+
+
+def test_missing_special_tokens_and_bad_paths(tmp_path, corpus):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "hi": 3}, unk_token="[UNK]"))
+    with pytest.raises(UserError, match=r"no \[SEP\], \[MASK\] token"):
+        special_ids(tok)
+    with pytest.raises(UserError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither tokenizer.json nor vocab.txt"):
+        load_tokenizer(tmp_path / "empty")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot load tokenizer"):
+        load_tokenizer(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="kind must be one of"):
+        train_tokenizer([str(corpus)], 100, "sentencepiece", tmp_path / "x")
+    with pytest.raises(UserError, match="byte-level bpe must be > 261"):
+        train_tokenizer([str(corpus)], 100, "bpe", tmp_path / "x")
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(UserError, match="all 1 input files are empty"):
+        train_tokenizer([str(tmp_path / "e.txt")], 100, "wordpiece", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_tokenizer_hash_is_canonical(tmp_path, corpus):
+    a = train_tokenizer([str(corpus)], 150, "wordpiece", tmp_path / "a")
+    c = train_tokenizer([str(corpus)], 160, "wordpiece", tmp_path / "c")
+    ta = load_tokenizer(a)
+    assert tokenizer_hash(ta) == tokenizer_hash(load_tokenizer(a)) != tokenizer_hash(load_tokenizer(c))
+    # Reformatting the JSON (key order, indentation) does not change the hash.
+    spec = json.loads(a.read_text())
+    (tmp_path / "re.json").write_text(json.dumps(dict(reversed(list(spec.items())))))
+    assert tokenizer_hash(load_tokenizer(tmp_path / "re.json")) == tokenizer_hash(ta)
