@@ -74,13 +74,13 @@ def _demo(a):
 def _export(a):
     from maskedlm.hf import export
 
-    export(a.model, out=a.out, overwrite=a.overwrite)
+    print(export(a.model, out=a.out, overwrite=a.overwrite)["report"])
 
 
 def _import(a):
     from maskedlm.hf import import_checkpoint
 
-    import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)
+    print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
 def _masks(a):

