@@ -322,7 +322,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     try:
         ck = read_checkpoint(ck_dir, load_optimizer=False)
     except CheckpointError as e:
-        others = [p for p in checkpoint_candidates(ck_dir.parent) if p != ck_dir] if ck_dir.parent.name == "checkpoints" else []
+        others = [p for p in checkpoint_candidates(ck_dir.parent.parent) if p != ck_dir] if ck_dir.parent.name == "checkpoints" else []
         for p in others:
             try:
                 read_checkpoint(p, load_optimizer=False)

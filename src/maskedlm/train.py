@@ -102,7 +102,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     """Train per `config` (preset name, TOML path, Config or dict) on DATA_DIR into RUN_DIR; returns final metrics."""
     from maskedlm.data.loader import RowLoader
     from maskedlm.data.shards import FLAG_DOC_START, load_meta, open_split
-    from maskedlm.masking import default_k_max, mask_batch
+    from maskedlm.masking import config_k_max, mask_batch
     from maskedlm.model import MaskedLM
     from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
     from maskedlm.tokenizer import SpecialIds
@@ -156,12 +156,19 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     optimizer = build_optimizer(model, cfg.optim, device)
     schedule = Schedule(cfg.optim, max_steps)
 
-    k_max = default_k_max(seq_len, cfg.masking.mask_rate)
+    k_max = config_k_max(cfg.masking, seq_len)  # one K for the whole run: static shapes for torch.compile
+    token_counts = None
+    if cfg.masking.random_token_dist == "unigram":
+        import numpy as np
+
+        if not (data / "token_counts.npy").is_file():
+            raise UserError(f"masking.random_token_dist='unigram' needs {data / 'token_counts.npy'}; prepare the data again")
+        token_counts = torch.from_numpy(np.load(data / "token_counts.npy"))
 
     def make_masks(mb, position):
         # Masks are keyed by (masking.seed, epoch, row index): the same whatever the batch split or world size.
         return mask_batch(mb.ids, mb.row_index, mb.epoch, cfg.masking, special, vocab_size, flags=mb.flags,
-                          step=position, k_max=k_max)
+                          step=position, k_max=k_max, token_counts=token_counts)
 
     loader = RowLoader(train_store, t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
                        world_size=info.world_size, transform=make_masks, prefetch_steps=PREFETCH_STEPS if t.prefetch else 0)

@@ -1,0 +1,227 @@
+"""Training end to end on a generated corpus: learning, exactness of accumulation and resume, signals, bad input."""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maskedlm.checkpoint import load_model
+from maskedlm.errors import UserError
+from maskedlm.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_data import make_data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["train.log_every_steps=1000", "eval.every_steps=0", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Several test processes share two cores; one intra-op thread each avoids OpenMP spin contention (10-30× slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"), rows=256, val_rows=64, seq_len=32, words=40, cluster=4)
+
+
+def _weights(run_dir):
+    ck = Path(run_dir) / "checkpoints"
+    return load_file(str(ck / (ck / "latest").read_text().strip() / "model.safetensors"))
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_learns_the_clusters(data, tmp_path, capsys):
+    """Each document draws from one cluster of 4 of the 40 words. Without the clusters no model beats the unigram
+    entropy log(40) = 3.69 nats per masked token; with them the floor is log(4) = 1.39 (plus the rows' first tokens
+    and [SEP]/[MASK]-adjacent cases). Below 2.6 is only reachable by using the context."""
+    from maskedlm.config import EvalConfig
+    from maskedlm.data.shards import open_split
+    from maskedlm.evaluate import evaluate
+    from maskedlm.model import MaskedLM
+    from maskedlm.tokenizer import SpecialIds
+
+    out = tmp_path / "run"
+    res = train("tiny", data, out, ["train.max_steps=200", "eval.every_steps=200", "train.log_every_steps=50"])
+    printed = capsys.readouterr().out
+    for words in ("θ (encoder)", "ω (head)", "512 tokens (16 rows)", "2 micro-batches", "200 steps", "train 256 rows"):
+        assert words in printed, words
+    assert res["step"] == 200 and res["eval"]["loss"] < 2.6, res["eval"]
+    recs = [r for r in _metrics(out) if r.get("kind") != "eval"]
+    assert [r["step"] for r in recs] == list(range(1, 201))
+    for key in ("step", "tokens", "loss", "masked_acc", "lr", "grad_norm", "tokens_per_s"):
+        assert key in recs[0]
+    assert sum(r["loss"] for r in recs[-20:]) / 20 < sum(r["loss"] for r in recs[:20]) / 20 - 0.8
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 45
+    # The saved model is the trained one: the same evaluation from load_model gives the same number.
+    model, cfg, tok = load_model(out)
+    meta = json.loads((Path(data) / "meta.json").read_text())
+    again = evaluate(model, open_split(data, "val"), cfg.eval, SpecialIds(**meta["special_ids"]), 45)
+    assert again["loss"] == res["eval"]["loss"]
+    assert tok is not None and tok.token_to_id("[MASK]") == 4
+    untrained = MaskedLM(cfg.model)
+    untrained.init_weights(0)
+    before = evaluate(untrained, open_split(data, "val"), cfg.eval, SpecialIds(**meta["special_ids"]), 45)
+    assert before["loss"] > 3.5  # ≈ chance: log(45) = 3.81
+
+
+def test_accumulation_matches_one_big_micro_batch(data, tmp_path):
+    """DESIGN 4: Σ −log p over the step / global |A(x)| — splitting the step into micro-batches changes nothing but
+    float summation order."""
+    common = ["train.max_steps=4", "optim.warmup_steps=0", *QUIET]
+    train("tiny", data, tmp_path / "a", common + ["train.micro_batch_rows=16"])
+    train("tiny", data, tmp_path / "b", common + ["train.micro_batch_rows=4"])
+    train("tiny", data, tmp_path / "c", common + ["train.micro_batch_rows=4", "train.prefetch=false"])
+    a, b, c = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5)
+        assert torch.equal(b[k], c[k]), k  # the prefetch thread changes nothing at all
+
+
+def test_resume_from_an_earlier_checkpoint_is_bit_identical(data, tmp_path):
+    args = ["train.max_steps=30", "checkpoint.every_steps=10", "checkpoint.keep=5", "train.log_every_steps=1000",
+            "eval.every_steps=0"]
+    full = tmp_path / "full"
+    train("tiny", data, full, args)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    ck = cut / "checkpoints"
+    for d in ("step_0000020", "step_0000030"):  # as if killed right after step 10 was saved
+        shutil.rmtree(ck / d)
+    (ck / "latest").write_text("step_0000010\n")
+    res = train(None, data, cut, resume=True)
+    assert res["step"] == 30
+    a, b = _weights(full), _weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(full) == [{**r, "tokens_per_s": m["tokens_per_s"]} for r, m in zip(_metrics(cut), _metrics(full))]
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return [sys.executable, "-m", "maskedlm", "train", *args], env
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(data, tmp_path):
+    args = ["--config", "tiny", "--data", str(data)]
+    over = ["train.max_steps=48", "checkpoint.every_steps=5", "train.log_every_steps=1000", "eval.every_steps=0"]
+    ref = tmp_path / "ref"
+    train("tiny", data, ref, over)
+    run = tmp_path / "run"
+    kill_after = random.Random().randint(2, 44)  # a different moment each time: saves every 5 steps, so some land mid-save
+    cmd, env = _cli(*args, "--out", str(run), *over)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= kill_after:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"run ended before the kill at step {kill_after}: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cmd, env = _cli("--data", str(data), "--out", str(run), "--resume")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(ref), _weights(run)
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"killed after step {kill_after}: {diff}"
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 49))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    run = tmp_path / "run"
+    cmd, env = _cli("--config", "tiny", "--data", str(data), "--out", str(run), "train.max_steps=100000",
+                    "checkpoint.every_steps=0", "eval.every_steps=0", "train.log_every_steps=1000")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted (SIGTERM)" in out and "--resume" in out
+    state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["step"] == _metrics(run)[-1]["step"] >= 5
+    assert state["reason"] == "interrupted by SIGTERM"
+
+
+def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(data, tmp_path, monkeypatch):
+    import maskedlm.objective as objective
+
+    real = objective.masked_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, **kw):
+        calls["n"] += 1
+        value = real(logits, targets, **kw)
+        return value * float("nan") if calls["n"] > 4 else value  # steps 1-2 fine (2 micro-batches each), then NaN
+
+    monkeypatch.setattr(objective, "masked_cross_entropy", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="3 steps in a row had a non-finite loss") as e:
+        train("tiny", data, out, ["train.max_steps=50", "train.max_bad_steps=3", *QUIET])
+    assert "step_0000005" in str(e.value)
+    recs = _metrics(out)
+    assert [r.get("skipped", False) for r in recs] == [False, False, True, True, True]
+    state = json.loads((out / "checkpoints" / "step_0000005" / "state.json").read_text())
+    assert state["skipped_steps"] == 3 and state["bad_steps_in_row"] == 3
+
+
+def test_time_budget_ends_the_run_and_the_schedule_together(data, tmp_path):
+    res = train("tiny", data, tmp_path / "run", ["train.max_minutes=0.04", "optim.warmup_steps=0", *QUIET])
+    recs = _metrics(tmp_path / "run")
+    lrs = [r["lr"] for r in recs]
+    assert len(recs) >= 5 and 2.4 <= res["elapsed_s"] < 10
+    assert all(x >= y for x, y in zip(lrs, lrs[1:]))  # linear decay by elapsed time
+    assert lrs[-1] < 0.3 * lrs[0]
+
+
+def test_bad_inputs_are_refused_with_clear_messages(data, tmp_path):
+    run = tmp_path / "run"
+    train("tiny", data, run, ["train.max_steps=2", *QUIET])
+    with pytest.raises(UserError, match="already holds a run.*--resume"):
+        train("tiny", data, run, ["train.max_steps=2", *QUIET])
+    with pytest.raises(UserError, match=r"different config.*optim\.lr: 0\.003 → 0\.001.*train\.max_steps: 2 → 4"):
+        train("tiny", data, run, ["train.max_steps=4", "optim.lr=1e-3", *QUIET], resume=True)
+    cases = [
+        (["model.max_positions=16"], "seq_len 32 but the model takes at most 16 positions"),
+        (["model.vocab_size=50"], "vocab_size 45 but the model has 50"),
+        (["train.max_steps=0"], "no training budget"),
+        (["train.micro_batch_rows=5"], "divisible"),
+        (["train.max_step=3"], "did you mean 'train.max_steps'"),
+    ]
+    for i, (over, msg) in enumerate(cases):
+        with pytest.raises(UserError, match=msg):
+            train("tiny", data, tmp_path / f"bad{i}", ["train.max_steps=2", *QUIET, *over])
+    with pytest.raises(UserError, match="not a prepared data dir"):
+        train("tiny", tmp_path / "nodata", tmp_path / "bad", ["train.max_steps=2"])
+
+
+def test_cli_reports_a_config_typo_in_one_line(data, tmp_path, capsys):
+    from maskedlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "tiny", "--data", str(data), "--out", str(tmp_path / "r"), "optim.lrr=1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maskedlm: error: unknown config key 'optim.lrr'") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing written for a refused run
