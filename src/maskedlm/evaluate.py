@@ -1,0 +1,154 @@
+"""Masked loss, masked-token accuracy and perplexity at a fixed evaluation mask.
+
+The mask is the training masking code with the evaluation's own (mask_rate, seed) at epoch 0 and the rows' real
+indices in the split, so a number is comparable across runs and checkpoints. Batches are streamed and only the
+logits at A(x) exist, one micro-batch at a time; nothing here trains or stores predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maskedlm.config import EvalConfig, MaskingConfig
+from maskedlm.errors import UserError
+
+
+def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cpu", precision: str = "fp32") -> dict:
+    """Σ −log p(x_i | x̄) / |A| over the split (or its first cfg.max_rows rows), with accuracy and perplexity.
+
+    `tokens` is the number of scored positions |A| (the loss's denominator); `rows` the rows read.
+    """
+    from maskedlm.data.shards import FLAG_DOC_START
+    from maskedlm.masking import default_k_max, mask_batch
+    from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
+
+    n_rows = len(store) if cfg.max_rows <= 0 else min(len(store), cfg.max_rows)
+    if n_rows == 0:
+        raise UserError("the evaluation split has no rows; prepare the data with a validation split (--val-fraction > 0) or pick another split")
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = torch.device(device)
+    mask_cfg = MaskingConfig(mask_rate=cfg.mask_rate, seed=cfg.seed)
+    # K depends only on (T, rate), as in training, so every micro-batch has the same shape.
+    k_max = default_k_max(store.seq_len, cfg.mask_rate)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    )
+    # Accumulate in float64 on the host: the order of additions is fixed, so the same model gives the same bits.
+    nll_sum, correct, count = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n_rows, cfg.micro_batch_rows):
+                index = np.arange(start, min(n_rows, start + cfg.micro_batch_rows), dtype=np.int64)
+                ids, flags = store.rows(index)
+                ids = torch.as_tensor(ids, dtype=torch.long)
+                flags = torch.as_tensor(flags)
+                batch = mask_batch(ids, torch.as_tensor(index), 0, mask_cfg, special, vocab_size, flags=flags, k_max=k_max)
+                doc_starts = (flags & FLAG_DOC_START) != 0
+                with autocast:
+                    logits = model(
+                        batch.input_ids.to(device), positions=batch.positions.to(device), doc_starts=doc_starts.to(device)
+                    )
+                targets = batch.targets.to(device)
+                nll_sum += float(masked_cross_entropy(logits, targets, reduction="sum"))
+                c, k = masked_accuracy_counts(logits, targets)
+                correct += int(c)
+                count += int(k)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise UserError(f"no position was selected for evaluation in {n_rows} rows; raise eval.mask_rate (got {cfg.mask_rate})")
+    loss = nll_sum / count
+    return {
+        "loss": loss,
+        "accuracy": correct / count,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "tokens": count,
+        "rows": n_rows,
+    }
+
+
+def _eval_overrides(cfg, overrides) -> EvalConfig:
+    """Apply `eval.key=value` overrides (the only section evaluation reads) with the config loader's own coercion."""
+    from maskedlm.config import load_config
+
+    for item in overrides or ():
+        if not str(item).strip().startswith("eval."):
+            raise UserError(f"evaluation takes only eval.KEY=VALUE overrides (e.g. eval.max_rows=100), got {item!r}")
+    return load_config(cfg, overrides).eval
+
+
+def check_compatible(model_cfg, tokenizer, meta: dict, data) -> None:
+    """Refuse data that the model cannot read: another vocabulary, another tokenizer, or rows longer than its positions."""
+    from maskedlm.tokenizer import tokenizer_hash
+
+    if int(meta["vocab_size"]) != int(model_cfg.vocab_size):
+        raise UserError(
+            f"data {data} has vocab_size {meta['vocab_size']} but the model has {model_cfg.vocab_size}; "
+            "prepare the data with the model's tokenizer"
+        )
+    want = meta.get("tokenizer_hash")
+    if want and tokenizer is not None and tokenizer_hash(tokenizer) != want:
+        raise UserError(
+            f"data {data} was prepared with a different tokenizer than the model's (tokenizer_hash {want[:12]}… vs "
+            f"{tokenizer_hash(tokenizer)[:12]}…); prepare the data with the model's tokenizer"
+        )
+    if int(meta["seq_len"]) > int(model_cfg.max_positions):
+        raise UserError(
+            f"data {data} has seq_len {meta['seq_len']} but the model takes at most {model_cfg.max_positions} positions; "
+            "prepare the data with a smaller --seq-len"
+        )
+
+
+def evaluate_model(model_path, data, split: str = "val", overrides=(), device: str | None = None) -> dict:
+    """`maskedlm eval`: load MODEL (run, checkpoint or Hugging Face dir), check it fits DATA_DIR, evaluate a split.
+
+    split "all" evaluates train and val and pools them (each split keeps its own row indices, so its mask is the
+    same as when evaluated alone); the per-split numbers are under "splits".
+    """
+    from maskedlm.data.shards import load_meta, open_split
+    from maskedlm.inference import resolve_model
+    from maskedlm.tokenizer import special_ids
+
+    if split not in ("val", "train", "all"):
+        raise UserError(f"split must be val, train or all, got {split!r}")
+    meta = load_meta(data)
+    model, cfg, tokenizer = resolve_model(model_path)
+    check_compatible(cfg.model, tokenizer, meta, data)
+    ecfg = _eval_overrides(cfg, overrides)
+    special = special_ids(tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    names = ["train", "val"] if split == "all" else [split]
+    per = {}
+    for name in names:
+        store = open_split(data, name)
+        if len(store) == 0:
+            if split == "all":
+                continue
+            raise UserError(f"data {data} has no {name} rows; prepare with --val-fraction > 0 or use --split train")
+        per[name] = evaluate(model, store, ecfg, special, int(cfg.model.vocab_size), device=device)
+    if not per:
+        raise UserError(f"data {data} has no rows to evaluate")
+    if split == "all":
+        tokens = sum(m["tokens"] for m in per.values())
+        loss = sum(m["loss"] * m["tokens"] for m in per.values()) / tokens
+        result = {
+            "loss": loss,
+            "accuracy": sum(m["accuracy"] * m["tokens"] for m in per.values()) / tokens,
+            "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+            "tokens": tokens,
+            "rows": sum(m["rows"] for m in per.values()),
+            "splits": per,
+        }
+    else:
+        result = dict(per[split])
+    result.update(split=split, mask_rate=ecfg.mask_rate, seed=ecfg.seed, model=str(Path(model_path)), data=str(Path(data)))
+    return result
