@@ -188,7 +188,7 @@ def test_jsonl_gz_globs_and_dirs(tmp_path, toks):
     np.testing.assert_array_equal(ids[:, 1:].reshape(-1), ref[: ids.shape[0] * 15])
 
 
-def test_val_holds_whole_documents_and_split_is_deterministic(tmp_path, toks):
+def test_val_holds_whole_documents_and_split_is_deterministic(tmp_path, monkeypatch, toks):
     tok = load_tokenizer(toks["wordpiece"])
     sp = special_ids(tok)
     docs = make_docs(200, seed=11, tag=True, max_words=20)
@@ -216,8 +216,10 @@ def test_val_holds_whole_documents_and_split_is_deterministic(tmp_path, toks):
     assert 20 <= len(a["val"]) <= 60  # 0.2 of 200 documents, give or take the tail
     meta = load_meta(tmp_path / "a")
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 200
+    monkeypatch.setattr(prep, "BUFFER_TOKENS", 50)  # streaming from the first batches on
+    monkeypatch.setattr(prep, "BATCH_CHARS", 500)
     prep.prepare([str(path)], toks["wordpiece"], 24, tmp_path / "b", val_fraction=0.2, seed=3, workers=2)
-    for split in ("train", "val"):  # worker processes change nothing
+    for split in ("train", "val"):  # worker processes and streaming change nothing
         for x, y in zip(all_rows(tmp_path / "a", split), all_rows(tmp_path / "b", split)):
             np.testing.assert_array_equal(x, y)
     prep.prepare([str(path)], toks["wordpiece"], 24, tmp_path / "c", val_fraction=0.2, seed=4, workers=1)

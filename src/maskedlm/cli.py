@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", choices=["text", "jsonl"], default=None)
     t.add_argument("--text-field", default="text")
     t.add_argument("--doc-per", choices=["line", "file", "blank-line"], default="blank-line")
-    t.add_argument("--workers", type=int, default=0, help="0: one per core")
+    t.add_argument("--workers", type=int, default=0, help="tokenizer processes; 0: one per core (on <=2 cores, the tokenizer's threads in-process)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     t.set_defaults(fn=_prepare)

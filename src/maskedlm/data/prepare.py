@@ -16,7 +16,9 @@ import re
 import shutil
 import sys
 import zlib
+from bisect import bisect_left
 from collections import deque
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -140,46 +142,60 @@ def _cut(s: str, limit: int) -> int:
     return cut if cut else limit
 
 
-def _pieces_of(text: str, first: bool, chunk_chars: int):
-    """(piece, starts_document) for one whole document text, cut into pieces of at most chunk_chars."""
+def _pieces_of(text: str, first: bool, chunk_chars: int, texts: list, starts: list) -> None:
+    """Append one whole document to (texts, starts), cut into pieces of at most chunk_chars."""
     while len(text) > chunk_chars:
         c = _cut(text, chunk_chars)
-        yield text[:c], first
+        texts.append(text[:c])
+        starts.append(first)
         first = False
         text = text[c:]
     if text:
-        yield text, first
+        texts.append(text)
+        starts.append(first)
 
 
 def _text_pieces(blocks, doc_per: str, chunk_chars: int, stats: dict):
-    """(piece, starts_document) for a text file; a document is a line, a blank-line block or the whole file."""
+    """Lists (pieces, starts_document) for a text file; a document is a line, a blank-line block or the whole file.
+
+    Lists rather than single pieces: a block's documents go on together, keeping Python work per document small."""
     sep = _SEPARATORS[doc_per]
     buf, started = "", False  # started: the current document already has pieces out
     for block in blocks:
         buf += block
+        texts, starts = [], []
         if sep is not None:
             parts = sep.split(buf)
             buf = parts.pop()
-            for p in parts:
-                p = p.rstrip() if started else p.strip()
-                if p:
-                    if not started:
-                        stats["documents"] += 1
-                    yield from _pieces_of(p, not started, chunk_chars)
-                started = False
+            if parts and started:  # the end of a long document whose head went out already
+                _pieces_of(parts[0].rstrip(), False, chunk_chars, texts, starts)
+                parts, started = parts[1:], False
+            docs = [d for d in map(str.strip, parts) if d]
+            stats["documents"] += len(docs)
+            if docs and max(map(len, docs)) <= chunk_chars:
+                texts += docs
+                starts += [True] * len(docs)
+            else:
+                for d in docs:
+                    _pieces_of(d, True, chunk_chars, texts, starts)
         if not started:
             buf = buf.lstrip()
         while len(buf) > 2 * chunk_chars:  # the document so far is long: send its head on
             c = _cut(buf, chunk_chars)
             if not started:
                 stats["documents"] += 1
-            yield buf[:c], not started
+            texts.append(buf[:c])
+            starts.append(not started)
             started, buf = True, buf[c:]
+        if texts:
+            yield texts, starts
     buf = buf.rstrip() if started else buf.strip()
     if buf:
         if not started:
             stats["documents"] += 1
-        yield from _pieces_of(buf, not started, chunk_chars)
+        texts, starts = [], []
+        _pieces_of(buf, not started, chunk_chars, texts, starts)
+        yield texts, starts
 
 
 def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: dict):
@@ -188,6 +204,7 @@ def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: 
         buf += block
         lines = buf.split("\n")
         buf = lines.pop()
+        texts, starts = [], []
         for line in lines:
             line_no += 1
             if not line.strip():
@@ -206,7 +223,9 @@ def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: 
             text = text.strip()
             if text:
                 stats["documents"] += 1
-                yield from _pieces_of(text, True, chunk_chars)
+                _pieces_of(text, True, chunk_chars, texts, starts)
+        if texts:
+            yield texts, starts
 
 
 def _new_stats() -> dict:
@@ -216,7 +235,7 @@ def _new_stats() -> dict:
 
 def iter_pieces(files: list[Path], input_format=None, text_field="text", doc_per="blank-line", stats=None,
                 chunk_chars: int | None = None):
-    """(text piece, starts_document) over all files in order; counts into `stats` (see _new_stats)."""
+    """Lists (text pieces, starts_document flags) over all files in order; counts into `stats` (see _new_stats)."""
     stats = _new_stats() if stats is None else stats
     chunk_chars = chunk_chars or CHUNK_CHARS
     for path in files:
@@ -266,8 +285,8 @@ def iter_corpus_texts(inputs, input_format=None, text_field="text", stats=None, 
     files = resolve_inputs(inputs)
     stats = _new_stats() if stats is None else stats
     stats.update({k: v for k, v in _new_stats().items() if k not in stats})
-    for piece, _ in iter_pieces(files, input_format, text_field, doc_per, stats):
-        yield piece
+    for texts, _ in iter_pieces(files, input_format, text_field, doc_per, stats):
+        yield from texts
     _report_input(stats, text_field, files)
 
 
@@ -306,15 +325,22 @@ def _encode(texts: list[str], tok=None):
     return ids, start.astype(np.uint8) * np.uint8(fmt.FLAG_WORD_START), lens
 
 
-def _batches(pieces, batch_chars: int):
+def _batches(lists, batch_chars: int):
+    """Regroup lists of (pieces, starts) into batches of about batch_chars characters."""
     texts, starts, n = [], [], 0
-    for text, first in pieces:
-        texts.append(text)
-        starts.append(first)
-        n += len(text)
-        if n >= batch_chars:
-            yield texts, starts
-            texts, starts, n = [], [], 0
+    for t, st in lists:
+        cum = list(accumulate(map(len, t)))
+        i = 0
+        while i < len(t):
+            base = cum[i - 1] if i else 0
+            j = min(bisect_left(cum, base + batch_chars - n, lo=i) + 1, len(t))  # up to the piece that fills it
+            texts += t[i:j]
+            starts += st[i:j]
+            n += cum[j - 1] - base
+            i = j
+            if n >= batch_chars:
+                yield texts, starts
+                texts, starts, n = [], [], 0
     if texts:
         yield texts, starts
 
@@ -489,6 +515,13 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(tmp, out)
 
 
+def _auto_workers() -> int:
+    """Worker processes for --workers 0: one per core but one for the reader; on 1-2 cores none, since the
+    tokenizer's own threads in this process did better there than processes that contend with the reader."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= 2 else cores - 1
+
+
 def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=None, text_field="text",
             doc_per="blank-line", workers=0, seed=0, overwrite=False, *, progress: bool | None = None) -> dict:
     """Tokenize a corpus into DATA_DIR (train/ and val/ shards, meta.json, tokenizer.json, token_counts.npy).
@@ -508,7 +541,7 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     val_fraction = float(val_fraction)
     if int(workers) < 0:
         raise UserError(f"workers must be >= 0 (0: one per core), got {workers}")
-    workers = int(workers) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = int(workers) or _auto_workers()
     _check_options(input_format, doc_per)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     sp = special_ids(tok)
@@ -573,8 +606,8 @@ def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction,
                     for b in buffered:
                         _route(*b[:2], b[2], _uniform(seed, b[2]) < val_fraction, packers)
                     buffered = None
-            else:
-                _route(ids, flags, doc, _uniform(seed, doc) < val_fraction, packers)
+            else:  # the split is drawn per document (per piece here), then spread over its tokens
+                _route(ids, flags, doc, np.repeat(_uniform(seed, piece_doc) < val_fraction, lens), packers)
             bar.update(stats["bytes_done"] - bar.n)
             bar.set_postfix(docs=stats["documents"], refresh=False)
     finally:
