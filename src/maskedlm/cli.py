@@ -53,10 +53,11 @@ def _fill(a):
 
 
 def _explain(a):
-    from maskedlm.inference import explain, format_explain
+    from maskedlm.inference import explain, format_explain, resolve_model
 
-    result = explain(a.model, a.text, mask=a.mask, seed=a.seed)
-    print(json.dumps(result, indent=2) if a.json else format_explain(result))
+    loaded = resolve_model(a.model)
+    result = explain(loaded, a.text, mask=a.mask, seed=a.seed)
+    print(json.dumps(result, indent=2) if a.json else format_explain(result, tokenizer=loaded[2]))
 
 
 def _score(a):
@@ -83,10 +84,27 @@ def _import(a):
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """`maskedlm masks DATA --config X masking.k=v --rows 3`: overrides may follow options (argparse alone stops
+    collecting positionals at the first option, bpo-14191)."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _masks(a):
     from maskedlm.masking import masks_report
 
-    print(masks_report(a.data, config=a.config, overrides=a.overrides, rows=a.rows, as_json=a.json, split=a.split))
+    print(masks_report(a.data, config=a.config, overrides=a.overrides, rows=a.rows, as_json=a.json, split=a.split,
+                       step=a.step, epoch=a.epoch, max_rows=a.max_rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,11 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_import)
 
     t = sub.add_parser("masks", help="show what a masking configuration does to the data")
+    t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("data", metavar="DATA_DIR")
     t.add_argument("--config", default=None, help="a TOML file or preset (its masking section)")
     t.add_argument("--rows", type=int, default=3)
     t.add_argument("--split", choices=["train", "val"], default="train")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    t.add_argument("--step", type=int, default=0, help="training step (for masking.rate_schedule)")
+    t.add_argument("--epoch", type=int, default=0)
+    t.add_argument("--max-rows", type=int, default=0, help="statistics over the first N rows (0: the whole split)")
     t.add_argument("overrides", nargs="*", metavar="masking.key=value")
     t.set_defaults(fn=_masks)
     return p

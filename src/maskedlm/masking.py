@@ -38,14 +38,16 @@ _M32 = 0xFFFFFFFF
 
 # ---------------------------------------------------------------------------------------------------- counter hash
 # lowbias32 (Wellons, "Prospecting for hash functions", 2018): a bijection on 32-bit integers with near-ideal avalanche.
-# Values live in int64 tensors holding 32 bits; multiplications are split into 16-bit halves so that no intermediate
-# exceeds 2^49: torch has no uint32/uint64 arithmetic everywhere, and int64 overflow is not something to rely on.
+# Values live in int64 tensors holding 32 bits, and no product may exceed 2^63: torch has no uint32/uint64 arithmetic
+# everywhere, and int64 overflow is not something to rely on. x·c with x < 2^32 and c < 2^31 fits; the second constant
+# (≥ 2^31) is applied as x·(c − 2^31) + x·2^31, where x·2^31 mod 2^32 is just x's lowest bit moved to bit 31.
 
 
 def _mul32(x, c: int):
-    """(x · c) mod 2^32 for x in [0, 2^32) (tensor or int) and a constant c."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+    """(x · c) mod 2^32 for x in [0, 2^32) (tensor or int) and a constant c < 2^32."""
+    if c < (1 << 31):
+        return (x * c) & _M32
+    return (x * (c - (1 << 31)) + ((x & 1) << 31)) & _M32
 
 
 def _mix32(x):
@@ -80,6 +82,11 @@ def _hash(seed: int, epoch: int, stream: int, row_index: torch.Tensor, cols: tor
     if cols.dim() == 1:
         cols = cols.unsqueeze(0)  # (1, C)
     return _mix32(h.unsqueeze(1) ^ cols)  # (B, C)
+
+
+def _hash_at(seed: int, epoch: int, stream: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The same hashes as _hash, for matching 1-D (row index, col) pairs: only where a decision is needed."""
+    return _mix32(_row_hash(_key(seed, epoch, stream), rows) ^ cols.long())  # (N,)
 
 
 def _unit_float(h: torch.Tensor) -> torch.Tensor:
@@ -239,19 +246,18 @@ def _select_ranked(elig, starts, row_index, epoch, seed, rate, k_max):
     first = torch.cummax(torch.where(starts, pos, 0), dim=1).values  # (B, T) first position of each token's unit
     uid = torch.cumsum(starts.long(), dim=1) - 1  # (B, T) unit index in position order
     order_h = _hash(seed, epoch, _S_ORDER, row_index, pos)  # (B, T)
-    round_h = _hash(seed, epoch, _S_ROUND, row_index, pos)  # (B, T)
     score = torch.where(elig, order_h.gather(1, first), -1)  # (B, T) a unit's score is its first token's hash
     unit_score = torch.full((B, T), -1, dtype=torch.long, device=dev).scatter_reduce(1, uid, score, "amax")  # (B, U)
     unit_len = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_add(1, uid, elig.long())  # (B, U)
-    unit_round = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_reduce(
-        1, uid, round_h.gather(1, first), "amax"
-    )  # (B, U)
+    unit_first = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_reduce(1, uid, first, "amax")  # (B, U)
     order = torch.argsort(unit_score, dim=1, descending=True, stable=True)  # (B, U) scores never tie among units
     length = unit_len.gather(1, order)  # (B, U)
     after = torch.cumsum(length, dim=1)  # (B, U) tokens taken once this unit is in
     before = after - length  # (B, U)
-    v = _unit_double(unit_round.gather(1, order))  # (B, U)
-    crossing = (before < k) & (after > k)  # (B, U)
+    crossing = (before < k) & (after > k)  # (B, U) at most one unit per row
+    # The draw for the crossing unit is keyed by its first position, like every other per-unit decision.
+    cross_first = unit_first.gather(1, order).gather(1, crossing.long().argmax(dim=1, keepdim=True))  # (B, 1)
+    v = _unit_double(_hash(seed, epoch, _S_ROUND, row_index, cross_first))  # (B, 1)
     take = (after <= k) | (crossing & (v * length.to(torch.float64) < (k - before).to(torch.float64)))  # (B, U)
     take &= (length > 0) & (after <= int(k_max))  # (B, U) a unit that does not fit in K is left out whole
     chosen = torch.zeros((B, T), dtype=torch.bool, device=dev).scatter(1, order, take)  # (B, U)
@@ -363,6 +369,12 @@ def select_positions(
     if flags is not None:
         flags = torch.as_tensor(flags, device=ids.device)
     K = config_k_max(cfg, T) if k_max is None else int(k_max)
+    if K < default_k_max(T, _max_rate(cfg)):
+        # A K made for a lower rate would silently cap every row: the caller should use config_k_max(cfg, T).
+        raise ValueError(
+            f"k_max={K} is below what rate {_max_rate(cfg)} needs at seq_len {T} "
+            f"({default_k_max(T, _max_rate(cfg))}); pass masking.config_k_max(cfg, seq_len) or None"
+        )
     predict, corrupt_rate = _rates(cfg, step)
     rate = max(predict, corrupt_rate)
     ids = ids.long()  # (B, T)
@@ -417,6 +429,53 @@ def _check_counts(token_counts, vocab_size: int, special, device) -> torch.Tenso
     return counts
 
 
+@lru_cache(maxsize=16)
+def _non_special(vocab_size: int, special_ids: tuple[int, ...]) -> torch.Tensor:
+    sp = set(special_ids)
+    return torch.tensor([i for i in range(vocab_size) if i not in sp], dtype=torch.long)
+
+
+def _corruption_plan(ids, target, row_index, epoch, cfg, special, vocab_size, token_counts=None):
+    """Per-token decisions of the corruption: ([MASK] (B, T) bool, random (B, T) bool, replacement ids (B, T)).
+
+    The hashes are computed only at the target positions (a few percent of the batch); each is the same function of
+    (seed, epoch, row, position) as on the full grid, so the result does not depend on which positions those are.
+    """
+    dev = ids.device
+    seed = int(cfg.seed)
+    b, t = target.nonzero(as_tuple=True)  # (N,) (N,)
+    rows = row_index[b]  # (N,)
+    u = _unit_float(_hash_at(seed, epoch, _S_KIND, rows, t))  # (N,)
+    p_mask = float(cfg.mask_token_prob)
+    p_rand = float(cfg.random_token_prob)
+    to_mask = torch.zeros_like(target)  # (B, T)
+    to_mask[b, t] = u < p_mask
+    to_rand = torch.zeros_like(target)  # (B, T)
+    is_rand = (u >= p_mask) & (u < p_mask + p_rand)  # (N,)
+    to_rand[b, t] = is_rand
+    if p_rand <= 0.0:
+        return to_mask, to_rand, ids
+    vocab_size = int(vocab_size)
+    b, t, rows = b[is_rand], t[is_rand], rows[is_rand]  # (R,)
+    h = _hash_at(seed, epoch, _S_RANDOM, rows, t)  # (R,)
+    if cfg.random_token_dist == "unigram":
+        counts = _check_counts(token_counts, vocab_size, special, dev)  # (V,)
+        cdf = torch.cumsum(counts, dim=0)  # (V,)
+        h2 = _hash_at(seed, epoch, _S_RANDOM2, rows, t)  # (R,)
+        # 53 random bits: frequencies of rare tokens among billions of counts still resolve.
+        u53 = ((h << 21) | (h2 >> 11)).to(torch.float64) * (1.0 / (1 << 53))  # (R,)
+        drawn = torch.searchsorted(cdf, u53 * cdf[-1], right=True).clamp(max=vocab_size - 1)  # (R,)
+    else:
+        allowed = _non_special(vocab_size, tuple(sorted(int(i) for i in special.all()))).to(dev)  # (V−S,)
+        if allowed.numel() == 0:
+            raise UserError(f"vocab_size {vocab_size} leaves no non-special token for random replacement")
+        # floor(h · n / 2^32): an exact integer map of 32 random bits onto n choices (h·n < 2^63).
+        drawn = allowed[(h * allowed.numel()) >> 32]  # (R,)
+    replacement = ids.clone()  # (B, T)
+    replacement[b, t] = drawn
+    return to_mask, to_rand, replacement
+
+
 def corrupt(
     ids: torch.Tensor,
     selection: Selection,
@@ -428,41 +487,15 @@ def corrupt(
     token_counts=None,
 ) -> torch.Tensor:
     """x̄: of the corrupted positions (A(x) by default), mask_token_prob become [MASK], random_token_prob a random
-    non-special token (uniform, or by corpus frequency), the rest stay x_i. Decided per token."""
+    non-special token (uniform, or by corpus frequency: `token_counts` [V]), the rest stay x_i. Decided per token."""
     cfg.validate()
     ids = ids.long()  # (B, T)
-    B, T = ids.shape
-    dev = ids.device
-    row_index = torch.as_tensor(row_index, dtype=torch.long, device=dev).reshape(-1)  # (B,)
+    row_index = torch.as_tensor(row_index, dtype=torch.long, device=ids.device).reshape(-1)  # (B,)
     target = selection.corrupt_mask if selection.corrupt_mask is not None else selection.mask  # (B, T)
-    target = target.to(dev)
-    pos = torch.arange(T, device=dev)  # (T,)
-    seed = int(cfg.seed)
-    u = _unit_float(_hash(seed, epoch, _S_KIND, row_index, pos))  # (B, T)
-    p_mask = float(cfg.mask_token_prob)
-    p_rand = float(cfg.random_token_prob)
-    to_mask = target & (u < p_mask)  # (B, T)
-    to_rand = target & (u >= p_mask) & (u < p_mask + p_rand)  # (B, T)
+    to_mask, to_rand, replacement = _corruption_plan(
+        ids, target.to(ids.device), row_index, epoch, cfg, special, vocab_size, token_counts
+    )  # (B, T) ×3
     out = torch.where(to_mask, torch.full_like(ids, int(special.mask)), ids)  # (B, T)
-    if p_rand <= 0.0:
-        return out
-    vocab_size = int(vocab_size)
-    h = _hash(seed, epoch, _S_RANDOM, row_index, pos)  # (B, T)
-    if cfg.random_token_dist == "unigram":
-        counts = _check_counts(token_counts, vocab_size, special, dev)  # (V,)
-        cdf = torch.cumsum(counts, dim=0)  # (V,)
-        h2 = _hash(seed, epoch, _S_RANDOM2, row_index, pos)  # (B, T)
-        # 53 random bits: frequencies of rare tokens in billions of counts still resolve.
-        u53 = ((h << 21) | (h2 >> 11)).to(torch.float64) * (1.0 / (1 << 53))  # (B, T)
-        r = u53 * cdf[-1]  # (B, T)
-        replacement = torch.searchsorted(cdf, r, right=True).clamp(max=vocab_size - 1)  # (B, T)
-    else:
-        sp = set(int(i) for i in special.all())
-        allowed = torch.tensor([i for i in range(vocab_size) if i not in sp], dtype=torch.long, device=dev)  # (V−S,)
-        if allowed.numel() == 0:
-            raise UserError(f"vocab_size {vocab_size} leaves no non-special token for random replacement")
-        # floor(h · n / 2^32): an exact integer map of 32 random bits onto n choices (h·n < 2^63).
-        replacement = allowed[(h * allowed.numel()) >> 32]  # (B, T)
     return torch.where(to_rand, replacement, out)  # (B, T)
 
 
@@ -487,3 +520,181 @@ def mask_batch(
         input_ids=x_bar, positions=sel.positions, valid=sel.valid, targets=targets,
         num_selected=sel.valid.sum(), selection=sel,
     )
+
+
+# ---------------------------------------------------------------------------------------------------- `maskedlm masks`
+
+
+def _special_from_meta(meta: dict):
+    try:
+        from maskedlm.tokenizer import SpecialIds
+    except ImportError:  # pragma: no cover - the tokenizer module is part of the package
+        SpecialIds = None
+    sp = meta["special_ids"]
+    if SpecialIds is not None:
+        return SpecialIds(**{k: int(sp[k]) for k in ("pad", "unk", "cls", "sep", "mask")})
+    raise UserError("cannot build special token ids")  # pragma: no cover
+
+
+def _piece(tok, i: int) -> str:
+    """A token as text inside a word: WordPiece's ## and the BPE/Unigram word-boundary marks dropped."""
+    if tok is None:
+        return str(i)
+    t = tok.id_to_token(int(i))
+    if t is None:
+        return f"<{i}>"
+    if t.startswith("##"):
+        return t[2:]
+    return t.lstrip("Ġ▁") or t
+
+
+def _render_row(tok, x, x_bar, predicted, corrupted, starts) -> tuple[str, str]:
+    """x with A(x) marked ⟦…⟧ and x̄ with random replacements marked «…», both as words."""
+    words_x, words_xb = [], []
+    cur_x, cur_xb, cur_sel = [], [], []
+
+    def flush():
+        if not cur_x:
+            return
+        if all(cur_sel):
+            words_x.append("⟦" + "".join(cur_x) + "⟧")
+        else:
+            words_x.append("".join(f"⟦{p}⟧" if s else p for p, s in zip(cur_x, cur_sel)))
+        words_xb.append("".join(cur_xb))
+        cur_x.clear(), cur_xb.clear(), cur_sel.clear()
+
+    for t in range(len(x)):
+        if starts[t]:
+            flush()
+        cur_x.append(_piece(tok, x[t]))
+        cur_sel.append(bool(predicted[t]))
+        p = _piece(tok, x_bar[t])
+        cur_xb.append(f"«{p}»" if (corrupted[t] and x_bar[t] != x[t] and p != "[MASK]" and p != "<mask>") else p)
+    flush()
+    return " ".join(words_x), " ".join(words_xb)
+
+
+def masks_report(data, config=None, overrides=(), rows=3, as_json=False, split="train", step=0, epoch=0, max_rows=0) -> str:
+    """What a masking configuration does to a prepared split: a few rows as x and x̄ with A(x) marked, and statistics
+    over the split (or its first `max_rows` rows): selected share, [MASK]/random/kept shares, unit lengths, specials.
+
+    `overrides` are `masking.key=value` (a bare `key=value` means masking.key); `config` a preset or TOML file.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from maskedlm.config import load_config
+    from maskedlm.data.shards import load_meta, open_split
+
+    meta = load_meta(data)
+    overrides = [o if "." in str(o).split("=", 1)[0] else f"masking.{o}" for o in (overrides or ())]
+    cfg = load_config(config, overrides).masking
+    special = _special_from_meta(meta)
+    vocab_size = int(meta["vocab_size"])
+    store = open_split(data, split)
+    T = int(store.seq_len)
+    n_rows = len(store) if int(max_rows) <= 0 else min(len(store), int(max_rows))
+    if n_rows == 0:
+        raise UserError(f"the {split} split of {data} has no rows; pick another split (--split)")
+    counts = None
+    if cfg.random_token_dist == "unigram":
+        path = Path(data) / "token_counts.npy"
+        if not path.is_file():
+            raise UserError(f"{path} not found: masking.random_token_dist=unigram needs it; prepare the data again")
+        counts = np.load(path, allow_pickle=False)
+    tok = None
+    if (Path(data) / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(data) / "tokenizer.json"))
+    K = config_k_max(cfg, T)
+    predict, corrupt_rate = _rates(cfg, step)
+
+    tot = dict(eligible=0, predicted=0, corrupted=0, masked=0, random=0, special=0, max_row=0)
+    hist: dict[int, int] = {}
+    shown = []
+    chunk = 2048
+    for start in range(0, n_rows, chunk):
+        index = np.arange(start, min(n_rows, start + chunk), dtype=np.int64)
+        ids_np, flags_np = store.rows(index)
+        ids = torch.from_numpy(ids_np)  # (B, T)
+        flags = torch.from_numpy(flags_np)  # (B, T)
+        row_index = torch.from_numpy(index)  # (B,)
+        sel = select_positions(ids, row_index, epoch, cfg, special, flags=flags, step=step, k_max=K)
+        target = sel.corrupt_mask if sel.corrupt_mask is not None else sel.mask  # (B, T)
+        to_mask, to_rand, repl = _corruption_plan(ids, target, row_index, epoch, cfg, special, vocab_size, counts)
+        x_bar = torch.where(to_rand, repl, torch.where(to_mask, int(special.mask), ids))  # (B, T)
+        elig = _eligible(ids, special)  # (B, T)
+        tot["eligible"] += int(elig.sum())
+        tot["predicted"] += int(sel.mask.sum())
+        tot["corrupted"] += int(target.sum())
+        tot["masked"] += int(to_mask.sum())
+        tot["random"] += int(to_rand.sum())
+        tot["special"] += int(((sel.mask | target) & ~elig).sum())
+        tot["max_row"] = max(tot["max_row"], int(sel.mask.sum(1).max()))
+        # unit lengths: tokens for token/word units, words for spans and n-grams
+        starts = _unit_starts(elig, flags, "word")  # (B, T)
+        unit = sel.unit_id  # (B, T)
+        inside = unit >= 0  # (B, T)
+        key = (torch.arange(len(index)).unsqueeze(1) * (T + 1) + unit + 1)[inside]  # one key per (row, unit)
+        weight = (starts[inside] if cfg.unit in ("span", "ngram") else torch.ones_like(key, dtype=torch.bool)).long()
+        if key.numel():
+            _, inverse = torch.unique(key, return_inverse=True)
+            lengths = torch.zeros(int(inverse.max()) + 1, dtype=torch.long).scatter_add(0, inverse, weight)
+            for length, c in zip(*torch.unique(lengths, return_counts=True)):
+                hist[int(length)] = hist.get(int(length), 0) + int(c)
+        for r in range(min(len(index), int(rows) - len(shown))):
+            fx, fxb = _render_row(
+                tok, ids[r].tolist(), x_bar[r].tolist(), sel.mask[r].tolist(), target[r].tolist(), starts[r].tolist()
+            )
+            shown.append((int(index[r]), fx, fxb))
+
+    corrupted = max(tot["corrupted"], 1)
+    stats = {
+        "split": split,
+        "rows": n_rows,
+        "eligible_tokens": tot["eligible"],
+        "selected_tokens": tot["predicted"],
+        "selected_share": tot["predicted"] / max(tot["eligible"], 1),
+        "corrupted_share": tot["corrupted"] / max(tot["eligible"], 1),
+        "mask_share": tot["masked"] / corrupted,
+        "random_share": tot["random"] / corrupted,
+        "kept_share": (tot["corrupted"] - tot["masked"] - tot["random"]) / corrupted,
+        "special_selected": tot["special"],
+        "unit": cfg.unit,
+        "unit_length_in": "words" if cfg.unit in ("span", "ngram") else "tokens",
+        "unit_length_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "expected_unit_length_probs": unit_length_probs(cfg) if cfg.unit in ("span", "ngram") else None,
+        "predict_rate": predict,
+        "corrupt_rate": corrupt_rate,
+        "step": int(step),
+        "epoch": int(epoch),
+        "k_max": K,
+        "max_selected_in_a_row": tot["max_row"],
+    }
+    if as_json:
+        return json.dumps(stats, indent=2)
+    lines = [
+        f"masking: unit={cfg.unit}, predict {predict:.3f}, corrupt {corrupt_rate:.3f} "
+        f"([MASK] {cfg.mask_token_prob:g} / random {cfg.random_token_prob:g} ({cfg.random_token_dist}) / kept "
+        f"{1 - cfg.mask_token_prob - cfg.random_token_prob:g}), seed {cfg.seed}, step {step}, epoch {epoch}, K {K}",
+        "x: ⟦…⟧ marks A(x), the predicted positions; x̄: what the encoder sees ([MASK], «random token», or unchanged)",
+        "",
+    ]
+    for r, fx, fxb in shown:
+        lines += [f"row {r}", f"  x : {fx}", f"  x̄ : {fxb}", ""]
+    n_units = sum(hist.values())
+    hist_text = "  ".join(f"{k}: {100.0 * v / max(n_units, 1):.1f}%" for k, v in sorted(hist.items())[:12])
+    lines += [
+        f"statistics over {n_rows} rows of {split} ({tot['eligible']} eligible tokens):",
+        f"  selected (A(x)):        {100 * stats['selected_share']:.2f}% of eligible tokens (rate {predict:.3f})",
+        f"  corrupted:              {100 * stats['corrupted_share']:.2f}% (rate {corrupt_rate:.3f})",
+        f"  of corrupted: [MASK] {100 * stats['mask_share']:.1f}%, random {100 * stats['random_share']:.1f}%, "
+        f"kept {100 * stats['kept_share']:.1f}%",
+        f"  special tokens selected: {tot['special']} (must be 0)",
+        f"  unit lengths ({stats['unit_length_in']}), {n_units} units: {hist_text}",
+        f"  most selected in one row: {tot['max_row']} (K = {K})",
+    ]
+    return "\n".join(lines)
