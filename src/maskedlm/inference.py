@@ -34,39 +34,12 @@ def resolve_model(model, device="cpu"):
         except (ValueError, OSError, AttributeError):
             model_type = None
         if model_type in _HF_MODEL_TYPES:
-            from maskedlm import hf
+            from maskedlm.hf import load_hf_model
 
-            if hasattr(hf, "load_hf_model"):  # the HF-interop owner's loader, once it exists
-                return hf.load_hf_model(path, device=device)
-            return _load_hf_dir(path, device)
+            return load_hf_model(path, device=device)
     from maskedlm.checkpoint import load_model
 
     return load_model(path, device=device)
-
-
-def _load_hf_dir(path: Path, device="cpu"):
-    """A Hugging Face BERT/ModernBERT dir through hf.py's key map: safetensors (or a weights-only torch file)."""
-    from maskedlm.config import Config
-    from maskedlm.hf import from_hf_state_dict, model_config_from_hf
-    from maskedlm.model import MaskedLM
-    from maskedlm.tokenizer import load_tokenizer
-
-    model_cfg = model_config_from_hf(json.loads((path / "config.json").read_text()))
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
-
-        sd = {}
-        for f in files:
-            sd.update(load_file(str(f)))
-    elif (path / "pytorch_model.bin").is_file():
-        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)  # nothing is unpickled
-    else:
-        raise UserError(f"Hugging Face dir {path} has no model.safetensors or pytorch_model.bin")
-    model = MaskedLM(model_cfg)
-    model.load_state_dict(from_hf_state_dict(sd, model_cfg))
-    model.to(device).eval()
-    return model, Config(model=model_cfg), load_tokenizer(path)
 
 
 def _loaded(model):
