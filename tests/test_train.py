@@ -225,3 +225,37 @@ def test_cli_reports_a_config_typo_in_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("maskedlm: error: unknown config key 'optim.lrr'") and err.count("\n") == 1
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
+
+
+def test_init_from_a_hugging_face_dir_starts_from_its_weights(data, tmp_path):
+    from maskedlm.hf import export
+
+    first = tmp_path / "first"
+    train("tiny", data, first, ["train.max_steps=5", *QUIET])
+    export(first, tmp_path / "hf", verify=False)
+    # An LR far below fp32 resolution: one step leaves every weight where the import put it (biases at 0 may move by
+    # ~1e-30, hence the absolute tolerance).
+    res = train("tiny", data, tmp_path / "second", ["train.max_steps=1", "optim.lr=1e-30", "optim.warmup_steps=0", *QUIET],
+                init_from=tmp_path / "hf")
+    assert res["step"] == 1
+    a, b = _weights(first), _weights(tmp_path / "second")
+    assert a.keys() == b.keys()
+    for k in a:  # the HF config does not carry pad_vocab_multiple: compare the 45 true vocabulary rows
+        x, y = (a[k][:45], b[k][:45]) if a[k].shape != b[k].shape else (a[k], b[k])
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-20)
+    fresh = _weights_fresh(data, tmp_path)
+    assert any(not torch.equal(fresh[k], a[k]) for k in a)  # the init really came from the HF dir
+
+
+def _weights_fresh(data, tmp_path):
+    train("tiny", data, tmp_path / "fresh", ["train.max_steps=1", "optim.lr=1e-30", "optim.warmup_steps=0", *QUIET])
+    return _weights(tmp_path / "fresh")
+
+
+def test_resuming_a_finished_run_changes_nothing(data, tmp_path):
+    run = tmp_path / "run"
+    train("tiny", data, run, ["train.max_steps=3", *QUIET])
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints" / "step_0000003").iterdir()}
+    res = train(None, data, run, resume=True)
+    assert res["step"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints" / "step_0000003").iterdir()} == before

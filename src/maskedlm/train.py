@@ -174,7 +174,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
                        world_size=info.world_size, transform=make_masks, prefetch_steps=PREFETCH_STEPS if t.prefetch else 0)
 
     # Resume: weights, optimizer, loader position, RNG, counters.
-    step, elapsed_before, skipped, bad_in_row = 0, 0.0, 0, 0
+    step, elapsed_before, skipped, bad_in_row, resumed_at = 0, 0.0, 0, 0, None
     ck_root = out / "checkpoints"
     if resume and has_run:
         if info.is_main:
@@ -195,6 +195,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
             loader.load_state_dict(ck.state["loader"])
             set_rng_state(ck.state.get("rng", {}))
             step = int(ck.state["step"])
+            resumed_at = step
             elapsed_before = float(ck.state.get("elapsed_s", 0.0))
             skipped = int(ck.state.get("skipped_steps", 0))
             bad_in_row = int(ck.state.get("bad_steps_in_row", 0))
@@ -220,7 +221,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     micro_per_step = t.global_batch_rows // (info.world_size * t.micro_batch_rows)
     budget = []
     if max_steps:
-        budget.append(f"{max_steps:,} steps")
+        budget.append(f"{max_steps:,} step{'s' if max_steps != 1 else ''}")
     if max_seconds:
         budget.append(f"{t.max_minutes:g} minutes (LR schedule follows elapsed time)")
     dist.print0(
@@ -272,7 +273,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     stop.install()
     t0 = time.perf_counter()
     last = {"step": step}
-    last_eval, last_saved = None, None
+    last_eval, last_saved = None, resumed_at  # resuming a finished run must not rewrite its checkpoint
     window_t, window_tokens = time.perf_counter(), 0
     interrupted = None
     try:
