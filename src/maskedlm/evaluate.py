@@ -24,7 +24,7 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     `tokens` is the number of scored positions |A| (the loss's denominator); `rows` the rows read.
     """
     from maskedlm.data.shards import FLAG_DOC_START
-    from maskedlm.masking import default_k_max, mask_batch
+    from maskedlm.masking import config_k_max, mask_batch
     from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
 
     n_rows = len(store) if cfg.max_rows <= 0 else min(len(store), cfg.max_rows)
@@ -35,7 +35,7 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     device = torch.device(device)
     mask_cfg = MaskingConfig(mask_rate=cfg.mask_rate, seed=cfg.seed)
     # K depends only on (T, rate), as in training, so every micro-batch has the same shape.
-    k_max = default_k_max(store.seq_len, cfg.mask_rate)
+    k_max = config_k_max(mask_cfg, store.seq_len)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     )

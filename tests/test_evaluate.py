@@ -1,0 +1,182 @@
+"""evaluate: the fixed-mask metrics against torch.nn.functional.cross_entropy on dense logits; determinism;
+`maskedlm eval` on a run trained by maskedlm.train; data/model mismatches as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inference_data import make_data, train_tiny
+from maskedlm.config import EvalConfig, MaskingConfig
+from maskedlm.errors import UserError
+from maskedlm.evaluate import evaluate, evaluate_model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    # A few steps: predictions are no longer uniform, so loss and accuracy carry information.
+    return train_tiny(data, steps=40)
+
+
+def _special(tok):
+    from maskedlm.tokenizer import special_ids
+
+    return special_ids(tok)
+
+
+def _reference(model, store, ecfg: EvalConfig, special, vocab_size: int) -> tuple[float, float, int]:
+    """Σ −log p / count with F.cross_entropy over dense (B, T, V) logits and -100 labels, the whole split at once."""
+    from maskedlm.masking import select_positions, corrupt
+
+    n = len(store) if not ecfg.max_rows else min(len(store), ecfg.max_rows)
+    index = np.arange(n, dtype=np.int64)
+    ids, flags = store.rows(index)
+    ids, flags, rows = torch.as_tensor(ids), torch.as_tensor(flags), torch.as_tensor(index)
+    mcfg = MaskingConfig(mask_rate=ecfg.mask_rate, seed=ecfg.seed)
+    sel = select_positions(ids, rows, 0, mcfg, special, flags=flags)
+    x_bar = corrupt(ids, sel, rows, 0, mcfg, special, vocab_size)
+    labels = torch.where(sel.mask, ids, -100)  # (B, T): the gold token at A(x), ignored elsewhere
+    with torch.no_grad():
+        logits = model(x_bar)  # dense (B, T, V)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    count = int(sel.mask.sum())
+    correct = int(((logits.argmax(-1) == ids) & sel.mask).sum())
+    return float(total) / count, correct / count, count
+
+
+def test_loss_and_accuracy_equal_dense_cross_entropy(data, model):
+    from maskedlm.data.shards import open_split
+
+    net, cfg, tok = model
+    store = open_split(data, "val")
+    special = _special(tok)
+    V = cfg.model.vocab_size
+    # micro_batch_rows 5 does not divide the split: the last micro-batch is short.
+    ecfg = EvalConfig(micro_batch_rows=5, mask_rate=0.3, seed=99)
+    got = evaluate(net, store, ecfg, special, V)
+    loss, acc, count = _reference(net, store, ecfg, special, V)
+    assert got["tokens"] == count and got["rows"] == len(store)
+    assert got["loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert 0 < got["accuracy"] < 1
+    assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    # the same numbers whatever the micro-batch size (masks are keyed by row index, not by batch)
+    assert evaluate(net, store, EvalConfig(micro_batch_rows=64, mask_rate=0.3, seed=99), special, V)["loss"] == pytest.approx(got["loss"], rel=1e-6)
+
+
+def test_same_model_twice_gives_identical_metrics(data, model):
+    from maskedlm.data.shards import open_split
+
+    net, cfg, tok = model
+    store = open_split(data, "train")
+    ecfg = EvalConfig(micro_batch_rows=16, max_rows=40)
+    net.train()  # evaluation switches to eval mode (no dropout) and restores the caller's mode
+    try:
+        a = evaluate(net, store, ecfg, _special(tok), cfg.model.vocab_size)
+        assert net.training
+        b = evaluate(net, store, ecfg, _special(tok), cfg.model.vocab_size)
+    finally:
+        net.eval()
+    assert a == b
+    assert a["rows"] == 40
+    loss, _, count = _reference(net, store, ecfg, _special(tok), cfg.model.vocab_size)
+    assert a["tokens"] == count and a["loss"] == pytest.approx(loss, rel=1e-5)
+    other = evaluate(net, store, EvalConfig(micro_batch_rows=16, max_rows=40, seed=5), _special(tok), cfg.model.vocab_size)
+    assert other["loss"] != a["loss"]  # the evaluation seed decides the mask
+
+
+# ------------------------------------------------------------------------------- `maskedlm eval` on a trained run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data):
+    from maskedlm.train import train
+
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    train("tiny", data=data, out=out, overrides=["train.max_steps=6", "model.max_positions=64", "eval.every_steps=0",
+                                                 "checkpoint.every_steps=0", "train.log_every_steps=100"])
+    return out
+
+
+def test_cli_eval_prints_the_metrics_of_the_run(run, data, capsys):
+    from maskedlm.checkpoint import load_model
+    from maskedlm.cli import main
+    from maskedlm.data.shards import open_split
+
+    main(["eval", str(run), "--data", str(data)])
+    printed = json.loads(capsys.readouterr().out)
+    net, cfg, tok = load_model(run)
+    direct = evaluate(net, open_split(data, "val"), cfg.eval, _special(tok), cfg.model.vocab_size)
+    for k in ("loss", "accuracy", "perplexity", "tokens", "rows"):
+        assert printed[k] == direct[k]
+    assert printed["split"] == "val"
+
+    both = evaluate_model(run, data, split="all", overrides=["eval.max_rows=7"])
+    assert set(both["splits"]) == {"train", "val"} and both["rows"] == 14
+    t, v = both["splits"]["train"], both["splits"]["val"]
+    assert both["tokens"] == t["tokens"] + v["tokens"]
+    assert both["loss"] == pytest.approx((t["loss"] * t["tokens"] + v["loss"] * v["tokens"]) / both["tokens"])
+    alone = evaluate_model(run, data, split="train", overrides=["eval.max_rows=7"])
+    assert alone["loss"] == t["loss"] and alone["tokens"] == t["tokens"]  # pooled splits keep their own masks
+
+
+def test_incompatible_data_is_refused(run, data, tmp_path):
+    other_vocab = make_data(tmp_path / "v", vocab_size=50)
+    with pytest.raises(UserError, match="vocab_size"):
+        evaluate_model(run, other_vocab)
+    # the same vocabulary under another normalizer: same vocab_size, a different tokenizer all the same
+    from tokenizers import normalizers
+
+    from maskedlm.data.prepare import prepare
+    from maskedlm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(data)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    (tmp_path / "tok2").mkdir()
+    tok.save(str(tmp_path / "tok2" / "tokenizer.json"))
+    prepare([str(data.parent / "corpus.txt")], tmp_path / "tok2", 32, tmp_path / "t", val_fraction=0.1, doc_per="line",
+            workers=1, progress=False)
+    with pytest.raises(UserError, match="different tokenizer"):
+        evaluate_model(run, tmp_path / "t")
+    long_rows = tmp_path / "long"
+    prepare([str(data.parent / "corpus.txt")], data, 96, long_rows, val_fraction=0.1, doc_per="line", workers=1, progress=False)
+    with pytest.raises(UserError, match="positions"):
+        evaluate_model(run, long_rows)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(model_path="missing-dir"), "does not exist"),
+        (dict(overrides=["model.hidden=8"]), "eval.KEY=VALUE"),
+        (dict(overrides=["eval.mask_rate=1.5"]), "mask_rate"),
+        (dict(overrides=["eval.nope=1"]), "nope"),
+        (dict(split="test"), "split"),
+    ],
+)
+def test_bad_eval_input(run, data, tmp_path, args, message):
+    kw = dict(model_path=run, data=data) | args
+    if kw["model_path"] == "missing-dir":
+        kw["model_path"] = tmp_path / "missing-dir"
+    with pytest.raises(UserError, match=message):
+        evaluate_model(**kw)
+
+
+def test_missing_data_dir_is_one_line(run, tmp_path, capsys):
+    from maskedlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(run), "--data", str(tmp_path / "nothing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("maskedlm: error:") and "\n" not in err
