@@ -204,6 +204,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     elif resume:
         dist.print0(f"note: nothing to resume in {out}; starting a new run")
 
+    dist.barrier()  # every rank has checked RUN_DIR (has_run) before rank 0 writes into it
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
