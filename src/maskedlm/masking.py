@@ -369,11 +369,12 @@ def select_positions(
     if flags is not None:
         flags = torch.as_tensor(flags, device=ids.device)
     K = config_k_max(cfg, T) if k_max is None else int(k_max)
-    if K < default_k_max(T, _max_rate(cfg)):
-        # A K made for a lower rate would silently cap every row: the caller should use config_k_max(cfg, T).
+    if K < config_k_max(cfg, T):
+        # A K made for a lower rate or for single tokens would silently cap rows (and bend span lengths): callers
+        # size K with config_k_max(cfg, T), which is default_k_max(T, mask_rate) for the standard token objective.
         raise ValueError(
-            f"k_max={K} is below what rate {_max_rate(cfg)} needs at seq_len {T} "
-            f"({default_k_max(T, _max_rate(cfg))}); pass masking.config_k_max(cfg, seq_len) or None"
+            f"k_max={K} is below the {config_k_max(cfg, T)} that masking.unit={cfg.unit!r} at rate up to "
+            f"{_max_rate(cfg)} needs at seq_len {T}; pass masking.config_k_max(cfg, seq_len) or k_max=None"
         )
     predict, corrupt_rate = _rates(cfg, step)
     rate = max(predict, corrupt_rate)
