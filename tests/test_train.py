@@ -71,6 +71,7 @@ def test_tiny_model_learns_the_clusters(data, tmp_path, capsys):
         assert key in recs[0]
     assert sum(r["loss"] for r in recs[-20:]) / 20 < sum(r["loss"] for r in recs[:20]) / 20 - 0.8
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 45
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
     # The saved model is the trained one: the same evaluation from load_model gives the same number.
     model, cfg, tok = load_model(out)
     meta = json.loads((Path(data) / "meta.json").read_text())
@@ -119,7 +120,8 @@ def _cli(*args, env_extra=None):
     return [sys.executable, "-m", "maskedlm", "train", *args], env
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("moment", ["random-step", pytest.param("during-save", marks=pytest.mark.slow)])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(data, tmp_path, moment):
     args = ["--config", "tiny", "--data", str(data)]
     over = ["train.max_steps=48", "checkpoint.every_steps=5", "train.log_every_steps=1000", "eval.every_steps=0"]
     ref = tmp_path / "ref"
@@ -131,9 +133,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(data, tmp_path):
     deadline = time.time() + 120
     metrics = run / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= kill_after:
+        if moment == "during-save":  # a save in progress: its temporary dir exists
+            if any(p.name.startswith(".tmp-") for p in (run / "checkpoints").glob(".tmp-*")):
+                break
+        elif metrics.exists() and metrics.read_text().count("\n") >= kill_after:
             break
-        time.sleep(0.005)
+        time.sleep(0.002)
     assert proc.poll() is None, f"run ended before the kill at step {kill_after}: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -254,7 +259,7 @@ def _weights_fresh(data, tmp_path):
 
 def test_resuming_a_finished_run_changes_nothing(data, tmp_path):
     run = tmp_path / "run"
-    train("tiny", data, run, ["train.max_steps=3", *QUIET])
+    train("tiny", data, run, ["train.max_tokens=1500", *QUIET])  # 512 tokens per step: 3 steps cover 1500
     before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints" / "step_0000003").iterdir()}
     res = train(None, data, run, resume=True)
     assert res["step"] == 3
