@@ -97,9 +97,10 @@ def test_accumulation_matches_one_big_micro_batch(data, tmp_path):
         assert torch.equal(b[k], c[k]), k  # the prefetch thread changes nothing at all
 
 
-def test_resume_from_an_earlier_checkpoint_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_from_an_earlier_checkpoint_is_bit_identical(data, tmp_path, precision):
     args = ["train.max_steps=30", "checkpoint.every_steps=10", "checkpoint.keep=5", "train.log_every_steps=1000",
-            "eval.every_steps=0"]
+            "eval.every_steps=0", f"train.precision={precision}", "model.dropout=0.1"]  # dropout: the RNG state resumes too
     full = tmp_path / "full"
     train("tiny", data, full, args)
     cut = tmp_path / "cut"
