@@ -162,11 +162,11 @@ def test_output_layout(big):
 
 def test_default_k_max_bounds_every_row():
     for T in (16, 128, 512):
-        for rate in (0.05, 0.15, 0.3, 0.4, 0.5, 0.9):
+        for rate in (0.05, 0.15, 0.3, 0.5, 0.9):
             K = default_k_max(T, rate)
             assert K == min(T, math.floor(rate * T) + 1)
-            ids = torch.randint(5, 100, (256, T))  # no special token: n = T, the largest k
-            mb = mask_batch(ids, torch.arange(256), 0, MaskingConfig(mask_rate=rate), SP, 100, k_max=K)
+            ids = torch.randint(5, 100, (64, T))  # no special token: n = T, the largest k
+            mb = mask_batch(ids, torch.arange(64), 0, MaskingConfig(mask_rate=rate), SP, 100, k_max=K)
             assert mb.positions.shape[1] == K
             assert int(mb.selection.mask.sum(1).max()) <= K
             assert int(mb.num_selected) == int(mb.selection.mask.sum())

@@ -290,7 +290,12 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     barrier = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_reduce(1, widx, barrier_tok.long(), "amax")  # (B, W)
     segment = torch.cumsum(barrier, dim=1)  # (B, W) which document piece each word is in
 
-    J = max(1, min(int(k_max), T))  # static bound on spans per row (each span has ≥ 1 token)
+    ell = torch.arange(1, len(probs) + 1, dtype=torch.float64)
+    pr = torch.tensor(probs, dtype=torch.float64)
+    overshoot = float((pr * ell * ell).sum() / (2.0 * (pr * ell).sum()))
+    # Span j is used only if the j spans before it (≥ 1 word each) leave room under the target, so at most
+    # ceil(rate·T + 0.5 − overshoot) spans: the number of span slots J below.
+    J = max(1, min(T, math.floor(float(rate) * T + 0.5 - overshoot) + 2))
     cdf = torch.tensor(probs, dtype=torch.float64, device=dev).cumsum(0)  # (L,)
     cdf[-1] = 2.0  # guard against rounding: every u < 1 falls inside
     u_len = _unit_double(_hash(seed, epoch, _S_LENGTH, row_index, torch.arange(J, device=dev)))  # (B, J)
@@ -299,9 +304,6 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     before = after - lengths  # (B, J)
     # Include span j while `before` < t: the total overshoots t by E[ℓ²]/(2E[ℓ]) on average (renewal theory), so t is
     # lowered by that much to aim the expected total at rate·W; the per-row dither keeps the target continuous.
-    ell = torch.arange(1, len(probs) + 1, dtype=torch.float64)
-    pr = torch.tensor(probs, dtype=torch.float64)
-    overshoot = float((pr * ell * ell).sum() / (2.0 * (pr * ell).sum()))
     u = _unit_double(_hash(seed, epoch, _S_COUNT, row_index, torch.zeros(1, device=dev)))[:, 0]  # (B,)
     target = float(rate) * W.to(torch.float64) - overshoot + (u - 0.5)  # (B,)
     used = (before.to(torch.float64) < target.unsqueeze(1)) & (after <= W.unsqueeze(1))  # (B, J) a prefix of spans
@@ -313,22 +315,23 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
 
     chosen_start = torch.zeros((B, J), dtype=torch.long, device=dev)  # (B, J)
     chosen_ok = torch.ones((B, J), dtype=torch.bool, device=dev)  # (B, J)
-    found = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
+    todo = torch.arange(B, device=dev)  # (R,) rows still without a placement that respects document starts
     for attempt in range(_SPAN_ATTEMPTS):
-        h = _hash(seed, epoch, _S_SLOT + attempt, row_index, pos)  # (B, T) one score per slot
-        h = torch.where(pos.unsqueeze(0) < slots.unsqueeze(1), h, -1)  # (B, T)
-        top = torch.topk(h, min(J, T), dim=1).indices  # (B, J) best-scored slots first: a uniform random subset
-        top = torch.where(jj.unsqueeze(0) < n_spans.unsqueeze(1), top, big)  # (B, J) keep the first n_spans
-        slot = torch.sort(top, dim=1).values  # (B, J) span j sits at the j-th chosen slot
-        start = (slot - jj.unsqueeze(0) + before).clamp(max=T - 1)  # (B, J) first word of span j
-        end = (start + lengths - 1).clamp(max=T - 1)  # (B, J) last word of span j
-        ok = (~used) | (segment.gather(1, start) == segment.gather(1, end))  # (B, J)
-        row_ok = ok.all(dim=1)  # (B,)
-        adopt = ~found & (row_ok | (attempt == _SPAN_ATTEMPTS - 1))  # (B,) the last try is kept, minus its bad spans
-        chosen_start = torch.where(adopt.unsqueeze(1), start, chosen_start)  # (B, J)
-        chosen_ok = torch.where(adopt.unsqueeze(1), ok, chosen_ok)  # (B, J)
-        found |= row_ok
-        if bool(found.all()):  # the result is the same either way; most batches are done after a try or two
+        h = _hash(seed, epoch, _S_SLOT + attempt, row_index[todo], pos)  # (R, T) one score per slot
+        h = torch.where(pos.unsqueeze(0) < slots[todo].unsqueeze(1), h, -1)  # (R, T)
+        top = torch.topk(h, J, dim=1).indices  # (R, J) best-scored slots first: a uniform random subset
+        top = torch.where(jj.unsqueeze(0) < n_spans[todo].unsqueeze(1), top, big)  # (R, J) keep the first n_spans
+        slot = torch.sort(top, dim=1).values  # (R, J) span j sits at the j-th chosen slot
+        start = (slot - jj.unsqueeze(0) + before[todo]).clamp(max=T - 1)  # (R, J) first word of span j
+        end = (start + lengths[todo] - 1).clamp(max=T - 1)  # (R, J) last word of span j
+        seg = segment[todo]  # (R, W)
+        ok = (~used[todo]) | (seg.gather(1, start) == seg.gather(1, end))  # (R, J)
+        row_ok = ok.all(dim=1)  # (R,)
+        adopt = row_ok | (attempt == _SPAN_ATTEMPTS - 1)  # (R,) the last try is kept, minus its bad spans
+        chosen_start[todo[adopt]] = start[adopt]
+        chosen_ok[todo[adopt]] = ok[adopt]
+        todo = todo[~row_ok]
+        if todo.numel() == 0:
             break
     keep = used & chosen_ok  # (B, J)
     start = chosen_start  # (B, J)
