@@ -48,3 +48,15 @@ def test_two_processes_equal_one_process_with_accumulation_and_resume_across_wor
     c = _weights(tmp_path / "cont", 6)
     for k in a:
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_split_across_ranks_fails_at_start(tmp_path):
+    data = make_data(tmp_path / "data", rows=64, val_rows=8, seq_len=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "maskedlm", "train",
+           "--config", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "train.max_steps=2",
+           "train.global_batch_rows=16", "train.micro_batch_rows=16"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "must be divisible by world size (2) × train.micro_batch_rows (16)" in done.stderr

@@ -30,7 +30,7 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = "bert"  # "bert" (HF BertForMaskedLM tensors) or "modern" (HF ModernBertForMaskedLM, all layers global)
+    family: str = "bert"  # "bert" (HF BertForMaskedLM tensors) or "modern" (HF ModernBertForMaskedLM, all layers global by default)
     vocab_size: int = 0  # 0: taken from the data's meta.json at train time
     hidden: int = 256  # bert-mini width (Turc et al. 2019, "Well-Read Students Learn Better")
     layers: int = 4
@@ -47,6 +47,11 @@ class ModelConfig:
     doc_attention: bool = False  # block-diagonal attention from document starts (packed rows)
     # Decoder weight = input embeddings (BERT, ModernBERT): saves V×C parameters and is what HF checkpoints expect.
     tie_embeddings: bool = True
+    # modern only. 1 = every layer global (DESIGN decision 6). Released ModernBERT checkpoints use 3: layers 0, 3, 6, ...
+    # are global, the others see only a local window; importing them sets these three fields so their numerics hold.
+    global_attn_every_n_layers: int = 1
+    local_attention_tokens: int = 128  # ModernBERT's local window: a local layer's token sees ±64 tokens
+    local_rope_theta: float = 10000.0  # ModernBERT's RoPE base for local layers
 
     def validate(self) -> None:
         _check(self.family in ("bert", "modern"), f"model.family must be 'bert' or 'modern', got {self.family!r}")
@@ -57,6 +62,10 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(0.0 <= self.attention_dropout < 1.0, f"model.attention_dropout must be in [0, 1), got {self.attention_dropout}")
         _check(self.pad_vocab_multiple >= 1, f"model.pad_vocab_multiple must be >= 1, got {self.pad_vocab_multiple}")
+        _check(self.global_attn_every_n_layers >= 1, f"model.global_attn_every_n_layers must be >= 1, got {self.global_attn_every_n_layers}")
+        _check(self.family == "modern" or self.global_attn_every_n_layers == 1,
+               f"model.global_attn_every_n_layers is for the modern family (bert layers are all global), got {self.global_attn_every_n_layers}")
+        _check(self.local_attention_tokens >= 2, f"model.local_attention_tokens must be >= 2, got {self.local_attention_tokens}")
 
 
 @dataclass
@@ -158,6 +167,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": this rank's CUDA device when there is one, else "cpu"
     prefetch: bool = True  # read and mask the next steps on a background thread (masks are identical either way)
     parallel: str = "ddp"  # multi-process wrapping under torchrun: "ddp" (FSDP2 is issue 6, not implemented yet)
+    dist_timeout_minutes: float = 10.0  # a collective waiting this long (a dead peer) fails instead of hanging
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -172,6 +182,7 @@ class TrainConfig:
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
+        _check(self.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         _check(self.parallel in ("ddp",), f"train.parallel must be 'ddp' (FSDP2 is not implemented yet), got {self.parallel!r}")
 
 
@@ -227,7 +238,7 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 # Keys that may change between a run and its --resume: they decide when to log, evaluate and save, never what the
 # weights become, so changing them keeps the bit-identical-resume promise.
 RESUME_FREE_KEYS = frozenset({
-    "train.log_every_steps", "train.prefetch", "train.device",
+    "train.log_every_steps", "train.prefetch", "train.device", "train.dist_timeout_minutes",
     "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows",
     "checkpoint.every_steps", "checkpoint.keep",
 })

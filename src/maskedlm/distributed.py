@@ -98,13 +98,13 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj):
-    """Rank 0's value of a small picklable object on every rank (used for the 'stop now' decision)."""
+def all_gather_object(obj) -> list:
+    """Every rank's value of a small picklable object, in rank order (a one-element list on one process)."""
     if not _INFO.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return [obj]
+    out = [None] * _INFO.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -134,7 +134,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     vocab_size = int(meta["vocab_size"])
     seq_len = int(meta["seq_len"])
 
-    info = dist.init(cfg.train.device)
+    info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     device = info.device
     t = cfg.train
     tokens_per_step = t.global_batch_rows * seq_len
@@ -151,7 +151,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
         del init_model
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed + info.rank)  # dropout: rank 0 of N draws as a single process would; the others differ
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
     schedule = Schedule(cfg.optim, max_steps)
@@ -193,7 +193,9 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
             model.load_state_dict(ck.model_state)
             optimizer.load_state_dict(ck.optimizer_state)
             loader.load_state_dict(ck.state["loader"])
-            set_rng_state(ck.state.get("rng", {}))
+            per_rank = ck.state.get("rng_ranks") or []
+            if len(per_rank) == info.world_size:
+                set_rng_state(per_rank[info.rank])  # the same world size: each rank's dropout stream continues
             step = int(ck.state["step"])
             resumed_at = step
             elapsed_before = float(ck.state.get("elapsed_s", 0.0))
@@ -251,11 +253,12 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
 
     def save(reason: str = "") -> Path | None:
         path = None
+        rngs = dist.all_gather_object(rng_state())  # a collective: every rank calls save()
         if info.is_main:
             state = {
                 "tokens": step * tokens_per_step, "epoch": loader.epoch, "loader": loader.state_dict(),
                 "config_hash": config_hash(cfg), "elapsed_s": elapsed(), "skipped_steps": skipped,
-                "bad_steps_in_row": bad_in_row, "rng": rng_state(), "reason": reason,
+                "bad_steps_in_row": bad_in_row, "rng_ranks": rngs, "reason": reason,
                 "data": {"dir": str(data), "tokenizer_hash": meta.get("tokenizer_hash"), "train_rows": len(train_store)},
             }
             path = save_checkpoint(out, step, model, optimizer, cfg.to_dict(), tokenizer_json, state, keep=cfg.checkpoint.keep)
