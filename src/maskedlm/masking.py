@@ -552,29 +552,36 @@ def _piece(tok, i: int) -> str:
     return t.lstrip("Ġ▁") or t
 
 
+def _word_text(tok, ids: list[int]) -> str:
+    """A whole word as the tokenizer writes it (bytes of byte-level BPE reassembled), else its pieces joined."""
+    if tok is not None:
+        text = tok.decode(ids, skip_special_tokens=False).strip()
+        if text:
+            return text
+    return "".join(_piece(tok, i) for i in ids)
+
+
 def _render_row(tok, x, x_bar, predicted, corrupted, starts) -> tuple[str, str]:
     """x with A(x) marked ⟦…⟧ and x̄ with random replacements marked «…», both as words."""
     words_x, words_xb = [], []
-    cur_x, cur_xb, cur_sel = [], [], []
-
-    def flush():
-        if not cur_x:
-            return
-        if all(cur_sel):
-            words_x.append("⟦" + "".join(cur_x) + "⟧")
+    bounds = [t for t in range(len(x)) if starts[t] or t == 0] + [len(x)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sel = [bool(predicted[t]) for t in range(a, b)]
+        if all(sel):
+            words_x.append("⟦" + _word_text(tok, x[a:b]) + "⟧")
+        elif not any(sel):
+            words_x.append(_word_text(tok, x[a:b]))
         else:
-            words_x.append("".join(f"⟦{p}⟧" if s else p for p, s in zip(cur_x, cur_sel)))
-        words_xb.append("".join(cur_xb))
-        cur_x.clear(), cur_xb.clear(), cur_sel.clear()
-
-    for t in range(len(x)):
-        if starts[t]:
-            flush()
-        cur_x.append(_piece(tok, x[t]))
-        cur_sel.append(bool(predicted[t]))
-        p = _piece(tok, x_bar[t])
-        cur_xb.append(f"«{p}»" if (corrupted[t] and x_bar[t] != x[t] and p != "[MASK]" and p != "<mask>") else p)
-    flush()
+            words_x.append("".join(f"⟦{_piece(tok, x[t])}⟧" if predicted[t] else _piece(tok, x[t]) for t in range(a, b)))
+        if x_bar[a:b] == x[a:b]:
+            words_xb.append(_word_text(tok, x[a:b]))
+        else:
+            pieces = []
+            for t in range(a, b):
+                p = _piece(tok, x_bar[t])
+                random = corrupted[t] and x_bar[t] != x[t] and p not in ("[MASK]", "<mask>")
+                pieces.append(f"«{p}»" if random else p)
+            words_xb.append("".join(pieces))
     return " ".join(words_x), " ".join(words_xb)
 
 
