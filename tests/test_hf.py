@@ -236,14 +236,47 @@ def test_bad_inputs(tmp_path):
         load_hf_model(src)
 
 
-def test_modern_with_sliding_window_layers_is_refused(tmp_path):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_released_modernbert_layout_with_local_layers_matches_transformers(tmp_path, attn):
+    """ModernBERT checkpoints as released: every third layer global, the others a local window with their own RoPE
+    base. Sequence longer than the window, so the band matters."""
+    hcfg = transformers.ModernBertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                         intermediate_size=48, local_attention=8, pad_token_id=0, bos_token_id=2,
+                                         eos_token_id=3, cls_token_id=2, sep_token_id=3)  # default: every third global
+    assert hcfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(2)
+    hm = transformers.ModernBertForMaskedLM._from_config(hcfg, attn_implementation=attn).eval()
+    with torch.no_grad():
+        for p in hm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src = tmp_path / "modernbert"
+    hm.save_pretrained(str(src))
+    tiny_tokenizer().save(str(src / "tokenizer.json"))
+    ours, cfg, _ = load_hf_model(src)
+    assert (cfg.model.global_attn_every_n_layers, cfg.model.local_attention_tokens) == (3, 8)
+    x = torch.randint(5, 80, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(x) - hm(input_ids=x).logits).abs().max().item() < 1e-5
+        # the local layers really are local: the all-global reading of the same weights differs
+        cfg.model.global_attn_every_n_layers = 1
+        from maskedlm.model import MaskedLM
+
+        all_global = MaskedLM(cfg.model).eval()
+        all_global.load_state_dict(ours.state_dict())
+        assert (all_global(x) - hm(input_ids=x).logits).abs().max().item() > 1e-3
+    # and the layout survives export
+    from maskedlm.hf import hf_config, model_config_from_hf
+
+    assert hf_config(model_config_from_hf(hcfg.to_dict()))["layer_types"] == hcfg.layer_types
+
+
+def test_irregular_modernbert_layer_types_are_refused():
     from maskedlm.hf import model_config_from_hf
 
-    hcfg = transformers.ModernBertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                         intermediate_size=48, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                                         cls_token_id=2, sep_token_id=3)  # default: every third layer global
-    with pytest.raises(UserError, match="sliding-window"):
-        model_config_from_hf(hcfg.to_dict())
+    d = dict(model_type="modernbert", vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+             intermediate_size=48, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    with pytest.raises(UserError, match="layer_types"):
+        model_config_from_hf(d)
 
 
 def test_export_refuses_existing_out_without_overwrite(tmp_path):

@@ -217,10 +217,11 @@ def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
     """config.json content (also the kwargs of BertConfig / ModernBertConfig) for our ModelConfig.
 
     special: optional {"pad", "cls", "sep", "mask", ...} token ids, written as HF's *_token_id fields.
-    The modern config states "all layers global" both ways transformers has spelled it: layer_types (v5) and
-    global_attn_every_n_layers=1 with global_rope_theta (v4.48+).
+    The modern config states which layers are global (all, by default) both ways transformers has spelled it:
+    layer_types (v5) and global_attn_every_n_layers with global/local_rope_theta (v4.48+).
     """
     special = dict(special or {})
+    n = cfg.global_attn_every_n_layers
     common = dict(
         vocab_size=int(cfg.vocab_size),
         hidden_size=cfg.hidden,
@@ -263,15 +264,21 @@ def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
         attention_dropout=cfg.attention_dropout,
         embedding_dropout=cfg.dropout,
         mlp_dropout=cfg.dropout,
-        layer_types=["full_attention"] * cfg.layers,
-        global_attn_every_n_layers=1,
+        layer_types=[_layer_type(i, n) for i in range(cfg.layers)],
+        global_attn_every_n_layers=n,
+        local_attention=cfg.local_attention_tokens,
         global_rope_theta=cfg.rope_theta,
+        local_rope_theta=cfg.local_rope_theta,
         rope_parameters={
             "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},  # unused: no sliding layers
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta},
         },
         sparse_prediction=False,
     )
+
+
+def _layer_type(i: int, every_n: int) -> str:
+    return "full_attention" if i % every_n == 0 else "sliding_attention"
 
 
 def _expect(d: dict, key: str, allowed, default) -> None:
@@ -310,17 +317,21 @@ def model_config_from_hf(d: dict) -> ModelConfig:
             _expect(d, key, [value], default)
         L = int(d.get("num_hidden_layers", 22))
         layer_types = d.get("layer_types")
-        if layer_types is None:
-            layer_types = ["full_attention" if i % int(d.get("global_attn_every_n_layers", 3)) == 0
-                           else "sliding_attention" for i in range(L)]
-        if any(t != "full_attention" for t in layer_types):
+        if layer_types is None:  # transformers < 5 spelled the pattern with one number
+            layer_types = [_layer_type(i, int(d.get("global_attn_every_n_layers", 3))) for i in range(L)]
+        globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+        every_n = globals_[1] if len(globals_) > 1 else L
+        if len(layer_types) != L or any(t != _layer_type(i, every_n) for i, t in enumerate(layer_types)):
             raise UserError(
-                "this ModernBERT checkpoint has sliding-window (local) attention layers; maskedlm's modern family "
-                "has every layer global (layer_types all 'full_attention', global_attn_every_n_layers=1)")
-        rope = (d.get("rope_parameters") or {}).get("full_attention") or {}
+                f"unsupported ModernBERT layer_types {layer_types!r}: maskedlm reads the pattern where every n-th "
+                "layer (0, n, 2n, ...) is 'full_attention' and the others 'sliding_attention'")
+        ropes = d.get("rope_parameters") or {}
+        rope, local_rope = ropes.get("full_attention") or {}, ropes.get("sliding_attention") or {}
         theta = rope.get("rope_theta", d.get("global_rope_theta", 160000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise UserError(f"unsupported Hugging Face config: rope_type={rope.get('rope_type')!r} (only 'default')")
+        local_theta = local_rope.get("rope_theta", d.get("local_rope_theta", 10000.0))
+        for r in (rope, local_rope):
+            if r.get("rope_type", "default") != "default":
+                raise UserError(f"unsupported Hugging Face config: rope_type={r.get('rope_type')!r} (only 'default')")
         cfg = ModelConfig(
             family="modern",
             vocab_size=int(d["vocab_size"]),
@@ -335,6 +346,9 @@ def model_config_from_hf(d: dict) -> ModelConfig:
             initializer_range=float(d.get("initializer_range", 0.02)),
             rope_theta=float(theta),
             tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+            global_attn_every_n_layers=every_n,
+            local_attention_tokens=int(d.get("local_attention", 128)),
+            local_rope_theta=float(local_theta),
         )
     else:
         raise UserError(f"unsupported Hugging Face model_type {model_type!r}: maskedlm imports 'bert' and 'modernbert'")

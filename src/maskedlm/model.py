@@ -1,7 +1,7 @@
 """The network: encoder θ (embeddings + transformer blocks) and MLM head ω, in two families.
 
-`bert` has exactly the tensors of Hugging Face BertForMaskedLM; `modern` those of ModernBertForMaskedLM with every
-layer global (hf.py holds the key maps). The head runs only at the positions A(x) it is given (sparse prediction);
+`bert` has exactly the tensors of Hugging Face BertForMaskedLM; `modern` those of ModernBertForMaskedLM, every
+layer global unless configured like released ModernBERT checkpoints (hf.py holds the key maps). The head runs only at the positions A(x) it is given (sparse prediction);
 the dense path is for inference. No loss, no data, no distributed code here; imports only torch.
 """
 
@@ -125,6 +125,12 @@ class Encoder(nn.Module):
         self.heads = cfg.heads
         self.rope_theta = cfg.rope_theta
         self.max_positions = cfg.max_positions
+        # modern: layer i is global when i % n == 0, else local (±local_attention_tokens/2, own RoPE base), as in
+        # ModernBERT; n = 1 (our default) makes every layer global
+        n = cfg.global_attn_every_n_layers if cfg.family == "modern" else 1
+        self.is_global = [i % n == 0 for i in range(cfg.layers)]
+        self.local_radius = cfg.local_attention_tokens // 2
+        self.local_rope_theta = cfg.local_rope_theta
         self.tok_embeddings = nn.Embedding(padded_vocab, cfg.hidden)
         if cfg.family == "bert":
             self.pos_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden)
@@ -147,17 +153,26 @@ class Encoder(nn.Module):
         if T > self.max_positions:
             raise ValueError(f"sequence length {T} exceeds model.max_positions {self.max_positions}")
         x = self.tok_embeddings(input_ids)  # (B, T, C)
-        rope = None
+        rope = local_rope = local_mask = None
+        mask = attention_bias(doc_starts, attention_mask, T, x.device)  # (B, 1, T, T) | None
         if self.family == "bert":
             pos = torch.arange(T, device=input_ids.device)  # (T,)
             # every token is segment 0: MLM on packed rows has no sentence pairs
             x = x + self.type_embeddings.weight[0] + self.pos_embeddings(pos)  # (B, T, C)
         else:
-            rope = rope_cos_sin(T, x.shape[-1] // self.heads, self.rope_theta, x.device)  # (T, D), (T, D)
+            D = x.shape[-1] // self.heads
+            rope = rope_cos_sin(T, D, self.rope_theta, x.device)  # (T, D), (T, D)
+            if not all(self.is_global):
+                local_rope = rope_cos_sin(T, D, self.local_rope_theta, x.device)  # (T, D), (T, D)
+                pos = torch.arange(T, device=x.device)  # (T,)
+                band = (pos[:, None] - pos[None, :]).abs() <= self.local_radius  # (T, T)
+                local_mask = band[None, None] if mask is None else mask & band  # (B|1, 1, T, T)
         x = self.drop(self.emb_norm(x))  # (B, T, C)
-        mask = attention_bias(doc_starts, attention_mask, T, x.device)  # (B, 1, T, T) | None
-        for block in self.blocks:
-            x = block(x, mask, rope)  # (B, T, C)
+        for block, is_global in zip(self.blocks, self.is_global):
+            if is_global:
+                x = block(x, mask, rope)  # (B, T, C)
+            else:
+                x = block(x, local_mask, local_rope)  # (B, T, C)
         if self.family == "modern":
             x = self.final_norm(x)  # (B, T, C)
         return x  # (B, T, C)
