@@ -469,3 +469,32 @@ def test_masks_errors(data_dir, tmp_path):
         masks_report(d, overrides=["masking.mask_rate=1.5"])
     with pytest.raises(UserError, match="prepare"):
         masks_report(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
+def test_masks_on_data_from_prepare(tmp_path, capsys, kind):
+    """End to end with the real tokenizer trainer and prepare: their word starts give whole-word and span masks."""
+    from maskedlm.cli import main
+    from maskedlm.data.shards import load_meta, open_split
+    from maskedlm.data.prepare import prepare
+    from maskedlm.tokenizer import train_tokenizer as train_ours
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(generated_docs(120, seed=9)) + "\n", encoding="utf-8")
+    tok_dir = train_ours([str(corpus)], vocab_size=300, kind=kind, out=tmp_path / "tok").parent
+    prepare([str(corpus)], str(tok_dir), 64, tmp_path / "data", val_fraction=0.05, workers=1)
+    meta = load_meta(tmp_path / "data")
+    ids, flags = open_split(tmp_path / "data", "train").rows(np.arange(len(open_split(tmp_path / "data", "train"))))
+    ids, flags = torch.from_numpy(ids), torch.from_numpy(flags)
+    sp = SpecialIds(**meta["special_ids"])
+    elig = ~torch.isin(ids, torch.tensor(sp.all()))
+    ws = (flags.long() & FLAG_WORD_START) != 0
+    assert float((~ws & elig).float().mean()) > 0.1  # words of several tokens exist
+    for unit in ("word", "span"):
+        main(["masks", str(tmp_path / "data"), "--json", f"masking.unit={unit}", "--rows", "0"])
+        stats = json.loads(capsys.readouterr().out)
+        assert stats["special_selected"] == 0 and abs(stats["selected_share"] - 0.15) < 0.02
+        sel = select_positions(ids, torch.arange(len(ids)), 0, MaskingConfig(unit=unit), sp, flags=flags).mask
+        cont = ~ws[:, 1:] & elig[:, 1:] & elig[:, :-1]
+        assert torch.equal(sel[:, 1:][cont], sel[:, :-1][cont])
+        assert int(sel.sum()) == stats["selected_tokens"]
