@@ -88,14 +88,11 @@ def _fmt(n: int) -> str:
 
 
 def _load_init(init_from):
-    try:
-        from maskedlm.hf import load_hf_model
-    except ImportError:
-        raise UserError("--init-from needs maskedlm.hf.load_hf_model, which this installation lacks") from None
-    loaded = load_hf_model(init_from)
-    model, cfg, tok = (tuple(loaded) + (None, None))[:3] if isinstance(loaded, tuple) else (loaded, None, None)
-    model_cfg = getattr(cfg, "model", cfg) if cfg is not None else model.cfg
-    return model, model_cfg, tok
+    """(MaskedLM, ModelConfig, tokenizer) of a Hugging Face BERT/ModernBERT dir (or a maskedlm run) to start from."""
+    from maskedlm.hf import load_hf_model
+
+    model, cfg, tok = load_hf_model(init_from)
+    return model, cfg.model, tok
 
 
 def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
@@ -116,7 +113,9 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
 
     init_model = init_cfg = init_tok = None
-    if init_from is not None and not has_run:
+    if init_from is not None and has_run:
+        print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
+    elif init_from is not None:
         init_model, init_cfg, init_tok = _load_init(init_from)
     cfg, stored = _resolve_config(config, overrides, out, resume, meta, init_cfg)
     if stored is not None:
