@@ -263,8 +263,8 @@ def test_span_and_ngram_lengths_follow_their_distribution(span_rows, unit):
     assert abs(mean - analytic_mean) / analytic_mean < 0.02, (mean, analytic_mean)
     if unit == "span":
         assert abs(analytic_mean - 3.8) < 0.01  # SpanBERT's published mean span length
-    # and the budget: about mask_rate of the tokens
-    assert abs(float(sel.mask.sum()) / float(elig.sum()) - cfg.mask_rate) < 0.01
+    # and the budget: mask_rate of the words in expectation, hence of the tokens
+    assert abs(float(sel.mask.sum()) / float(elig.sum()) - cfg.mask_rate) < 0.005
 
 
 def test_ngram_probabilities_are_inverse_n():

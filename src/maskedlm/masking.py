@@ -265,6 +265,16 @@ def _select_ranked(elig, starts, row_index, epoch, seed, rate, k_max):
     return selected, uid, first
 
 
+@lru_cache(maxsize=32)
+def _expected_total(probs: tuple[float, ...], n_max: int) -> torch.Tensor:
+    """A[m] = F(m), m = 0..n_max: expected words in the spans used when span j is used while the words before it
+    are < m (lengths iid from probs): F(m) = Σ_ℓ p(ℓ)·(ℓ + F(m − ℓ)), F(m ≤ 0) = 0. Strictly increasing in m."""
+    F = [0.0] * (n_max + 1)
+    for m in range(1, n_max + 1):
+        F[m] = sum(p * (ell + (F[m - ell] if m - ell > 0 else 0.0)) for ell, p in enumerate(probs, start=1))
+    return torch.tensor(F, dtype=torch.float64)
+
+
 def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, probs):
     """Non-overlapping runs of whole words with lengths drawn from `probs`, never across a document start.
 
@@ -290,22 +300,25 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     barrier = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_reduce(1, widx, barrier_tok.long(), "amax")  # (B, W)
     segment = torch.cumsum(barrier, dim=1)  # (B, W) which document piece each word is in
 
-    ell = torch.arange(1, len(probs) + 1, dtype=torch.float64)
-    pr = torch.tensor(probs, dtype=torch.float64)
-    overshoot = float((pr * ell * ell).sum() / (2.0 * (pr * ell).sum()))
-    # Span j is used only if the j spans before it (≥ 1 word each) leave room under the target, so at most
-    # ceil(rate·T + 0.5 − overshoot) spans: the number of span slots J below.
-    J = max(1, min(T, math.floor(float(rate) * T + 0.5 - overshoot) + 2))
+    # Span j is used only if the j spans before it (≥ 1 word each) leave room under the threshold (< rate·T + 1),
+    # so at most J spans per row.
+    J = max(1, min(T, math.floor(float(rate) * T) + 2))
     cdf = torch.tensor(probs, dtype=torch.float64, device=dev).cumsum(0)  # (L,)
     cdf[-1] = 2.0  # guard against rounding: every u < 1 falls inside
     u_len = _unit_double(_hash(seed, epoch, _S_LENGTH, row_index, torch.arange(J, device=dev)))  # (B, J)
     lengths = torch.searchsorted(cdf, u_len, right=True) + 1  # (B, J) words per span
     after = torch.cumsum(lengths, dim=1)  # (B, J)
     before = after - lengths  # (B, J)
-    # Include span j while `before` < t: the total overshoots t by E[ℓ²]/(2E[ℓ]) on average (renewal theory), so t is
-    # lowered by that much to aim the expected total at rate·W; the per-row dither keeps the target continuous.
+    # Span j is used while `before` (the words of the spans before it) < t, a rule that never looks at ℓ_j. The
+    # threshold t = y + u (u uniform) is set so that the expected total is exactly rate·W words: E[total | t] is the
+    # renewal table F (_expected_total), and with the dither it is F interpolated linearly in y.
+    table = _expected_total(probs, T + 2).to(dev)  # (N,) E[total] at y = -1, 0, 1, …
+    want = float(rate) * W.to(torch.float64)  # (B,)
+    i = torch.searchsorted(table, want.unsqueeze(1)).squeeze(1).clamp(1, table.numel() - 1)  # (B,)
+    lo, hi = table[i - 1], table[i]  # (B,) (B,)
+    y = (i - 2).to(torch.float64) + (want - lo) / (hi - lo)  # (B,)
     u = _unit_double(_hash(seed, epoch, _S_COUNT, row_index, torch.zeros(1, device=dev)))[:, 0]  # (B,)
-    target = float(rate) * W.to(torch.float64) - overshoot + (u - 0.5)  # (B,)
+    target = y + u  # (B,)
     used = (before.to(torch.float64) < target.unsqueeze(1)) & (after <= W.unsqueeze(1))  # (B, J) a prefix of spans
     n_spans = used.sum(dim=1)  # (B,)
     free = W - (lengths * used).sum(dim=1)  # (B,) words outside the spans
