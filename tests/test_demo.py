@@ -84,6 +84,6 @@ def test_cli_demo_quick_ends_within_a_minute(tmp_path):
     cmd = [sys.executable, "-m", "maskedlm", "demo", "--quick", "--out", str(tmp_path / "d")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "held-out play, after 0.25 min" in r.stdout and "tokens/s" in r.stdout
+    assert "held-out play, after" in r.stdout and "s of training" in r.stdout and "tokens/s" in r.stdout
     (summary,) = (tmp_path / "d" / "runs").glob("quick-*/demo.json")
     assert json.loads(summary.read_text())["wall_s"] < 60
