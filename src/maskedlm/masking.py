@@ -296,7 +296,7 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     prev_inelig = torch.ones_like(elig)  # (B, T)
     prev_inelig[:, 1:] = ~elig[:, :-1]
     doc = ((flags.to(torch.long) & FLAG_DOC_START) != 0) if flags is not None else torch.zeros_like(elig)  # (B, T)
-    barrier_tok = wstart & (doc | prev_inelig)  # (B, T) a word after which no span may continue backwards
+    barrier_tok = wstart & (doc | prev_inelig)  # (B, T) a word no span may reach back across
     barrier = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_reduce(1, widx, barrier_tok.long(), "amax")  # (B, W)
     segment = torch.cumsum(barrier, dim=1)  # (B, W) which document piece each word is in
 
