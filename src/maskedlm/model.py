@@ -1,8 +1,8 @@
 """The network: encoder θ (embeddings + transformer blocks) and MLM head ω, in two families.
 
-`bert` has exactly the tensors of Hugging Face BertForMaskedLM; `modern` those of ModernBertForMaskedLM, every
-layer global unless configured like released ModernBERT checkpoints (hf.py holds the key maps). The head runs only at the positions A(x) it is given (sparse prediction);
-the dense path is for inference. No loss, no data, no distributed code here; imports only torch.
+`bert` has exactly the tensors of Hugging Face BertForMaskedLM; `modern` those of ModernBertForMaskedLM (every layer
+global unless set up like released ModernBERT checkpoints); hf.py holds the key maps. The head runs only at the
+positions A(x) it is given (sparse prediction); the dense path is for inference. No loss, data or ranks; only torch.
 """
 
 from __future__ import annotations
