@@ -30,24 +30,38 @@ def _weights(run, step):
     return load_file(str(Path(run) / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
 
 
+def _resume_from(src, dst, step, data, nproc, extra=()):
+    shutil.copytree(src, dst)
+    ck = Path(dst) / "checkpoints"
+    for d in ck.glob("step_*"):
+        if int(d.name[5:]) > step:
+            shutil.rmtree(d)
+    (ck / "latest").write_text(f"step_{step:07d}\n")
+    _run(["--data", str(data), "--out", str(dst), "--resume", *extra], nproc=nproc)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_accumulation_and_resume_across_world_sizes(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_with_accumulation_and_resume_across_world_sizes(tmp_path, parallel):
     data = make_data(tmp_path / "data", rows=128, val_rows=16, seq_len=32)
     base = ["--config", "tiny", "--data", str(data)]
-    _run([*base, "--out", str(tmp_path / "one"), "train.max_steps=6", "checkpoint.every_steps=3", *COMMON])
-    _run([*base, "--out", str(tmp_path / "two"), "train.max_steps=6", "checkpoint.every_steps=3", *COMMON], nproc=2)
+    over = ["train.max_steps=6", "checkpoint.every_steps=3", *COMMON]
+    _run([*base, "--out", str(tmp_path / "one"), *over])
+    _run([*base, "--out", str(tmp_path / "two"), *over, f"train.parallel={parallel}"], nproc=2)
     a, b = _weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6)
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
-    # the 2-process run's step-3 checkpoint, resumed by 1 process, continues as the 2-process run did
-    shutil.copytree(tmp_path / "two", tmp_path / "cont")
-    ck = tmp_path / "cont" / "checkpoints"
-    shutil.rmtree(ck / "step_0000006")
-    (ck / "latest").write_text("step_0000003\n")
-    _run(["--data", str(data), "--out", str(tmp_path / "cont"), "--resume"])
-    c = _weights(tmp_path / "cont", 6)
+    # the 2-process run's step-3 checkpoint, resumed by 1 process, continues as the 2-process run did ...
+    _resume_from(tmp_path / "two", tmp_path / "two_then_one", 3, data, nproc=1)
+    c = _weights(tmp_path / "two_then_one", 6)
     for k in a:
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-5)
+    # ... and the 1-process checkpoint resumes in 2 processes (the optimizer state is re-sharded under FSDP2)
+    _resume_from(tmp_path / "one", tmp_path / "one_then_two", 3, data, nproc=2, extra=[f"train.parallel={parallel}"])
+    d = _weights(tmp_path / "one_then_two", 6)
+    for k in a:
+        torch.testing.assert_close(d[k], a[k], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -122,14 +122,17 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model: torch.nn.Module | dict,
+    optimizer: torch.optim.Optimizer | dict | None,
     config: dict,
     tokenizer_json: str | Path | None,
     state: dict,
     keep: int = 2,
 ) -> Path:
     """Write step_XXXXXXX atomically, point `latest` at it, keep the last `keep`. Returns the checkpoint dir.
+
+    model and optimizer: modules/optimizers, or their state dicts (train passes the unsharded ones of
+    distributed.full_state_dicts).
 
     An OSError (disk full, permissions) removes the partial temporary directory and raises CheckpointError; the
     previous checkpoint and `latest` are untouched.
@@ -142,10 +145,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        model_state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
         _write_weights(tmp / WEIGHTS, tensors)
         if optimizer is not None:
-            _write_optimizer(tmp / OPTIMIZER, optimizer.state_dict())
+            _write_optimizer(tmp / OPTIMIZER, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         _write_text(tmp / CONFIG, json.dumps(config, indent=2))
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / TOKENIZER)

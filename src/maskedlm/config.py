@@ -166,7 +166,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops with a checkpoint
     device: str = "auto"  # "auto": this rank's CUDA device when there is one, else "cpu"
     prefetch: bool = True  # read and mask the next steps on a background thread (masks are identical either way)
-    parallel: str = "ddp"  # multi-process wrapping under torchrun: "ddp" (FSDP2 is issue 6, not implemented yet)
+    # Multi-process wrapping under torchrun: "ddp" replicates the weights (fastest when they fit); "fsdp2" shards
+    # weights, gradients and optimizer state across ranks (torch.distributed.fsdp.fully_shard) for larger models.
+    parallel: str = "ddp"
     dist_timeout_minutes: float = 10.0  # a collective waiting this long (a dead peer) fails instead of hanging
 
     def validate(self) -> None:
@@ -183,7 +185,7 @@ class TrainConfig:
             f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
         _check(self.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
-        _check(self.parallel in ("ddp",), f"train.parallel must be 'ddp' (FSDP2 is not implemented yet), got {self.parallel!r}")
+        _check(self.parallel in ("ddp", "fsdp2"), f"train.parallel must be 'ddp' or 'fsdp2', got {self.parallel!r}")
 
 
 @dataclass
@@ -235,10 +237,10 @@ class Config:
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
-# Keys that may change between a run and its --resume: they decide when to log, evaluate and save, never what the
-# weights become, so changing them keeps the bit-identical-resume promise.
+# Keys that may change between a run and its --resume: they decide when to log, evaluate and save, or how the same
+# computation is spread over devices (train.parallel: DDP and FSDP2 compute the same step), never what it is.
 RESUME_FREE_KEYS = frozenset({
-    "train.log_every_steps", "train.prefetch", "train.device", "train.dist_timeout_minutes",
+    "train.log_every_steps", "train.prefetch", "train.device", "train.dist_timeout_minutes", "train.parallel",
     "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows",
     "checkpoint.every_steps", "checkpoint.keep",
 })

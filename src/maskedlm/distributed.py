@@ -120,11 +120,31 @@ def _sum_hook(_state, bucket):
 
 
 def wrap_model(model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module:
-    """DDP with summed gradients under torchrun; the model itself on one process."""
+    """Under torchrun: DDP (replicated weights) or FSDP2 (weights, gradients and optimizer state sharded), both
+    reducing gradients by SUM; on one process, the model itself. Load weights before wrapping, build the optimizer
+    after (FSDP2 replaces parameters with sharded DTensors)."""
     if not _INFO.distributed:
         return model
+    if parallel == "fsdp2":
+        import warnings
+
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        # The head returns a slice (the true vocabulary); nothing writes into logits in place, so FSDP2's warning about
+        # views does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        # One FSDP unit per transformer block (their weights are gathered one block at a time), then the root
+        # (embeddings, head, final norm). Applied from outside the model, as torchtitan does.
+        for block in getattr(getattr(model, "encoder", None), "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)  # the loss is already divided by the global |A(x)|: sum, not mean
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+        return model
     if parallel != "ddp":
-        raise UserError(f"train.parallel={parallel!r} is not implemented yet; use ddp")
+        raise UserError(f"train.parallel must be 'ddp' or 'fsdp2', got {parallel!r}")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, device_ids=[_INFO.device.index] if _INFO.device.type == "cuda" else None)
@@ -133,9 +153,9 @@ def wrap_model(model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The MaskedLM under DDP and/or torch.compile wrappers (for saving and evaluation)."""
+    """The MaskedLM under DDP and/or torch.compile wrappers (FSDP2 shards in place: nothing to unwrap)."""
     while True:
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -144,10 +164,34 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):
-    """Skip DDP's all-reduce on all but the last micro-batch of a step (gradients accumulate locally)."""
-    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
+    """Reduce gradients only after the last micro-batch of a step (the others accumulate locally)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if _INFO.distributed and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all ranks' shards (a plain tensor), after clipping to max_norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on CPU (on rank 0; a collective under FSDP2). Optimizer state is keyed by
+    parameter name, so one file resumes under one process, DDP or FSDP2 at any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """The inverse of full_state_dicts for the optimizer: every rank passes the full state; FSDP2 keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def shutdown() -> None:

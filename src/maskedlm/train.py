@@ -152,7 +152,6 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         del init_model
     torch.manual_seed(t.seed + info.rank)  # dropout: rank 0 of N draws as a single process would; the others differ
     model.to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
     schedule = Schedule(cfg.optim, max_steps)
 
     k_max = config_k_max(cfg.masking, seq_len)  # one K for the whole run: static shapes for torch.compile
@@ -172,8 +171,8 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     loader = RowLoader(train_store, t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
                        world_size=info.world_size, transform=make_masks, prefetch_steps=PREFETCH_STEPS if t.prefetch else 0)
 
-    # Resume: weights, optimizer, loader position, RNG, counters.
-    step, elapsed_before, skipped, bad_in_row, resumed_at = 0, 0.0, 0, 0, None
+    # Resume: weights (before wrapping), loader position, RNG, counters; optimizer state once it exists.
+    step, elapsed_before, skipped, bad_in_row, resumed_at, optimizer_state = 0, 0.0, 0, 0, None, None
     ck_root = out / "checkpoints"
     if resume and has_run:
         if info.is_main:
@@ -183,14 +182,16 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         if ck is None:
             dist.print0(f"note: {out} has no checkpoint yet; starting the run from step 0")
         else:
-            if ck.state.get("config_hash") != config_hash(cfg):
-                raise UserError(f"checkpoint {ck.path} was written by a different config (config_hash differs); start a new --out")
+            differ = config_diff(load_config(ck.config), cfg)
+            if differ:
+                raise UserError(f"checkpoint {ck.path} was written by a different config ({', '.join(differ)} differ); "
+                                "resume with the same config or start a new --out")
             was = ck.state.get("data", {}).get("tokenizer_hash")
             if was and meta.get("tokenizer_hash") and was != meta["tokenizer_hash"]:
                 raise UserError(f"{data} was prepared with a different tokenizer than the run in {out} was trained on; "
                                 "resume with the run's data")
             model.load_state_dict(ck.model_state)
-            optimizer.load_state_dict(ck.optimizer_state)
+            optimizer_state = ck.optimizer_state
             loader.load_state_dict(ck.state["loader"])
             per_rank = ck.state.get("rng_ranks") or []
             if len(per_rank) == info.world_size:
@@ -212,13 +213,17 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         truncate_jsonl(out / "metrics.jsonl", step)
     logger = MetricsLogger(out, max_steps, start_step=step) if info.is_main else NullLogger()
 
+    n = model.num_parameters()  # before sharding
     train_model = dist.wrap_model(model, t.parallel)
     sync_model = train_model
+    optimizer = build_optimizer(model, cfg.optim, device)  # after wrapping: FSDP2 replaces the parameters
+    if optimizer_state is not None:
+        dist.load_optimizer_state(model, optimizer, optimizer_state)
+        del optimizer_state
     if t.compile:
         train_model = torch.compile(train_model)
 
     # What the run derived, printed once.
-    n = model.num_parameters()
     splits = meta["splits"]
     micro_per_step = t.global_batch_rows // (info.world_size * t.micro_batch_rows)
     budget = []
@@ -252,7 +257,8 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
 
     def save(reason: str = "") -> Path | None:
         path = None
-        rngs = dist.all_gather_object(rng_state())  # a collective: every rank calls save()
+        rngs = dist.all_gather_object(rng_state())  # collectives: every rank calls save()
+        model_state, optim_state = dist.full_state_dicts(model, optimizer)
         if info.is_main:
             state = {
                 "tokens": step * tokens_per_step, "epoch": loader.epoch, "loader": loader.state_dict(),
@@ -260,7 +266,8 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
                 "bad_steps_in_row": bad_in_row, "rng_ranks": rngs, "reason": reason,
                 "data": {"dir": str(data), "tokenizer_hash": meta.get("tokenizer_hash"), "train_rows": len(train_store)},
             }
-            path = save_checkpoint(out, step, model, optimizer, cfg.to_dict(), tokenizer_json, state, keep=cfg.checkpoint.keep)
+            path = save_checkpoint(out, step, model_state, optim_state, cfg.to_dict(), tokenizer_json, state,
+                                   keep=cfg.checkpoint.keep)
         dist.barrier()
         return path
 
@@ -310,7 +317,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
                 nll_sum += nll.detach().float()
                 correct += masked_accuracy_counts(logits.detach(), targets)[0].float()
             stats = dist.all_reduce_sum(torch.stack([nll_sum, correct]))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = dist.clip_grad_norm(params, clip)
             loss = float(stats[0]) / max(count, 1.0)
             finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm)) and count > 0
             if finite:
