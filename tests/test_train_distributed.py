@@ -74,3 +74,30 @@ def test_a_batch_that_does_not_split_across_ranks_fails_at_start(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "must be divisible by world size (2) × train.micro_batch_rows (16)" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pgrep") is None, reason="finds the worker processes with pgrep")
+def test_a_rank_that_dies_ends_the_run_instead_of_hanging(tmp_path):
+    import signal
+    import time
+
+    data = make_data(tmp_path / "data", rows=64, val_rows=8, seq_len=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "maskedlm", "train",
+           "--config", "tiny", "--data", str(data), "--out", str(run), "train.max_steps=1000000",
+           "train.micro_batch_rows=4", "eval.every_steps=0", "checkpoint.every_steps=0", "train.dist_timeout_minutes=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-run
+        proc.wait(timeout=90)  # the launcher stops rank 0 instead of letting it wait in a collective
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
