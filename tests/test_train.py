@@ -1,7 +1,6 @@
 """Training end to end on a generated corpus: learning, exactness of accumulation and resume, signals, bad input."""
 
 import json
-import math
 import os
 import random
 import shutil
@@ -53,7 +52,6 @@ def test_tiny_model_learns_the_clusters(data, tmp_path, capsys):
     """Each document draws from one cluster of 4 of the 40 words. Without the clusters no model beats the unigram
     entropy log(40) = 3.69 nats per masked token; with them the floor is log(4) = 1.39 (plus the rows' first tokens
     and [SEP]/[MASK]-adjacent cases). Below 2.6 is only reachable by using the context."""
-    from maskedlm.config import EvalConfig
     from maskedlm.data.shards import open_split
     from maskedlm.evaluate import evaluate
     from maskedlm.model import MaskedLM

@@ -141,8 +141,11 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
 
     train_store = open_split(data, "train")
     val_store = None
-    if cfg.eval.every_steps > 0 and int(meta["splits"].get("val", {}).get("rows", 0)) > 0:
-        val_store = open_split(data, "val")
+    if cfg.eval.every_steps > 0:
+        if int(meta["splits"].get("val", {}).get("rows", 0)) > 0:
+            val_store = open_split(data, "val")
+        else:
+            dist.print0(f"note: {data} has no validation rows; periodic evaluation is off (prepare with --val-fraction > 0)")
 
     # Model θ, ω: a private-generator init, then the global RNG (dropout) seeded for this run.
     model = MaskedLM(cfg.model)
