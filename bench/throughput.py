@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
+import ctypes
 import json
 import os
 import resource
@@ -130,7 +130,8 @@ class System:
 
     def __init__(self, args, device):
         self.args, self.device = args, device
-        self.bf16 = self.name.endswith("bf16")
+        self.bf16 = "-bf16" in self.name
+        self.compiled = self.name.endswith("-compile")
 
     def params(self) -> dict:
         return count_params(self.model)
@@ -163,7 +164,7 @@ class HFSystem(System):
             self.model = ModernBertForMaskedLM._from_config(cfg, attn_implementation="sdpa")
         self.model.to(self.device).train()
         self.opt = _adamw(self.model.parameters(), 1e-4, self.device)
-        if a.compile_peers:
+        if a.compile_peers or self.compiled:
             self.model = torch.compile(self.model)
 
     def step(self, mb):
@@ -197,7 +198,7 @@ class MaskedLMSystem(System):
         self.model = MaskedLM(mcfg).to(self.device).train()
         self.opt = _maskedlm_optimizer(self.model, OptimConfig(lr=1e-4), self.device)
         self.loss_fn = masked_cross_entropy
-        self.forward = torch.compile(self.model) if a.compile else self.model
+        self.forward = torch.compile(self.model) if (a.compile or self.compiled) else self.model
 
     def step(self, mb):
         with _autocast(self.device, self.bf16):
@@ -254,20 +255,36 @@ class PeakMatmul:
         """Seconds per matmul."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = _clock()
         for _ in range(reps):
             c = self.a @ self.b
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         del c
-        return (time.perf_counter() - t0) / reps
+        return (_clock() - t0) / reps
 
 
 # ----------------------------------------------------------------------------------------------------------- memory
-def rss_mib() -> float:
+def tune_malloc() -> bool:
+    """glibc only: take every allocation from the heap (no mmap) and never trim it back to the OS.
+
+    A train step frees and re-allocates the same large activation buffers every step; glibc's defaults serve them
+    with fresh mmaps, so each step page-faults (and the kernel zeroes) hundreds of MB again. Measured here: ~100k
+    minor faults and ~0.2 s of system time per step of the default shape, gone with this setting (bench/RESULTS.md).
+    It applies to every system in the process alike.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -284,6 +301,7 @@ def peak_rss_child(name: str, argv: list[str]) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------------- main
+_clock = time.perf_counter  # --cpu-time swaps in time.process_time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -299,7 +317,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp32", "both"], default="bf16",
                    help="maskedlm's precision in the default system list (peers always run both)")
     p.add_argument("--systems", nargs="+", default=None, metavar="NAME",
-                   help=f"subset of {MASKEDLM_SYSTEMS + PEER_SYSTEMS} (default: all available at --dtype)")
+                   help=f"subset of {MASKEDLM_SYSTEMS + PEER_SYSTEMS} (default: all available at --dtype); "
+                   "append -compile to a name to torch.compile that system alone (e.g. maskedlm-bert-bf16-compile)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds; each runs every system once")
     p.add_argument("--steps", type=int, default=2, help="train steps per system per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per system before the rounds")
@@ -307,11 +326,19 @@ def parse_args(argv=None):
     p.add_argument("--compile-peers", action="store_true", help="also torch.compile the transformers models")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by process CPU time instead of wall time: steadier A/B numbers on a shared machine "
+                   "(use with --threads 1; tokens/s then means tokens per CPU-second)")
+    p.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                   help="tuned: glibc mallopt so step buffers are reused instead of re-mmapped (all systems alike)")
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peaks (0: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-system peak RSS child processes (CPU)")
     p.add_argument("--gpu-peak-tflops", type=float, default=0.0,
                    help="the card's bf16 dense peak (e.g. 989 for H100/H200 SXM): also print MFU against it")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--profile", default=None, metavar="SYSTEM",
+                   help="instead of the rounds: torch.profiler over a few steps of SYSTEM, print the top ops")
+    p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.preset == "bert-base":
@@ -322,7 +349,7 @@ def parse_args(argv=None):
 def shape_argv(a) -> list[str]:
     return ["--layers", str(a.layers), "--hidden", str(a.hidden), "--heads", str(a.heads), "--intermediate",
             str(a.intermediate), "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch),
-            "--mask-rate", str(a.mask_rate), "--device", a.device, "--threads", str(a.threads)] + (
+            "--mask-rate", str(a.mask_rate), "--device", a.device, "--threads", str(a.threads), "--malloc", a.malloc] + (
         ["--compile"] if a.compile else []) + (["--compile-peers"] if a.compile_peers else [])
 
 
@@ -341,16 +368,47 @@ def memory_child(a, device):
     sys_.build()
     for mb in make_batches(3, a.batch, a.seq_len, a.vocab, a.mask_rate):
         sys_.step(to_device(mb, device))
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would report its parent's RSS.
+    print(json.dumps({"peak_rss_mib": _status_mib("VmHWM")}))
+
+
+def profile(a, device):
+    """Where a step's time goes: torch.profiler over `--steps` steps after the warm-up, ops sorted by self time."""
+    from torch.profiler import ProfilerActivity, profile as tprofile, record_function
+
+    s = make_system(a.profile, a, device)
+    s.build()
+    batches = [to_device(mb, device) for mb in make_batches(4, a.batch, a.seq_len, a.vocab, a.mask_rate)]
+    for i in range(max(a.warmup, 1)):
+        s.step(batches[i % 4])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with tprofile(activities=acts, record_shapes=True) as prof:
+        for i in range(a.steps):
+            with record_function("train_step"):
+                s.step(batches[i % 4])
+            s.sync()
+    wall = (time.perf_counter() - t0) / a.steps
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=a.profile_rows))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=a.profile_rows))
+    print(f"{a.profile}: {wall * 1e3:.1f} ms/step under the profiler, {a.batch * a.seq_len / wall:,.0f} tokens/s")
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.cpu_time:
+        global _clock
+        _clock = time.process_time
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.malloc == "tuned" and not tune_malloc():
+        print("note: --malloc tuned needs glibc; running with the default allocator")
     if a._memory_child:
         return memory_child(a, device)
+    if a.profile:
+        return profile(a, device)
 
     if a.systems is None:
         ours = [s for s in MASKEDLM_SYSTEMS if a.dtype == "both" or s.endswith(a.dtype)] if maskedlm_available() else []
@@ -361,7 +419,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
           + f"; shape: layers {a.layers}, hidden {a.hidden}, heads {a.heads}, intermediate {a.intermediate}, "
-          f"vocab {a.vocab}, seq_len {a.seq_len}, batch {a.batch}, mask rate {a.mask_rate}")
+          f"vocab {a.vocab}, seq_len {a.seq_len}, batch {a.batch}, mask rate {a.mask_rate}; malloc {a.malloc}"
+          + ("; timing by process CPU time" if a.cpu_time else ""))
 
     batches = [to_device(mb, device) for mb in make_batches(4, a.batch, a.seq_len, a.vocab, a.mask_rate)]
     tokens_per_step = a.batch * a.seq_len
@@ -382,17 +441,17 @@ def main(argv=None):
     print("\nwarm-up ...", flush=True)
     for s in systems:
         s.sync()
-        t0 = time.perf_counter()
+        t0 = _clock()
         s.step(batches[0])
         s.sync()
-        first = time.perf_counter() - t0
+        first = _clock() - t0
         for i in range(1, max(a.warmup, 1)):
             s.step(batches[i % len(batches)])
         s.sync()
-        t0 = time.perf_counter()
+        t0 = _clock()
         s.step(batches[1 % len(batches)])
         s.sync()
-        s.compile_s = max(0.0, first - (time.perf_counter() - t0))
+        s.compile_s = max(0.0, first - (_clock() - t0))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
     n_peak = a.peak_n or (8192 if device.type == "cuda" else 2048)
@@ -405,6 +464,8 @@ def main(argv=None):
     times: dict[str, list[float]] = {s.name: [] for s in systems}
     peak_times: dict[str, list[float]] = {k: [] for k in peaks}
     gpu_mem: dict[str, float] = {s.name: 0.0 for s in systems}
+    sys_s: dict[str, list[float]] = {s.name: [] for s in systems}  # kernel time: page faults show up here
+    faults: dict[str, list[float]] = {s.name: [] for s in systems}
     print(f"{a.rounds} rounds × {a.steps} steps per system, interleaved ...", flush=True)
     for r in range(a.rounds):
         order = systems if r % 2 == 0 else systems[::-1]  # alternate the order so no system always follows another
@@ -412,11 +473,15 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             s.sync()
-            t0 = time.perf_counter()
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = _clock()
             for i in range(a.steps):
                 s.step(batches[(r * a.steps + i) % len(batches)])
             s.sync()
-            times[s.name].append((time.perf_counter() - t0) / a.steps)
+            times[s.name].append((_clock() - t0) / a.steps)
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            sys_s[s.name].append((ru1.ru_stime - ru0.ru_stime) / a.steps)
+            faults[s.name].append((ru1.ru_minflt - ru0.ru_minflt) / a.steps)
             if device.type == "cuda":
                 gpu_mem[s.name] = max(gpu_mem[s.name], torch.cuda.max_memory_allocated(device) / 2**20)
         for k, pk in peaks.items():
@@ -445,18 +510,21 @@ def main(argv=None):
                         "model_mflop_per_token": fpt / 1e6, "executed_mflop_per_token": exec_fpt / 1e6,
                         "gflops": gf, "frac_bf16_peak": gf / peak_gflops["peak-matmul-bf16"],
                         "frac_fp32_peak": gf / peak_gflops["peak-matmul-fp32"], "compile_s": s.compile_s,
-                        "peak_mem_mib": mem.get(s.name), "params": s.params()})
+                        "peak_mem_mib": mem.get(s.name), "params": s.params(),
+                        "sys_ms_per_step": 1e3 * statistics.median(sys_s[s.name]),
+                        "minor_faults_per_step": statistics.median(faults[s.name])})
 
     print(f"\nmatmul peaks ({n_peak}×{n_peak}, median of rounds): bf16 {peak_gflops['peak-matmul-bf16']:,.0f} GFLOP/s, "
           f"fp32 {peak_gflops['peak-matmul-fp32']:,.0f} GFLOP/s")
     mem_label = "GPU MiB" if device.type == "cuda" else "RSS MiB"
     print(f"\n{'system':24s} {'tokens/s':>10s} {'ms/step':>8s} {'spread':>7s} {'MFLOP/tok':>9s} {'GFLOP/s':>8s} "
-          f"{'%bf16pk':>7s} {'%fp32pk':>7s} {mem_label:>8s} {'compile s':>9s}")
+          f"{'%bf16pk':>7s} {'%fp32pk':>7s} {mem_label:>8s} {'compile s':>9s} {'sys ms':>6s} {'faults':>7s}")
     for r_ in results:
         m = r_["peak_mem_mib"]
         print(f"{r_['system']:24s} {r_['tokens_per_s']:>10,.0f} {r_['step_ms']:>8.1f} {r_['spread_pct']:>6.0f}% "
               f"{r_['model_mflop_per_token']:>9.1f} {r_['gflops']:>8.1f} {100 * r_['frac_bf16_peak']:>6.1f}% "
-              f"{100 * r_['frac_fp32_peak']:>6.1f}% {('%8.0f' % m) if m else '     n/a'} {r_['compile_s']:>9.1f}")
+              f"{100 * r_['frac_fp32_peak']:>6.1f}% {('%8.0f' % m) if m else '     n/a'} {r_['compile_s']:>9.1f} "
+              f"{r_['sys_ms_per_step']:>6.0f} {r_['minor_faults_per_step']:>7.0f}")
     if a.gpu_peak_tflops:
         for r_ in results:
             print(f"MFU {r_['system']}: {100 * r_['gflops'] / (a.gpu_peak_tflops * 1e3):.1f}% of {a.gpu_peak_tflops:g} "
