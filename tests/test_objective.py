@@ -39,6 +39,7 @@ def test_sum_equals_hand_sum_over_selected_positions_only():
         hand_nll(logits[b, k], int(targets[b, k])) for b in range(3) for k in range(4) if targets[b, k] != -100
     )
     assert abs(masked_cross_entropy(logits, targets).item() - expected) < 1e-6
+    assert abs(masked_cross_entropy(logits, targets.int()).item() - expected) < 1e-6  # int32 targets too
     mean = masked_cross_entropy(logits, targets, reduction="mean").item()
     assert abs(mean - expected / 4) < 1e-6
     none = masked_cross_entropy(logits, targets, reduction="none")

@@ -191,9 +191,9 @@ def from_hf_state_dict(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"the checkpoint lacks tensors a {cfg.family} model with {cfg.layers} layers needs: {shown}")
-    for ours, t in out.items():
-        out[ours] = t.detach().clone().contiguous()
-    return out
+    # no copies beyond the q/k/v concatenation and vocabulary padding: load_state_dict copies into the model anyway,
+    # and a bert-base checkpoint held three times over is memory a laptop may not have
+    return {k: t.detach().contiguous() for k, t in out.items()}
 
 
 def missing_head_keys(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[str]:

@@ -32,7 +32,7 @@ def masked_cross_entropy(
     in_a = targets != IGNORE_INDEX  # (...)
     # fp32 log-softmax: bf16 logits lose the small probabilities that −log p is all about
     logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
-    picked = torch.gather(logp, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (...)
+    picked = torch.gather(logp, -1, targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)  # (...)
     nll = (-picked).masked_fill(~in_a, 0.0)  # (...) zero value and zero gradient outside A(x)
     if reduction == "none":
         return nll if normalizer is None else nll / normalizer  # (...)
