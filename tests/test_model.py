@@ -69,8 +69,9 @@ def test_logits_and_loss_equal_transformers(family, attn):
     assert abs(ours_loss.item() - out.loss.item()) < 1e-6
 
 
-def test_padding_attention_mask_equals_transformers():
-    m = perturbed(tiny("bert"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_attention_mask_equals_transformers(family):
+    m = perturbed(tiny(family))
     hm = hf_model(m.cfg)
     hm.load_state_dict(to_hf_state_dict(m), strict=True)
     x, _, _ = batch()
