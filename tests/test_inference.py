@@ -223,3 +223,20 @@ def test_inference_leaves_the_model_in_its_mode(trained):
     finally:
         model.eval()
     assert tiny_config(10).model.max_positions == 64  # the bad-input lengths above rely on it
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_explain_selects_words_with_bpe_and_unigram_tokenizers(tmp_path, data, kind):
+    # Byte-level BPE and Metaspace count the space before a word as part of it; a word still matches by its text.
+    from maskedlm.model import MaskedLM
+    from maskedlm.tokenizer import load_tokenizer, train_tokenizer
+
+    tok = load_tokenizer(train_tokenizer([str(data.parent / "corpus.txt")], 300, kind, tmp_path / "tok"))
+    cfg = tiny_config(tok.get_vocab_size())
+    model = MaskedLM(cfg.model).eval()
+    text = "alpha bravo charlie bravo"
+    r = explain((model, cfg, tok), text, mask=["bravo"])
+    enc = tok.encode(text)  # reference: the tokenizer's own word ids, with its [CLS]/[SEP] template
+    bravo = {enc.word_ids[i] for i, (a, b) in enumerate(enc.offsets) if text[a:b].strip() == "bravo"}
+    expect = [i for i, w in enumerate(enc.word_ids) if w in bravo and enc.tokens[i] not in ("[CLS]", "[SEP]")]
+    assert len(bravo) == 2 and [p["position"] for p in r["positions"]] == expect

@@ -130,7 +130,8 @@ def _select(mask, ids, enc, text, special) -> list[int]:
     for j, w in enumerate(enc.word_ids):
         if w is not None and ids[j + 1] not in specials:
             words.setdefault(w, []).append(j + 1)
-    spans = {w: text[enc.offsets[p[0] - 1][0]: enc.offsets[p[-1] - 1][1]] for w, p in words.items()}
+    # Stripped: byte-level BPE and Metaspace tokenizers count the space before a word as part of it.
+    spans = {w: text[enc.offsets[p[0] - 1][0]: enc.offsets[p[-1] - 1][1]].strip() for w, p in words.items()}
     chosen: set[int] = set()
     for item in mask:
         s = str(item).strip()
