@@ -244,3 +244,28 @@ def test_bad_config():
     m = MaskedLM(tiny("bert"))
     with pytest.raises(ValueError, match="max_positions"):
         m.eval()(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_equal_transformers(family):
+    """One backward pass: every parameter's gradient (the tied decoder's share of the embedding included) equals
+    transformers' on the same weights, x̄ and labels."""
+    m = perturbed(tiny(family), seed=6).train()
+    hm = hf_model(m.cfg).train()  # dropout is 0 in the tiny config, so train mode is deterministic
+    hm.load_state_dict(to_hf_state_dict(m), strict=True)
+    x, positions, targets = batch(seed=6)
+    labels = torch.full_like(x, -100)
+    keep = targets != -100
+    for b in range(x.shape[0]):
+        labels[b, positions[b][keep[b]]] = targets[b][keep[b]]
+    masked_cross_entropy(m(x, positions), targets, reduction="mean").backward()
+    hm(input_ids=x, labels=labels).loss.backward()
+    grads = MaskedLM(m.cfg)  # a model whose "weights" are our gradients, so the key map names them
+    with torch.no_grad():
+        for (_, p), (_, g) in zip(m.named_parameters(), grads.named_parameters()):
+            g.copy_(p.grad)
+    ours = to_hf_state_dict(grads)
+    theirs = {n: p.grad for n, p in hm.named_parameters()}
+    assert theirs, "transformers model has no parameters with gradients"
+    for name, g in theirs.items():
+        assert torch.allclose(ours[name], g, atol=1e-6, rtol=1e-4), name
