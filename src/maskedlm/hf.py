@@ -420,7 +420,6 @@ def _read_hf_weights(d) -> dict[str, torch.Tensor]:
 
 def _load_hf(hf_dir, device="cpu"):
     """(model, Config, tokenizer, info) where info names the source and the head tensors initialised fresh."""
-
     from maskedlm.config import Config
     from maskedlm.model import MaskedLM
     from maskedlm.tokenizer import load_tokenizer, special_ids
