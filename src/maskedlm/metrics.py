@@ -35,15 +35,25 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or not a terminal
+        return 0
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int | None, start_step: int = 0, progress: bool | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)
         from tqdm.auto import tqdm
 
-        # disable=None: a bar on terminals only; elsewhere (CI, logs) the loop prints a line every log_every_steps.
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=None if progress is None else not progress,
-                        unit="step", dynamic_ncols=True, file=sys.stderr)
+        # A bar on terminals only; elsewhere (CI, logs, a pty without a size) the loop prints a line every
+        # log_every_steps instead.
+        if progress is None:
+            progress = _terminal_columns() > 0
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
