@@ -152,17 +152,6 @@ def wrap_model(model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module
     return ddp
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The MaskedLM under DDP and/or torch.compile wrappers (FSDP2 shards in place: nothing to unwrap)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def grad_sync(model: torch.nn.Module, sync: bool):
     """Reduce gradients only after the last micro-batch of a step (the others accumulate locally)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -195,5 +184,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
 
 
 def shutdown() -> None:
+    """Leave the process group (torchrun warns about groups left open at exit); back to one process."""
+    global _INFO
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _INFO = DistInfo()

@@ -372,4 +372,5 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     if last_eval is not None:
         result["eval"] = last_eval
     dist.print0(f"done: step {step}, {_fmt(step * tokens_per_step)} tokens, {result['elapsed_s']:.1f} s; checkpoint {path}")
+    dist.shutdown()
     return result

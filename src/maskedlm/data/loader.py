@@ -33,10 +33,6 @@ class StepBatch:
     epoch: int
     micro: list[MicroBatch]
 
-    @property
-    def rows(self) -> int:
-        return sum(len(m.row_index) for m in self.micro)
-
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The order of epoch `epoch`: a pure function of (seed, epoch), whatever ran before."""
