@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
 from maskedlm.cli import main
 from maskedlm.errors import UserError
@@ -116,3 +117,16 @@ def test_tokenizer_hash_is_canonical(tmp_path, corpus):
     spec = json.loads(a.read_text())
     (tmp_path / "re.json").write_text(json.dumps(dict(reversed(list(spec.items())))))
     assert tokenizer_hash(load_tokenizer(tmp_path / "re.json")) == tokenizer_hash(ta)
+
+
+def test_padding_and_truncation_in_tokenizer_json_are_switched_off(tmp_path, corpus):
+    # sentence-transformers ship tokenizer.json padded/truncated to a fixed length; prepare must see raw tokens.
+    tok = load_tokenizer(train_tokenizer([str(corpus)], 200, "wordpiece", tmp_path / "t"))
+    raw = tok.encode(SAMPLE).ids
+    sp = special_ids(tok)
+    tok.enable_padding(pad_id=sp.pad, pad_token="[PAD]", length=64)
+    tok.enable_truncation(max_length=4)
+    tok.save(str(tmp_path / "padded.json"))
+    assert Tokenizer.from_file(str(tmp_path / "padded.json")).encode(SAMPLE).ids[:4] == raw[:4]
+    assert len(Tokenizer.from_file(str(tmp_path / "padded.json")).encode(SAMPLE).ids) == 64  # the file really pads
+    assert load_tokenizer(tmp_path / "padded.json").encode(SAMPLE).ids == raw

@@ -449,11 +449,7 @@ def _load_hf(hf_dir, device="cpu"):
     tok_dir = root if any((root / n).is_file() for n in ("tokenizer.json", "vocab.txt")) else Path(hf_dir)
     if not any((tok_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
         raise UserError(f"{hf_dir} has no tokenizer (tokenizer.json or vocab.txt); copy the model's tokenizer files into it")
-    tok = load_tokenizer(tok_dir)
-    # sentence-transformers ship tokenizer.json with padding/truncation switched on (e.g. to 128): our data path
-    # packs rows itself, so a tokenizer must return exactly the text's tokens.
-    tok.no_padding()
-    tok.no_truncation()
+    tok = load_tokenizer(tok_dir)  # with padding/truncation switched off, as packing needs
     special_ids(tok)  # UserError if [MASK]/[CLS]/[SEP] are missing
     if tok.get_vocab_size() > mcfg.vocab_size:
         raise UserError(

@@ -199,7 +199,12 @@ def load_tokenizer(path) -> Tokenizer:
     if p.name.endswith(".txt"):
         return _from_vocab_txt(p, lowercase=True)
     try:
-        return Tokenizer.from_file(str(p))
+        tok = Tokenizer.from_file(str(p))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load tokenizer {p}: {first}") from None
+    # A Hugging Face tokenizer.json may carry padding/truncation to a fixed length (sentence-transformers ships
+    # 128): packing needs the raw token stream, so both are switched off here, for every caller.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
