@@ -127,6 +127,5 @@ def test_padding_and_truncation_in_tokenizer_json_are_switched_off(tmp_path, cor
     tok.enable_padding(pad_id=sp.pad, pad_token="[PAD]", length=64)
     tok.enable_truncation(max_length=4)
     tok.save(str(tmp_path / "padded.json"))
-    assert Tokenizer.from_file(str(tmp_path / "padded.json")).encode(SAMPLE).ids[:4] == raw[:4]
     assert len(Tokenizer.from_file(str(tmp_path / "padded.json")).encode(SAMPLE).ids) == 64  # the file really pads
     assert load_tokenizer(tmp_path / "padded.json").encode(SAMPLE).ids == raw
