@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -226,5 +227,5 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     }
     (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndone in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
-          f"  maskedlm fill {run_dir} \"{shown[0]['line'] if shown else 'a line with one [MASK] in it'}\"")
+          f"  maskedlm fill {shlex.quote(str(run_dir))} {shlex.quote(shown[0]['line'] if shown else 'a line with one [MASK] in it')}")
     return summary
