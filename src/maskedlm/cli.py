@@ -85,7 +85,7 @@ def _import(a):
 
 
 class _IntermixedParser(argparse.ArgumentParser):
-    """`maskedlm masks DATA --config X masking.k=v --rows 3`: overrides may follow options (argparse alone stops
+    """`maskedlm train --data D a.b=1 --out R c.d=2`: overrides may come before, between or after options (argparse alone stops
     collecting positionals at the first option, bpo-14191)."""
 
     _inside = False
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_prepare)
 
     t = sub.add_parser("train", help="pretrain (or continue pretraining) an encoder")
+    t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("--config", default=None,
                    help="a TOML file or a preset name from src/maskedlm/configs/ (default: bert-mini; with --resume, the run's own)")
     t.add_argument("--data", required=True, metavar="DATA_DIR")
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
 
     t = sub.add_parser("eval", help="masked loss, accuracy and perplexity at a fixed evaluation mask")
+    t.__class__ = _IntermixedParser
     t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
     t.add_argument("--data", required=True, metavar="DATA_DIR")
     t.add_argument("--split", choices=["val", "train", "all"], default="val")
