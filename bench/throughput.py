@@ -201,11 +201,31 @@ class MaskedLMSystem(System):
         self.forward = torch.compile(self.model) if (a.compile or self.compiled) else self.model
 
     def step(self, mb):
+        if "-sdpa" in self.name:  # the attention before the CPU explicit path: SDPA everywhere (same process A/B)
+            return self._step_sdpa(mb)
         with _autocast(self.device, self.bf16):
             logits = self.forward(mb["input_ids"], positions=mb["positions"])  # (B, K, V): A(x) only
         # normalizer: the count of A(x), as train.py does (decision 4); a tensor so no host sync.
         loss = self.loss_fn(logits, mb["targets"], reduction="sum", normalizer=mb["num_selected"])
         loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
+    def _step_sdpa(self, mb):
+        import maskedlm.model as mm
+
+        saved = getattr(mm, "CPU_EXPLICIT_ATTENTION_MAX_SCORES", None)
+        mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = -1
+        try:
+            with _autocast(self.device, self.bf16):
+                logits = self.forward(mb["input_ids"], positions=mb["positions"])  # (B, K, V)
+            loss = self.loss_fn(logits, mb["targets"], reduction="sum", normalizer=mb["num_selected"])
+            loss.backward()
+        finally:
+            if saved is not None:
+                mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = saved
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss
@@ -318,7 +338,8 @@ def parse_args(argv=None):
                    help="maskedlm's precision in the default system list (peers always run both)")
     p.add_argument("--systems", nargs="+", default=None, metavar="NAME",
                    help=f"subset of {MASKEDLM_SYSTEMS + PEER_SYSTEMS} (default: all available at --dtype); "
-                   "append -compile to a name to torch.compile that system alone (e.g. maskedlm-bert-bf16-compile)")
+                   "append -compile to a name to torch.compile that system alone (e.g. maskedlm-bert-bf16-compile), "
+                   "-sdpa to a maskedlm name to turn off the CPU explicit attention for it (e.g. maskedlm-bert-bf16-sdpa)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds; each runs every system once")
     p.add_argument("--steps", type=int, default=2, help="train steps per system per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per system before the rounds")
