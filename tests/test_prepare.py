@@ -151,6 +151,44 @@ def test_long_documents_are_chunked_without_changing_tokens(tmp_path, monkeypatc
     np.testing.assert_array_equal(flags[:, 1:].reshape(-1), ref_flags[:n])
 
 
+def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks):
+    """encode_batch_fast + the id → word-start table writes the same bytes as encode_batch + word_ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = load_tokenizer(toks["wordpiece"])
+    assert prep.word_start_table(tok) is not None
+    for kind in ("bpe", "unigram"):  # no id → word-start rule there: they keep word_ids
+        assert prep.word_start_table(load_tokenizer(toks[kind])) is None
+    ws = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##a": 2}, unk_token="[UNK]"))
+    ws.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # a word may start with "##" here: no table
+    assert prep.word_start_table(ws) is None
+    # Words the model cannot spell ([UNK]), literal special tokens and "##" in the text, CJK, accents, a word over
+    # WordPiece's 100-char limit, control characters, and a document that tokenizes to nothing.
+    odd = ["x ##ing #a ## [MASK] b[SEP]c 漢字 ☃☃ Zéro\x07 " + "ka" * 80, "\x07\x08", "naïve ##  #  ☃", "[CLS]"]
+    docs = make_docs(60, seed=11) + odd + make_docs(40, seed=12)
+    path = write_blank_line(tmp_path / "odd.txt", docs)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 500)
+    out = {}
+    for name, table in (("fast", prep.word_start_table), ("word_ids", lambda t: None)):
+        monkeypatch.setattr(prep, "word_start_table", table)
+        for workers in (1, 2):
+            d = tmp_path / f"{name}{workers}"
+            prep.prepare([str(path)], toks["wordpiece"], 16, d, val_fraction=0.1, workers=workers)
+            out[name, workers] = {f.relative_to(d): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+    assert out["fast", 1] == out["word_ids", 1] == out["fast", 2] == out["word_ids", 2]
+    ids, flags = all_rows(tmp_path / "fast1")
+    assert (ids == special_ids(tok).unk).any() and (ids == special_ids(tok).mask).any()
+    # And the fast path agrees with the tokenizer's own word_ids on these documents (the reference stream).
+    monkeypatch.undo()
+    prep.prepare([str(path)], toks["wordpiece"], 16, tmp_path / "all", val_fraction=0.0, workers=1)
+    ids, flags = all_rows(tmp_path / "all")
+    ref_ids, ref_flags = reference_stream(tok, docs)
+    assert ((ref_flags & FLAG_WORD_START) == 0).any()  # some continuation pieces, so the table is exercised
+    n = ids.shape[0] * 15
+    np.testing.assert_array_equal(ids[:, 1:].reshape(-1), ref_ids[:n])
+    np.testing.assert_array_equal(flags[:, 1:].reshape(-1), ref_flags[:n])
+
+
 def test_doc_per_line_and_file(tmp_path, toks):
     tok = load_tokenizer(toks["wordpiece"])
     docs = [d.replace("\n", " ") for d in make_docs(30, seed=3)]

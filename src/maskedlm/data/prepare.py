@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import string
 import sys
 import zlib
 from bisect import bisect_left
@@ -293,35 +294,72 @@ def iter_corpus_texts(inputs, input_format=None, text_field="text", stats=None, 
 # ------------------------------------------------------------------------------------------------- tokenizing
 
 _WORKER_TOK = None
+_WORKER_STARTS = None
 
 
 def _worker_init(tok_json: str) -> None:
-    global _WORKER_TOK
+    global _WORKER_TOK, _WORKER_STARTS
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
     from tokenizers import Tokenizer
 
     _WORKER_TOK = Tokenizer.from_str(tok_json)
+    _WORKER_STARTS = word_start_table(_WORKER_TOK)
 
 
-def _encode(texts: list[str], tok=None):
+def word_start_table(tok) -> np.ndarray | None:
+    """Per id, whether the token starts a word, when that is a function of the id alone; else None.
+
+    It is for WordPiece behind BERT's pre-tokenizer: each pre-token (a word) becomes a first piece without the
+    continuing prefix ("##"), then pieces with it, or one [UNK]; added tokens are words of their own. A first piece
+    can never start with the prefix, since BertPreTokenizer makes every punctuation char a word of one char and the
+    prefix is two or more. So word_ids (which need the offset tracking that encode_batch_fast skips) are not needed.
+    Any other model or pre-tokenizer (byte-level BPE and Unigram among them) gets None: encode_batch and word_ids.
+    """
+    from tokenizers import models, pre_tokenizers
+
+    if not isinstance(tok.model, models.WordPiece) or not isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer):
+        return None
+    prefix = tok.model.continuing_subword_prefix or ""
+    if len(prefix) < 2 or not all(c in string.punctuation for c in prefix):
+        return None
+    added = tok.get_added_tokens_decoder()
+    if any(t.content.startswith(prefix) for t in added.values()):
+        return None  # a literal added "##x" is a word, the model's "##x" is not: the id cannot tell them apart
+    vocab = tok.get_vocab(with_added_tokens=True)
+    table = np.ones(max(vocab.values()) + 1, dtype=bool)
+    for token, i in vocab.items():
+        if token.startswith(prefix):
+            table[i] = False
+    return table
+
+
+def _encode(texts: list[str], tok=None, starts_table: np.ndarray | None = None):
     """Token ids, word-start flags and per-text lengths of a batch of texts (no special tokens added)."""
-    tok = tok or _WORKER_TOK
-    encs = tok.encode_batch(texts, add_special_tokens=False)
-    ids, words, lens = [], [], []
-    for e in encs:
-        ids += e.ids
-        words += e.word_ids
-        lens.append(len(e.ids))
-    lens = np.asarray(lens, dtype=np.int64)
-    ids = np.asarray(ids, dtype=np.uint32)
-    # A token starts a word when its word id differs from the previous token's; None (an added token such as
-    # a literal "[MASK]" in the text) becomes NaN, which differs from everything, so it is a word of its own.
-    w = np.asarray(words, dtype=np.float64)
-    start = np.ones(len(w), dtype=bool)
-    if len(w) > 1:
-        start[1:] = w[1:] != w[:-1]
+    from tokenizers import Encoding
+
+    if tok is None:
+        tok, starts_table = _WORKER_TOK, _WORKER_STARTS
+    # One merge in Rust, then one list per batch: no Python loop over the (often ~10-token) encodings.
+    if starts_table is not None:
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: ~25% less tokenizer time
+    else:
+        encs = tok.encode_batch(texts, add_special_tokens=False)
+    lens = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
+    if not len(encs):
+        return np.zeros(0, np.uint32), np.zeros(0, np.uint8), lens
+    merged = Encoding.merge(encs, growing_offsets=False)
+    ids = np.asarray(merged.ids, dtype=np.uint32)
+    if starts_table is not None:
+        start = starts_table[ids]
+    else:
+        # A token starts a word when its word id differs from the previous token's; None (an added token such as
+        # a literal "[MASK]" in the text) becomes NaN, which differs from everything, so it is a word of its own.
+        w = np.asarray(merged.word_ids, dtype=np.float64)
+        start = np.ones(len(w), dtype=bool)
+        if len(w) > 1:
+            start[1:] = w[1:] != w[:-1]
     bounds = np.cumsum(lens)[:-1]
-    start[bounds[bounds < len(w)]] = True  # each piece starts a word: pieces are cut at whitespace
+    start[bounds[bounds < len(ids)]] = True  # each piece starts a word: pieces are cut at whitespace
     return ids, start.astype(np.uint8) * np.uint8(fmt.FLAG_WORD_START), lens
 
 
@@ -348,8 +386,9 @@ def _batches(lists, batch_chars: int):
 def _encoded_batches(pieces, tok, workers: int, batch_chars: int):
     """(ids, word-start flags, lens, starts) per batch, in order; at most 2 batches per worker in flight."""
     if workers <= 1:
+        table = word_start_table(tok)
         for texts, starts in _batches(pieces, batch_chars):
-            yield (*_encode(texts, tok), starts)
+            yield (*_encode(texts, tok, table), starts)
         return
     import multiprocessing as mp
 
