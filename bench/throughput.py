@@ -527,6 +527,7 @@ def main(argv=None):
                                    dense_head=s.dense_head)
         gf = tps * fpt / 1e9
         results.append({"system": s.name, "tokens_per_s": tps, "step_ms": 1e3 * statistics.median(times[s.name]),
+                        "best_tokens_per_s": tokens_per_step / min(times[s.name]),
                         "spread_pct": 100 * (max(times[s.name]) - min(times[s.name])) / statistics.median(times[s.name]),
                         "model_mflop_per_token": fpt / 1e6, "executed_mflop_per_token": exec_fpt / 1e6,
                         "gflops": gf, "frac_bf16_peak": gf / peak_gflops["peak-matmul-bf16"],
@@ -538,11 +539,11 @@ def main(argv=None):
     print(f"\nmatmul peaks ({n_peak}×{n_peak}, median of rounds): bf16 {peak_gflops['peak-matmul-bf16']:,.0f} GFLOP/s, "
           f"fp32 {peak_gflops['peak-matmul-fp32']:,.0f} GFLOP/s")
     mem_label = "GPU MiB" if device.type == "cuda" else "RSS MiB"
-    print(f"\n{'system':24s} {'tokens/s':>10s} {'ms/step':>8s} {'spread':>7s} {'MFLOP/tok':>9s} {'GFLOP/s':>8s} "
+    print(f"\n{'system':24s} {'tokens/s':>10s} {'best':>7s} {'ms/step':>8s} {'spread':>7s} {'MFLOP/tok':>9s} {'GFLOP/s':>8s} "
           f"{'%bf16pk':>7s} {'%fp32pk':>7s} {mem_label:>8s} {'compile s':>9s} {'sys ms':>6s} {'faults':>7s}")
     for r_ in results:
         m = r_["peak_mem_mib"]
-        print(f"{r_['system']:24s} {r_['tokens_per_s']:>10,.0f} {r_['step_ms']:>8.1f} {r_['spread_pct']:>6.0f}% "
+        print(f"{r_['system']:24s} {r_['tokens_per_s']:>10,.0f} {r_['best_tokens_per_s']:>7,.0f} {r_['step_ms']:>8.1f} {r_['spread_pct']:>6.0f}% "
               f"{r_['model_mflop_per_token']:>9.1f} {r_['gflops']:>8.1f} {100 * r_['frac_bf16_peak']:>6.1f}% "
               f"{100 * r_['frac_fp32_peak']:>6.1f}% {('%8.0f' % m) if m else '     n/a'} {r_['compile_s']:>9.1f} "
               f"{r_['sys_ms_per_step']:>6.0f} {r_['minor_faults_per_step']:>7.0f}")
@@ -554,7 +555,8 @@ def main(argv=None):
           + "".join(f" {r_['system']} {r_['executed_mflop_per_token']:.1f}" for r_ in results
                     if r_["executed_mflop_per_token"] != r_["model_mflop_per_token"]) + ")")
 
-    print("\nratios (row ÷ column, tokens/s):")
+    print("(tokens/s: median over rounds; best: the fastest round, closest to an idle machine when others share it)")
+    print("\nratios (row ÷ column, median tokens/s):")
     names = [r_["system"] for r_ in results]
     w = max(len(n) for n in names)
     print(" " * (w + 1) + " ".join(f"{n[:14]:>14s}" for n in names))
