@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from inference_data import make_data, train_tiny
+from maskedlm.checkpoint import load_model
 from maskedlm.config import EvalConfig, MaskingConfig
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate, evaluate_model
@@ -42,7 +44,8 @@ def _reference(model, store, ecfg: EvalConfig, special, vocab_size: int) -> tupl
     index = np.arange(n, dtype=np.int64)
     ids, flags = store.rows(index)
     ids, flags, rows = torch.as_tensor(ids), torch.as_tensor(flags), torch.as_tensor(index)
-    mcfg = MaskingConfig(mask_rate=ecfg.mask_rate, seed=ecfg.seed)
+    # Built here field by field (not with EvalConfig.masking()), so a wrong mapping in evaluate would show.
+    mcfg = MaskingConfig(mask_rate=ecfg.mask_rate, seed=ecfg.seed, unit=ecfg.unit)
     sel = select_positions(ids, rows, 0, mcfg, special, flags=flags)
     x_bar = corrupt(ids, sel, rows, 0, mcfg, special, vocab_size)
     labels = torch.where(sel.mask, ids, -100)  # (B, T): the gold token at A(x), ignored elsewhere
@@ -180,3 +183,121 @@ def test_missing_data_dir_is_one_line(run, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("maskedlm: error:") and "\n" not in err
+
+
+# ------------------------------------------------------------------------- the evaluation mask's unit (issue 8)
+
+
+def _two_token_words(data):
+    """Rewrite the prepared flags so that words are two tokens long (the word-start bit on every other ordinary token):
+    then a whole-word mask and a token mask differ, and a partly selected word is visible."""
+    from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START
+
+    for split in ("train", "val"):
+        path = data / split / "shard_00000.flags.npy"
+        ids, flags = np.load(data / split / "shard_00000.ids.npy"), np.load(path)
+        ordinary = ids >= 5  # the generated vocabulary puts its 5 special tokens first
+        for r in range(len(ids)):
+            k = 0
+            for i in range(ids.shape[1]):
+                if not ordinary[r, i] or flags[r, i] & FLAG_DOC_START:
+                    k = 0  # a special token or a document start begins a new count
+                    continue
+                if k % 2 == 1:
+                    flags[r, i] &= ~np.uint8(FLAG_WORD_START)
+                k += 1
+        np.save(path, flags)
+    return data
+
+
+@pytest.fixture(scope="module")
+def word_run(tmp_path_factory):
+    """A run trained with whole-word masking (masking.unit=word), evaluated periodically with the default eval.*."""
+    import sys
+    from pathlib import Path
+
+    from maskedlm.train import train
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_data import make_data as make_cluster_data
+
+    root = tmp_path_factory.mktemp("wordrun")
+    data = _two_token_words(make_cluster_data(root / "data", rows=64, val_rows=24, seq_len=32))
+    out = root / "run"
+    train("tiny", data=data, out=out, overrides=["masking.unit=word", "train.max_steps=4", "eval.every_steps=4",
+                                                 "eval.micro_batch_rows=7", "checkpoint.every_steps=0",
+                                                 "train.log_every_steps=100"])
+    return data, out
+
+
+def _record_masks(monkeypatch):
+    """Every selection that masking.mask_batch makes from now on, with the config it was made with."""
+    import maskedlm.masking as masking
+
+    seen, original = [], masking.mask_batch
+
+    def recording(ids, row_index, epoch, cfg, *args, **kwargs):
+        out = original(ids, row_index, epoch, cfg, *args, **kwargs)
+        seen.append((cfg, kwargs.get("flags"), out.selection.mask))
+        return out
+
+    monkeypatch.setattr(masking, "mask_batch", recording)
+    return seen
+
+
+def test_default_eval_mask_is_token_level_whatever_the_run_trains_with(word_run, monkeypatch):
+    from maskedlm.data.shards import open_split
+
+    data, out = word_run
+    net, cfg, tok = load_model(out)
+    assert cfg.masking.unit == "word" and cfg.eval.unit == "token"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+    store = open_split(data, "val")
+    loss, acc, count = _reference(net, store, cfg.eval, _special(tok), cfg.model.vocab_size)  # token-level masks
+    assert logged["val_tokens"] == count and logged["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert logged["val_accuracy"] == pytest.approx(acc, abs=1e-12)
+    seen = _record_masks(monkeypatch)
+    again = evaluate(net, store, cfg.eval, _special(tok), cfg.model.vocab_size)
+    assert again["loss"] == logged["val_loss"]  # the run's periodic evaluation is this function with cfg.eval
+    assert seen and all(c.unit == "token" and c.mask_rate == 0.15 and c.seed == 1234 for c, _, _ in seen)
+    # whole-word evaluation of the same model scores other positions (the comparison below can fail)
+    word = evaluate(net, store, EvalConfig(unit="word"), _special(tok), cfg.model.vocab_size)
+    assert (word["tokens"], word["loss"]) != (again["tokens"], again["loss"])
+
+
+def test_eval_unit_word_gives_whole_word_masks(word_run, monkeypatch):
+    from maskedlm.data.shards import FLAG_WORD_START, open_split
+
+    data, out = word_run
+    net, cfg, tok = load_model(out)
+    store = open_split(data, "val")
+    ecfg = EvalConfig(unit="word", micro_batch_rows=5, mask_rate=0.2, seed=7)
+    seen = _record_masks(monkeypatch)
+    got = evaluate(net, store, ecfg, _special(tok), cfg.model.vocab_size)
+    assert seen and all(c.unit == "word" for c, _, _ in seen)
+    multi = 0
+    for _, flags, mask in seen:
+        word_id = torch.cumsum(((flags.long() & FLAG_WORD_START) != 0).long(), dim=1)  # (B, T): which word a token is in
+        for r in range(mask.shape[0]):
+            for w in torch.unique(word_id[r][mask[r]]):
+                members = mask[r][word_id[r] == w]
+                assert bool(members.all()), f"word {int(w)} of a row is partly selected"  # never part of a word
+                multi += int(members.numel() > 1)
+    assert multi > 0  # two-token words were selected whole, not just single-token words
+    # the metrics are those of a dense cross-entropy reference at the same whole-word mask
+    loss, acc, count = _reference(net, store, ecfg, _special(tok), cfg.model.vocab_size)
+    assert got["tokens"] == count and got["loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.unit=sentence", "eval.unit must be one of token, word, span, ngram, got 'sentence'"),
+    ("eval.span_geometric_p=0", "eval.span_geometric_p must be in (0, 1], got 0.0"),
+    ("eval.span_max_words=0", "eval.span_max_words must be >= 1, got 0"),
+    ("eval.max_ngram=0", "eval.max_ngram must be >= 1, got 0"),
+])
+def test_bad_eval_unit_settings_are_refused_naming_the_value(override, message):
+    from maskedlm.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config("tiny", [override])

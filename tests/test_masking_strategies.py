@@ -331,8 +331,12 @@ def test_rate_schedule_is_the_configured_function_of_step(schedule):
 
 
 def test_schedule_validation():
-    with pytest.raises(UserError, match="masking.rate_schedule_steps"):
-        MaskingConfig(rate_schedule="linear", rate_start=0.3).validate()
+    unset = MaskingConfig(rate_schedule="linear", rate_start=0.3)
+    unset.validate()  # rate_schedule_steps 0 is valid: train fills in the run's steps
+    with pytest.raises(UserError, match="masking.rate_schedule_steps > 0"):  # anything else must be told the length
+        rate_at(unset, 0)
+    with pytest.raises(UserError, match="masking.rate_schedule_steps must be >= 0"):
+        MaskingConfig(rate_schedule="linear", rate_schedule_steps=-1).validate()
     with pytest.raises(ValueError, match="config_k_max"):  # a K sized for 15% would silently cap a 30% start
         cfg = MaskingConfig(rate_schedule="linear", rate_start=0.3, rate_schedule_steps=10)
         select_positions(torch.randint(5, 50, (2, 128)), torch.arange(2), 0, cfg, SP, k_max=20)

@@ -1,6 +1,8 @@
 """Issue 6 on CPU: torchrun with 2 gloo processes gives the weights of 1 process reaching the same global batch by
-accumulation (DESIGN 4 and 8), and a 2-process checkpoint resumes in 1 process."""
+accumulation (DESIGN 4 and 8), a 2-process checkpoint resumes in 1 process, and sharded evaluation gives the numbers
+of one process."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +32,10 @@ def _weights(run, step):
     return load_file(str(Path(run) / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
 
 
+def _evals(run):
+    return [r for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+
+
 def _resume_from(src, dst, step, data, nproc, extra=()):
     shutil.copytree(src, dst)
     ck = Path(dst) / "checkpoints"
@@ -52,6 +58,12 @@ def test_two_processes_equal_one_process_with_accumulation_and_resume_across_wor
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    # the periodic evaluations (sharded over the 2 ranks) score the same rows and positions, at weights within 1e-5
+    ev1, ev2 = _evals(tmp_path / "one"), _evals(tmp_path / "two")
+    assert [e["step"] for e in ev1] == [e["step"] for e in ev2] == [3, 6]
+    for e1, e2 in zip(ev1, ev2):
+        assert (e2["val_rows"], e2["val_tokens"]) == (e1["val_rows"], e1["val_tokens"]) == (16, e1["val_tokens"])
+        assert e2["val_loss"] == pytest.approx(e1["val_loss"], rel=1e-4)
     # the 2-process run's step-3 checkpoint, resumed by 1 process, continues as the 2-process run did ...
     _resume_from(tmp_path / "two", tmp_path / "two_then_one", 3, data, nproc=1)
     c = _weights(tmp_path / "two_then_one", 6)
@@ -101,3 +113,84 @@ def test_a_rank_that_dies_ends_the_run_instead_of_hanging(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_each_rank_gets_a_disjoint_share_of_the_items_and_the_same_number_of_iterations(monkeypatch):
+    from maskedlm import distributed as dist
+
+    for world in (1, 2, 3, 4):
+        for n in (0, 1, 2, 5, 7, 8, 13):
+            shares = []
+            for r in range(world):
+                monkeypatch.setattr(dist, "_INFO", dist.DistInfo(rank=r, world_size=world))
+                shares.append(dist.shard_items(n))
+            assert len({len(s) for s in shares}) == 1  # every rank runs as many forwards (FSDP2 gathers in each)
+            real = sorted(i for s in shares for i in s if i is not None)
+            assert real == list(range(n))  # each item exactly once, on exactly one rank
+            assert all(s[:len([i for i in s if i is not None])] == [i for i in s if i is not None] for s in shares)
+    monkeypatch.setattr(dist, "_INFO", dist.DistInfo())
+    assert dist.shard_items(5) == [0, 1, 2, 3, 4]  # one process: everything, in order
+
+
+_EVAL_WORKER = """
+import json, sys
+from pathlib import Path
+from maskedlm import distributed as dist
+from maskedlm.checkpoint import load_model
+from maskedlm.config import EvalConfig
+from maskedlm.data.shards import open_split
+from maskedlm.evaluate import evaluate
+from maskedlm.tokenizer import special_ids
+
+run, data, out, parallel, settings = sys.argv[1:6]
+dist.init("cpu", timeout_minutes=1)  # a regression that unpairs collectives fails, not hangs
+net, cfg, tok = load_model(run)
+model = dist.wrap_model(net, "fsdp2") if parallel == "fsdp2" else net  # as train.py passes it (FSDP2 shards in place)
+store = open_split(data, "val")
+read, rows = [], store.rows
+store.rows = lambda index: (read[-1].extend(int(i) for i in index), rows(index))[1]
+results = []
+for kw in json.loads(settings):
+    read.append([])
+    results.append(evaluate(model, store, EvalConfig(**kw), special_ids(tok), cfg.model.vocab_size))
+reads = dist.all_gather_object(read)  # per rank, per setting: the rows it read, in order
+if dist.is_main():
+    Path(out).write_text(json.dumps({"results": results, "rows_read": reads}))
+dist.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_sharded_evaluation_in_two_processes_equals_one_process(tmp_path, parallel):
+    from maskedlm.train import train
+
+    data = make_data(tmp_path / "data", rows=64, val_rows=23, seq_len=32)
+    run = tmp_path / "run"
+    train("tiny", data, run, ["train.max_steps=20", "eval.every_steps=0", "checkpoint.every_steps=0", "train.log_every_steps=100"])
+    worker = tmp_path / "eval_worker.py"
+    worker.write_text(_EVAL_WORKER)
+    # 23 rows in micro-batches of 3 and 5: an odd number of micro-batches (rank 1 runs one forward it drops, as FSDP2
+    # needs) and a short last one; max_rows; whole-word units; a micro-batch larger than the split (rank 1 has nothing).
+    settings = [dict(micro_batch_rows=3), dict(micro_batch_rows=5, mask_rate=0.3, seed=9), dict(micro_batch_rows=2, max_rows=9),
+                dict(micro_batch_rows=4, unit="word"), dict(micro_batch_rows=64)]
+    got = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval_{nproc}.json"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
+        done = subprocess.run([*launcher, str(worker), str(run), str(data), str(out), parallel, json.dumps(settings)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got[nproc] = json.loads(out.read_text())
+    one, two = got[1]["results"], got[2]["results"]
+    for s, a, b in zip(settings, one, two):
+        assert b == a, s  # identical numbers, to the bit: same micro-batches, same masks, sums in the same order
+        assert a["rows"] == min(23, s.get("max_rows") or 23) and a["tokens"] > 0 and 0 < a["accuracy"] < 1
+    assert len({r["loss"] for r in one}) == len(one)  # the settings do change the numbers
+    # the work was shared: with 8 micro-batches of 3 rows, each rank read 4 of them, disjoint, together every row once
+    first, second = (reads[0] for reads in got[2]["rows_read"])
+    assert sorted(first + second) == list(range(23)) and len(first) == 12
+    # with 5 micro-batches, rank 1 runs its 2 and a dropped forward on micro-batch 0, so FSDP2's gathers pair up
+    first, second = (reads[1] for reads in got[2]["rows_read"])
+    assert sorted(set(first + second)) == list(range(23)) and len(first) == 13 and second[-5:] == [0, 1, 2, 3, 4]

@@ -86,7 +86,9 @@ class MaskingConfig:
     rate_schedule: str = "constant"
     rate_start: float = 0.0  # 0: mask_rate
     rate_end: float = 0.0  # 0: mask_rate
-    rate_schedule_steps: int = 0  # required (> 0) for linear/cosine: usually train.max_steps
+    # Length of a linear/cosine schedule. 0: the run's total steps (train.max_steps, or the steps train.max_tokens
+    # makes), filled in by train and saved in the run's config.json; a time budget alone needs it set.
+    rate_schedule_steps: int = 0
     # Random replacements drawn uniformly from non-special tokens (BERT) or by corpus frequency from the data dir's
     # token_counts.npy (fairseq's freq_weighted_replacement).
     random_token_dist: str = "uniform"
@@ -112,10 +114,8 @@ class MaskingConfig:
         _check(self.rate_schedule in schedules, f"masking.rate_schedule must be one of {', '.join(schedules)}, got {self.rate_schedule!r}")
         _check(self.rate_schedule_steps >= 0, f"masking.rate_schedule_steps must be >= 0, got {self.rate_schedule_steps}")
         if self.rate_schedule != "constant":
-            _check(
-                self.rate_schedule_steps > 0,
-                f"masking.rate_schedule={self.rate_schedule!r} needs masking.rate_schedule_steps > 0 (e.g. train.max_steps), got {self.rate_schedule_steps}",
-            )
+            # rate_schedule_steps 0 is allowed here: train fills it from the run's step budget (train.max_steps or
+            # train.max_tokens); masking.rate_at refuses a schedule still without a length.
             _check(
                 self.predict_rate == 0.0 and self.corrupt_rate == 0.0,
                 f"masking.rate_schedule={self.rate_schedule!r} schedules one rate; leave masking.predict_rate and "
@@ -195,12 +195,34 @@ class EvalConfig:
     seed: int = 1234  # the evaluation mask's own seed
     max_rows: int = 0  # 0: the whole split
     micro_batch_rows: int = 64
+    # The evaluation mask's unit, apart from masking.unit: token-level by default whatever a run trains with, so runs
+    # with different masking strategies are scored on the same positions (issue 8). word/span/ngram score how well a
+    # model fills whole units instead (then compare only runs evaluated with the same eval.* settings).
+    unit: str = "token"
+    # The shape of eval.unit=span / ngram units, the evaluation's own (masking.* may be ablated); published defaults as
+    # in masking.*: SpanBERT's Geometric(0.2) truncated at 10 words (Joshi et al. 2020), n ≤ 3 (Megatron-LM).
+    span_geometric_p: float = 0.2
+    span_max_words: int = 10
+    max_ngram: int = 3
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, f"eval.every_steps must be >= 0, got {self.every_steps}")
         _check(0.0 < self.mask_rate < 1.0, f"eval.mask_rate must be in (0, 1), got {self.mask_rate}")
+        _check(isinstance(self.seed, int), f"eval.seed must be an integer, got {self.seed!r}")
         _check(self.max_rows >= 0, f"eval.max_rows must be >= 0, got {self.max_rows}")
         _check(self.micro_batch_rows > 0, f"eval.micro_batch_rows must be > 0, got {self.micro_batch_rows}")
+        units = ("token", "word", "span", "ngram")
+        _check(self.unit in units, f"eval.unit must be one of {', '.join(units)}, got {self.unit!r}")
+        _check(0.0 < self.span_geometric_p <= 1.0, f"eval.span_geometric_p must be in (0, 1], got {self.span_geometric_p}")
+        _check(self.span_max_words >= 1, f"eval.span_max_words must be >= 1, got {self.span_max_words}")
+        _check(self.max_ngram >= 1, f"eval.max_ngram must be >= 1, got {self.max_ngram}")
+
+    def masking(self) -> MaskingConfig:
+        """The evaluation mask as a MaskingConfig: eval's rate, seed and unit; a constant rate; BERT's 80/10/10
+        corruption with uniform random tokens (nothing of the run's masking.* section)."""
+        return MaskingConfig(mask_rate=self.mask_rate, seed=self.seed, unit=self.unit,
+                             span_geometric_p=self.span_geometric_p, span_max_words=self.span_max_words,
+                             max_ngram=self.max_ngram)
 
 
 @dataclass

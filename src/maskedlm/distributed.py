@@ -107,6 +107,18 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def shard_items(n_items: int) -> list[int | None]:
+    """This rank's share of n_items work items (e.g. evaluation micro-batches): item i goes to rank i % world_size,
+    so the shares are disjoint, cover every item once and do not depend on timing. Every rank gets a list of the same
+    length, padded with None: a sharded model (FSDP2) gathers its weights collectively in each forward, so every rank
+    must run as many forwards as the busiest one (a None is a forward whose result is thrown away). range(n_items)
+    on one process."""
+    w, r = _INFO.world_size, _INFO.rank
+    per_rank = -(-int(n_items) // w)  # ceil
+    mine: list[int | None] = list(range(r, int(n_items), w))
+    return mine + [None] * (per_rank - len(mine))
+
+
 def barrier() -> None:
     if _INFO.distributed:
         dist.barrier()

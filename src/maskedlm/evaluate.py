@@ -1,8 +1,9 @@
 """Masked loss, masked-token accuracy and perplexity at a fixed evaluation mask.
 
-The mask is the training masking code with the evaluation's own (mask_rate, seed) at epoch 0 and the rows' real
-indices in the split, so a number is comparable across runs and checkpoints. Batches are streamed and only the
-logits at A(x) exist, one micro-batch at a time; nothing here trains or stores predictions.
+The mask is the training masking code with the evaluation's own (mask_rate, seed, unit; token-level 15% by default)
+at epoch 0 and the rows' real indices in the split, so a number is comparable across runs, checkpoints and world
+sizes. Micro-batches are streamed, shared out between ranks, and only the logits at A(x) exist; nothing here trains
+or stores predictions.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskedlm.config import EvalConfig, MaskingConfig
+from maskedlm.config import EvalConfig
 from maskedlm.errors import UserError
 
 
 def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cpu", precision: str = "fp32") -> dict:
     """Σ −log p(x_i | x̄) / |A| over the split (or its first cfg.max_rows rows), with accuracy and perplexity.
 
-    `tokens` is the number of scored positions |A| (the loss's denominator); `rows` the rows read.
+    `tokens` is the number of scored positions |A| (the loss's denominator); `rows` the rows read. Under torchrun
+    every rank must call it: the micro-batches are shared out between ranks and the sums reduced, giving every rank
+    the numbers one process would get.
     """
+    from maskedlm import distributed as dist
     from maskedlm.data.shards import FLAG_DOC_START
     from maskedlm.masking import config_k_max, mask_batch
     from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
@@ -33,20 +37,28 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     if precision not in ("fp32", "bf16"):
         raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     device = torch.device(device)
-    mask_cfg = MaskingConfig(mask_rate=cfg.mask_rate, seed=cfg.seed)
-    # K depends only on (T, rate), as in training, so every micro-batch has the same shape.
+    mask_cfg = cfg.masking()
+    # K depends only on (T, rate, unit), as in training, so every micro-batch has the same shape.
     k_max = config_k_max(mask_cfg, store.seq_len)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     )
-    # Accumulate in float64 on the host: the order of additions is fixed, so the same model gives the same bits.
-    nll_sum, correct, count = 0.0, 0, 0
+    mb = cfg.micro_batch_rows
+    n_batches = -(-n_rows // mb)
+    # One row of (Σ −log p, correct, count) per micro-batch of the whole split. A rank fills only its own micro-batches
+    # and the all-reduce adds zeros to the others, which is exact; the totals are then summed in micro-batch order on
+    # every rank. So the numbers do not depend on the world size: micro-batch b holds the same rows (and, keyed by
+    # row index, the same mask) at any world size, and float64 sums taken in a fixed order give the same bits.
+    sums = torch.zeros(n_batches, 3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, n_rows, cfg.micro_batch_rows):
-                index = np.arange(start, min(n_rows, start + cfg.micro_batch_rows), dtype=np.int64)
+            for b in dist.shard_items(n_batches):
+                # None: this rank has run out of micro-batches but must still take part in the forward (a sharded
+                # model gathers its weights collectively); it runs micro-batch 0 again and drops the result.
+                start = (b or 0) * mb
+                index = np.arange(start, min(n_rows, start + mb), dtype=np.int64)
                 ids, flags = store.rows(index)
                 ids = torch.as_tensor(ids, dtype=torch.long)
                 flags = torch.as_tensor(flags)
@@ -56,13 +68,19 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
                     logits = model(
                         batch.input_ids.to(device), positions=batch.positions.to(device), doc_starts=doc_starts.to(device)
                     )
+                if b is None:
+                    continue
                 targets = batch.targets.to(device)
-                nll_sum += float(masked_cross_entropy(logits, targets, reduction="sum"))
                 c, k = masked_accuracy_counts(logits, targets)
-                correct += int(c)
-                count += int(k)
+                sums[b, 0] = masked_cross_entropy(logits, targets, reduction="sum").double()
+                sums[b, 1], sums[b, 2] = c.double(), k.double()
     finally:
         model.train(was_training)
+    dist.all_reduce_sum(sums)
+    nll_sum = 0.0
+    for v in sums[:, 0].tolist():
+        nll_sum += v
+    correct, count = int(sums[:, 1].sum()), int(sums[:, 2].sum())
     if count == 0:
         raise UserError(f"no position was selected for evaluation in {n_rows} rows; raise eval.mask_rate (got {cfg.mask_rate})")
     loss = nll_sum / count
@@ -150,5 +168,5 @@ def evaluate_model(model_path, data, split: str = "val", overrides=(), device: s
         }
     else:
         result = dict(per[split])
-    result.update(split=split, mask_rate=ecfg.mask_rate, seed=ecfg.seed, model=str(Path(model_path)), data=str(Path(data)))
+    result.update(split=split, mask_rate=ecfg.mask_rate, seed=ecfg.seed, unit=ecfg.unit, model=str(Path(model_path)), data=str(Path(data)))
     return result

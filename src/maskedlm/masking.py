@@ -137,7 +137,9 @@ def rate_at(cfg: MaskingConfig, step: int = 0) -> float:
     r1 = cfg.rate_end or cfg.mask_rate
     steps = int(cfg.rate_schedule_steps)
     if steps <= 0:
-        raise UserError(f"masking.rate_schedule={cfg.rate_schedule!r} needs masking.rate_schedule_steps > 0, got {steps}")
+        # train fills 0 in from the run's step budget; anything else (e.g. `maskedlm masks`) must be told the length.
+        raise UserError(f"masking.rate_schedule={cfg.rate_schedule!r} needs masking.rate_schedule_steps > 0 (the "
+                        f"schedule's length in steps; train fills it from train.max_steps), got {steps}")
     t = min(max(int(step), 0), steps) / steps
     if cfg.rate_schedule == "linear":
         return float(r0 + (r1 - r0) * t)

@@ -83,6 +83,34 @@ def _budget(cfg: Config, tokens_per_step: int) -> tuple[int | None, float | None
     return (min(steps) if steps else None), (t.max_minutes * 60.0 if t.max_minutes else None)
 
 
+def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
+    """A linear/cosine mask-rate schedule with masking.rate_schedule_steps 0 runs over the whole run: fill in the run's
+    total steps (train.max_steps, or the steps train.max_tokens makes) before the config is saved or compared, so the
+    saved config.json holds the number and a resume follows the same schedule (it is keyed by step). Returns where
+    the number came from, for the start-up summary; None when nothing was filled."""
+    m, t = cfg.masking, cfg.train
+    if m.rate_schedule == "constant" or m.rate_schedule_steps > 0:
+        return None
+    steps, _ = _budget(cfg, tokens_per_step)
+    if steps is None:
+        raise UserError(
+            f"masking.rate_schedule={m.rate_schedule!r} with a time budget alone (train.max_minutes={t.max_minutes:g}) "
+            "has no step count to schedule over; set masking.rate_schedule_steps (e.g. the steps you expect in that "
+            "time) or give train.max_steps / train.max_tokens"
+        )
+    m.rate_schedule_steps = int(steps)
+    return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
+
+
+def _rate_text(cfg: Config, schedule_from: str | None) -> str:
+    m = cfg.masking
+    if m.rate_schedule == "constant":
+        return f"rate {m.mask_rate:g}"
+    filled = f" (from {schedule_from})" if schedule_from else ""
+    return (f"rate {m.rate_schedule} {m.rate_start or m.mask_rate:g} → {m.rate_end or m.mask_rate:g} over "
+            f"{m.rate_schedule_steps:,} steps{filled}")
+
+
 def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
@@ -118,6 +146,7 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     elif init_from is not None:
         init_model, init_cfg, init_tok = _load_init(init_from)
     cfg, stored = _resolve_config(config, overrides, out, resume, meta, init_cfg)
+    schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * int(meta["seq_len"]))
     if stored is not None:
         diff = config_diff(stored, cfg)
         if diff:
@@ -240,7 +269,9 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         f"val {splits.get('val', {}).get('rows', 0):,} rows; seq_len {seq_len}, vocab {vocab_size:,}\n"
         f"step: {tokens_per_step:,} tokens ({t.global_batch_rows} rows), {micro_per_step} micro-batches of "
         f"{t.micro_batch_rows} rows × {info.world_size} rank(s); {loader.steps_per_epoch:,} steps per epoch\n"
-        f"budget: {' or '.join(budget)}; device {device}, precision {t.precision}, compile {t.compile}"
+        f"budget: {' or '.join(budget)}; device {device}, precision {t.precision}, compile {t.compile}\n"
+        f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
+        f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
     )
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
