@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import resource
@@ -286,19 +285,10 @@ class PeakMatmul:
 
 # ----------------------------------------------------------------------------------------------------------- memory
 def tune_malloc() -> bool:
-    """glibc only: take every allocation from the heap (no mmap) and never trim it back to the OS.
+    """The allocator setting `maskedlm train` applies on CPU (train.reuse_host_memory), for every system alike."""
+    from maskedlm.train import reuse_host_memory
 
-    A train step frees and re-allocates the same large activation buffers every step; glibc's defaults serve them
-    with fresh mmaps, so each step page-faults (and the kernel zeroes) hundreds of MB again. Measured here: ~100k
-    minor faults and ~0.2 s of system time per step of the default shape, gone with this setting (bench/RESULTS.md).
-    It applies to every system in the process alike.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return reuse_host_memory()
 
 
 def _status_mib(key: str) -> float:
@@ -350,8 +340,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu-time", action="store_true",
                    help="time by process CPU time instead of wall time: steadier A/B numbers on a shared machine "
                    "(use with --threads 1; tokens/s then means tokens per CPU-second)")
-    p.add_argument("--malloc", choices=["default", "tuned"], default="default",
-                   help="tuned: glibc mallopt so step buffers are reused instead of re-mmapped (all systems alike)")
+    p.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
+                   help="tuned (default, as maskedlm train does on CPU): glibc mallopt so step buffers are reused instead of re-mmapped, for all systems alike")
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peaks (0: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-system peak RSS child processes (CPU)")
     p.add_argument("--gpu-peak-tflops", type=float, default=0.0,

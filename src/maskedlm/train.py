@@ -115,6 +115,24 @@ def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+def reuse_host_memory() -> bool:
+    """glibc only: serve every allocation from the heap (no mmap) and never trim it back to the OS.
+
+    A CPU train step frees and re-allocates the same large activation buffers every step; glibc's defaults serve them
+    with fresh mmaps, so each step page-faults (and the kernel zeroes) hundreds of MB again: ~100k minor faults and
+    ~0.2 s of system time per step at bench/throughput.py's default shape, gone with this setting (bench/RESULTS.md),
+    for ~10% more peak memory. Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def _load_init(init_from):
     """(MaskedLM, ModelConfig, tokenizer) of a Hugging Face BERT/ModernBERT dir (or a maskedlm run) to start from."""
     from maskedlm.hf import load_hf_model
@@ -163,6 +181,8 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     seq_len = int(meta["seq_len"])
 
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
+    if cfg.train.reuse_host_memory and info.device.type == "cpu":
+        reuse_host_memory()
     device = info.device
     t = cfg.train
     tokens_per_step = t.global_batch_rows * seq_len
