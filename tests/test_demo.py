@@ -13,16 +13,6 @@ import pytest
 from maskedlm.errors import UserError
 
 
-@pytest.fixture()
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a CPU shared with other test runs: one thread contends least
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_demo_short_run_reports_before_and_after(tmp_path, capsys, one_thread):
     from maskedlm import demo
 

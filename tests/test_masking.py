@@ -16,22 +16,7 @@ from maskedlm.masking import (
     mask_batch,
     select_positions,
 )
-
-try:
-    from maskedlm.tokenizer import SpecialIds
-except ImportError:  # masking needs only .all() and .mask; the tokenizer module may land after this one
-    from dataclasses import astuple, dataclass
-
-    @dataclass(frozen=True)
-    class SpecialIds:
-        pad: int
-        unk: int
-        cls: int
-        sep: int
-        mask: int
-
-        def all(self):
-            return astuple(self)
+from maskedlm.tokenizer import SpecialIds
 
 SP = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 V = 30000

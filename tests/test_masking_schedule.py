@@ -22,12 +22,7 @@ QUIET = ["train.log_every_steps=1000", "eval.every_steps=0"]
 LINEAR = ["masking.rate_schedule=linear", "masking.rate_start=0.4", "masking.rate_end=0.15"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,23 +22,7 @@ from maskedlm.masking import (
     select_positions,
     unit_length_probs,
 )
-
-try:
-    from maskedlm.tokenizer import SpecialIds
-except ImportError:  # masking needs only .all() and .mask
-    from dataclasses import astuple, dataclass
-
-    @dataclass(frozen=True)
-    class SpecialIds:
-        pad: int
-        unk: int
-        cls: int
-        sep: int
-        mask: int
-
-        def all(self):
-            return astuple(self)
-
+from maskedlm.tokenizer import SpecialIds
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SP = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)

@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.log_every_steps=1000", "eval.every_steps=0", "checkpoint.every_steps=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several test processes share two cores; one intra-op thread each avoids OpenMP spin contention (10-30× slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
