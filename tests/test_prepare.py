@@ -152,7 +152,7 @@ def test_long_documents_are_chunked_without_changing_tokens(tmp_path, monkeypatc
 
 
 def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks):
-    """encode_batch_fast + the id → word-start table, on joined or single texts, writes the bytes encode_batch + word_ids do."""
+    """encode_batch_fast + the id → word-start table, joined or one text each, writes what encode_batch + word_ids do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = load_tokenizer(toks["wordpiece"])

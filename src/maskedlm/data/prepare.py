@@ -317,7 +317,9 @@ def word_start_table(tok) -> np.ndarray | None:
     """
     from tokenizers import models, pre_tokenizers
 
-    if not isinstance(tok.model, models.WordPiece) or not isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer):
+    if not isinstance(tok.model, models.WordPiece):
+        return None
+    if not isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer):
         return None
     prefix = tok.model.continuing_subword_prefix or ""
     if len(prefix) < 2 or not all(c in string.punctuation for c in prefix):

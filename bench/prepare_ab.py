@@ -1,0 +1,76 @@
+"""A/B of prepare.py versions and settings, in alternating child processes: CPU time (all threads) and wall time.
+
+Not a peer benchmark (bench/prepare.py is): it compares maskedlm with itself, e.g. a commit before a change against
+the working tree, on a shared machine where only same-round ratios mean anything.
+
+    python bench/prepare_ab.py --input /tmp/bpw/corpus_5MB.txt --tokenizer /tmp/bpw/tokenizer --rounds 5 \\
+        ad7c1f7 d07ba21 work work:par=false work:batch=65536 work:join=256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = r"""
+import importlib.util, json, os, sys, time
+path, inp, tok, out, batch, join = sys.argv[1:7]
+if path:
+    spec = importlib.util.spec_from_file_location("prepare_ab_version", path)
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+else:
+    import maskedlm.data.prepare as m
+if int(batch): m.BATCH_CHARS = int(batch)
+if int(join): m.JOIN_TEXTS = int(join)
+import numpy, tokenizers, tqdm  # imported before the clock starts, as in bench/prepare.py
+c, t = time.process_time(), time.perf_counter()
+m.prepare([inp], tok, 128, out, val_fraction=0.01, doc_per="line", workers=0, overwrite=True, progress=False)
+print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="+", help="REV[:par=false][:batch=N][:join=N]; REV a git revision or 'work'")
+    p.add_argument("--input", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="prepare_ab_"))
+    plans = []
+    for v in a.variants:
+        rev, *opts = v.split(":")
+        kw = dict(o.split("=", 1) for o in opts)
+        path = ""
+        if rev != "work":  # that revision's prepare.py, run against the working tree's other modules
+            path = str(tmp / f"prepare_{rev}.py")
+            src = subprocess.run(["git", "show", f"{rev}:src/maskedlm/data/prepare.py"], cwd=ROOT, check=True,
+                                 capture_output=True, text=True).stdout
+            Path(path).write_text(src)
+        env = dict(os.environ, TOKENIZERS_PARALLELISM=kw.get("par", "true"))
+        plans.append((v, path, env, kw.get("batch", "0"), kw.get("join", "0")))
+    res: dict[str, list] = {v: [] for v, *_ in plans}
+    for r in range(a.rounds):
+        for v, path, env, batch, join in plans:
+            out = subprocess.run([sys.executable, "-c", CHILD, path, a.input, a.tokenizer, str(tmp / "out"), batch, join],
+                                 env=env, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{v} failed:\n{out.stderr}")
+            x = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+            res[v].append((x["wall"], x["cpu"]))
+            print(f"round {r} {v:28s} wall {x['wall']:6.2f} cpu {x['cpu']:6.2f} load {os.getloadavg()[0]:.1f}", flush=True)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    base = res[a.variants[0]]
+    for v in a.variants:
+        w, c = med([x[0] for x in res[v]]), med([x[1] for x in res[v]])
+        wr, cr = med([b[0] / x[0] for b, x in zip(base, res[v])]), med([b[1] / x[1] for b, x in zip(base, res[v])])
+        print(f"{v:28s} median wall {w:6.2f} cpu {c:6.2f} | vs {a.variants[0]}: wall {wr:.2f}x cpu {cr:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
