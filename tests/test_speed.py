@@ -33,6 +33,23 @@ def test_explicit_attention_equals_sdpa_fp32(with_mask):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_explicit_attention_gradients_equal_sdpa_fp32(with_mask):
+    """Autograd through the explicit form against autograd through torch's SDPA, fp32, with and without a mask."""
+    q, k, v = (x.requires_grad_() for x in qkv(T=19, D=8, seed=2))
+    mask = None
+    if with_mask:
+        seg = torch.tensor([0] * 7 + [1] * 12)
+        mask = (seg[:, None] == seg[None, :])[None, None].expand(2, 1, 19, 19).clone()
+        mask[0, :, :, 18] = False
+        mask[0, :, 18, 18] = True
+    dy = torch.randn(2, 3, 19, 8, generator=torch.Generator().manual_seed(3))
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), dy)
+    got = torch.autograd.grad(attention_explicit(q, k, v, mask, 0.0), (q, k, v), dy)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 64, 32), (4, 4, 128, 64)])
 def test_explicit_attention_bf16_about_as_precise_as_sdpa_bf16(shape):
     B, H, T, D = shape
