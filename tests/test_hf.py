@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
-from maskedlm.hf import export, import_checkpoint, load_hf_model, to_hf_state_dict
+from maskedlm.hf import export, import_checkpoint, load_hf_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -234,7 +234,7 @@ def test_jsonl_gz_globs_and_dirs(tmp_path, toks):
 
 def test_val_holds_whole_documents_and_split_is_deterministic(tmp_path, monkeypatch, toks):
     tok = load_tokenizer(toks["wordpiece"])
-    sp = special_ids(tok)
+    special_ids(tok)
     docs = make_docs(200, seed=11, tag=True, max_words=20)
     path = write_blank_line(tmp_path / "c.txt", docs)
     by_tag = {f"{i:04d}": i for i in range(len(docs))}
