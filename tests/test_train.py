@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maskedlm.checkpoint import load_model
+from maskedlm.checkpoint import load_model, read_checkpoint
 from maskedlm.errors import UserError
 from maskedlm.train import train
 
@@ -174,12 +174,44 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(data, tmp_pat
     monkeypatch.setattr(objective, "masked_cross_entropy", poisoned)
     out = tmp_path / "run"
     with pytest.raises(UserError, match="3 steps in a row had a non-finite loss") as e:
-        train("tiny", data, out, ["train.max_steps=50", "train.max_bad_steps=3", *QUIET])
+        train("tiny", data, out, ["train.max_steps=50", "train.max_bad_steps=3", *QUIET[:2], "checkpoint.every_steps=2",
+                               "checkpoint.keep=5"])
     assert "step_0000005" in str(e.value)
     recs = _metrics(out)
     assert [r.get("skipped", False) for r in recs] == [False, False, True, True, True]
     state = json.loads((out / "checkpoints" / "step_0000005" / "state.json").read_text())
     assert state["skipped_steps"] == 3 and state["bad_steps_in_row"] == 3
+    # skipped on the device (fused AdamW's found_inf): weights, moments and step counts are those after step 2
+    ck = out / "checkpoints"
+    assert (ck / "step_0000002").is_dir()
+    w2, w5 = load_file(str(ck / "step_0000002" / "model.safetensors")), load_file(str(ck / "step_0000005" / "model.safetensors"))
+    assert w2.keys() == w5.keys() and all(torch.equal(w2[k], w5[k]) for k in w2)
+    o2 = read_checkpoint(ck / "step_0000002").optimizer_state["state"]
+    o5 = read_checkpoint(ck / "step_0000005").optimizer_state["state"]
+    assert o2 and o2.keys() == o5.keys() and all(
+        o2[p].keys() == o5[p].keys() and all(torch.equal(o2[p][k], o5[p][k]) for k in o2[p]) for p in o2)
+
+
+def test_reading_step_numbers_a_step_late_changes_nothing(data, tmp_path, monkeypatch):
+    """On CUDA the loop reads each step's loss and norm one step late (so the host queues ahead); forcing that lag on
+    CPU must give the same records, evaluations and checkpoints as reading at once."""
+    import maskedlm.train as train_mod
+
+    runs = {}
+    for lag in (0, 1, 2):
+        monkeypatch.setattr(train_mod, "HOST_READ_LAG", lag)
+        out = tmp_path / f"lag{lag}"
+        train("tiny", data, out, ["train.max_steps=7", "eval.every_steps=3", "checkpoint.every_steps=4",
+                                  "train.log_every_steps=1000"])
+        recs = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in _metrics(out)]
+        runs[lag] = (recs, sorted(p.name for p in (out / "checkpoints").glob("step_*")), _weights(out))
+    recs0, cks0, w0 = runs[0]
+    assert [r["step"] for r in recs0 if r.get("kind") != "eval"] == list(range(1, 8))
+    assert [r["step"] for r in recs0 if r.get("kind") == "eval"] == [3, 6, 7]
+    for lag in (1, 2):
+        recs, cks, w = runs[lag]
+        assert recs == recs0 and cks == cks0 == ["step_0000004", "step_0000007"]
+        assert all(torch.equal(w[k], w0[k]) for k in w0)
 
 
 def test_time_budget_ends_the_run_and_the_schedule_together(data, tmp_path):

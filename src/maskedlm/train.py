@@ -27,6 +27,7 @@ from maskedlm.metrics import MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.optim import Schedule, build_optimizer, set_lr
 
 DEFAULT_PRESET = "bert-mini"
+HOST_READ_LAG = None  # steps between queuing a step and reading its numbers on the host; None: 1 on CUDA, 0 else
 PREFETCH_STEPS = 2  # steps read and masked ahead; two hide the data path behind a step without holding much memory
 
 
@@ -333,6 +334,64 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         logger.write(f"eval step {step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, perplexity {r['perplexity']:.2f}")
         return r
 
+    # Host reads of device values (loss, norm, counts, stop flags) make the host wait for the device. They are read
+    # HOST_READ_LAG steps late: on CUDA one, so the host queues step s+1 while step s runs; on CPU nothing runs
+    # asynchronously and they are read at once (lag 0, same code). A skipped step is decided on the device: the fused
+    # AdamW takes a found_inf tensor and leaves parameters, moments and its step count alone when it is set.
+    lag = HOST_READ_LAG if HOST_READ_LAG is not None else (1 if device.type == "cuda" else 0)
+    skip_on_device = bool(optimizer.defaults.get("fused")) and not any(
+        hasattr(p, "full_tensor") for p in params)  # FSDP2's DTensor parameters: decided on the host instead
+
+    def host_to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small tensor of host numbers on the device, copied without waiting for the device's queue (a plain
+        copy to CUDA synchronises the stream; one from pinned memory with non_blocking does not)."""
+        x = torch.tensor(values, dtype=dtype)
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+    pending: list[dict] = []  # steps queued on the device whose numbers the host has not read yet
+    flag_queue: list[torch.Tensor] = []
+
+    def read_record(p: dict) -> dict:
+        """One step's numbers, read back to the host (waits for that step on the device)."""
+        nonlocal skipped, bad_in_row, window_t, window_tokens, last
+        stats, norm, bad = p.pop("stats").tolist(), float(p.pop("grad_norm")), bool(p.pop("bad"))
+        count = float(p["count"])
+        if bad:
+            skipped += 1
+            bad_in_row += 1
+        else:
+            bad_in_row = 0
+        window_tokens += tokens_per_step
+        now = time.perf_counter()
+        tok_s = window_tokens / max(now - window_t, 1e-9)
+        rec = {"step": p["step"], "tokens": p["step"] * tokens_per_step, "loss": stats[0] / max(count, 1.0),
+               "masked_acc": stats[1] / max(count, 1.0), "lr": p["lr"], "grad_norm": norm, "tokens_per_s": tok_s,
+               "epoch": p["epoch"]}
+        if bad:
+            rec["skipped"] = True
+        logger.log(rec)
+        last = rec
+        if rec["step"] % t.log_every_steps == 0:
+            logger.progress(t.log_every_steps, rec["loss"], rec["lr"], tok_s)
+            if not logger.bar_visible:
+                dist.print0(f"step {rec['step']}: loss {rec['loss']:.4f}, masked_acc {rec['masked_acc']:.3f}, "
+                            f"lr {rec['lr']:.2e}, grad_norm {norm:.3f}, {tok_s:,.0f} tok/s")
+            window_t, window_tokens = now, 0
+        return rec
+
+    def read_pending(keep: int = 0) -> None:
+        """Read all but the newest `keep` queued steps; stop the run after train.max_bad_steps bad steps in a row."""
+        while len(pending) > keep:
+            read_record(pending.pop(0))
+            if bad_in_row >= t.max_bad_steps:
+                while pending:  # the state saved below must count every step taken
+                    read_record(pending.pop(0))
+                path = save("non-finite loss")
+                raise UserError(
+                    f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); stopped, "
+                    f"checkpoint {path}. Lower optim.lr, or try train.precision=fp32, then --resume"
+                )
+
     stop = _StopFlag()
     stop.install()
     t0 = time.perf_counter()
@@ -342,19 +401,29 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     interrupted = None
     try:
         while True:
-            time_fraction = min(1.0, elapsed() / max_seconds) if max_seconds else None
-            # Every rank must agree on stopping (time and signals differ per process): one tiny max-reduce.
-            flags = dist.all_reduce_max(torch.tensor([float(stop.reason is not None), time_fraction or 0.0], device=device))
+            time_fraction = min(1.0, elapsed() / max_seconds) if max_seconds else 0.0
+            flags = [float(stop.reason is not None), time_fraction]
+            if info.distributed:
+                # Every rank must agree on stopping (time and signals differ per process): one tiny max-reduce,
+                # read `lag` steps late like the other numbers (at once while fewer are queued)
+                flag_queue.append(dist.all_reduce_max(host_to_device(flags, torch.float32)))
+                flags = (flag_queue.pop(0) if len(flag_queue) > lag else flag_queue[-1]).tolist()
             if flags[0] > 0:
                 interrupted = stop.reason or "signal"
                 break
             if (max_steps is not None and step >= max_steps) or (max_seconds is not None and flags[1] >= 1.0):
                 break
             batch = loader.next_step()
-            # The normaliser is the global count of A(x) in this step, known before any backward pass (DESIGN 4).
+            # The normaliser is the global count of A(x) in this step, known before any backward pass (DESIGN 4):
+            # on one process a host number; across ranks a device tensor (summed without the host waiting)
             local = sum(int(mb.masked.num_selected) for mb in batch.micro)
-            count = float(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=device)).item())
-            lr = schedule.lr(step, float(flags[1]) if max_seconds else None)
+            if info.distributed:
+                count = dist.all_reduce_sum(host_to_device([local], torch.float64))[0]
+                norm_by = count.clamp(min=1.0).float()
+            else:
+                count = float(local)
+                norm_by = max(count, 1.0)
+            lr = schedule.lr(step, flags[1] if max_seconds else None)
             set_lr(optimizer, lr)
             nll_sum = torch.zeros((), dtype=torch.float32, device=device)
             correct = torch.zeros((), dtype=torch.float32, device=device)
@@ -367,47 +436,34 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
                         logits = train_model(m.input_ids.to(device, non_blocking=True),
                                              positions=m.positions.to(device, non_blocking=True), doc_starts=doc_starts)
                     nll = masked_cross_entropy(logits, targets, reduction="sum")
-                    (nll / max(count, 1.0)).backward()
+                    (nll / norm_by).backward()
                 nll_sum += nll.detach().float()
                 correct += masked_accuracy_counts(logits.detach(), targets)[0].float()
             stats = dist.all_reduce_sum(torch.stack([nll_sum, correct]))
             grad_norm = dist.clip_grad_norm(params, clip)
-            loss = float(stats[0]) / max(count, 1.0)
-            finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm)) and count > 0
-            if finite:
+            # skip the update on a non-finite loss or gradient, or when no position was selected anywhere
+            bad = ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
+            bad = bad | (count == 0) if info.distributed else (torch.ones_like(bad) if count == 0 else bad)
+            if skip_on_device:
+                optimizer.found_inf = bad.float()
                 optimizer.step()
-                bad_in_row = 0
-            else:
-                skipped += 1
-                bad_in_row += 1
+            elif not bool(bad):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_tokens += tokens_per_step
-            now = time.perf_counter()
-            tok_s = window_tokens / max(now - window_t, 1e-9)
-            rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "masked_acc": float(stats[1]) / max(count, 1.0),
-                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "epoch": batch.epoch}
-            if not finite:
-                rec["skipped"] = True
-            logger.log(rec)
-            last = rec
-            if step % t.log_every_steps == 0:
-                logger.progress(t.log_every_steps, loss, lr, tok_s)
-                if not logger.bar_visible:
-                    dist.print0(f"step {step}: loss {loss:.4f}, masked_acc {rec['masked_acc']:.3f}, lr {lr:.2e}, "
-                                f"grad_norm {rec['grad_norm']:.3f}, {tok_s:,.0f} tok/s")
-                window_t, window_tokens = now, 0
-            if bad_in_row >= t.max_bad_steps:
-                path = save("non-finite loss")
-                raise UserError(
-                    f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); stopped, "
-                    f"checkpoint {path}. Lower optim.lr, or try train.precision=fp32, then --resume"
-                )
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            pending.append({"step": step, "lr": lr, "epoch": batch.epoch, "count": count, "stats": stats,
+                            "grad_norm": grad_norm, "bad": bad})
+            read_pending(keep=lag)
+            due_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0
+            due_save = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            if due_eval or due_save:
+                read_pending()
+            if due_eval:
                 last_eval = run_eval()
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            if due_save:
                 save("periodic")
                 last_saved = step
+        read_pending()
         if interrupted is None and cfg.eval.every_steps and (last_eval is None or step % cfg.eval.every_steps) and step > 0:
             last_eval = run_eval()
         path = save("interrupted by " + interrupted if interrupted else "end") if last_saved != step else (
