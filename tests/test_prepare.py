@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import tracemalloc
 from pathlib import Path
@@ -436,6 +435,7 @@ def test_refuses_prepared_out_without_overwrite(tmp_path, capsys, corpus, toks, 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_50mb_line_peak_memory(tmp_path, toks):
     """The issue's case: one 50 MB line. Peak RSS of a fresh process stays flat (far under 2 GB)."""
     import subprocess
@@ -445,11 +445,18 @@ def test_50mb_line_peak_memory(tmp_path, toks):
     with open(tmp_path / "big.txt", "w") as f:
         for _ in range(50_000_000 // (len(words) + 1)):
             f.write(words + " ")
-    code = (f"from maskedlm.data.prepare import prepare; prepare([{str(tmp_path / 'big.txt')!r}], "
-            f"{str(toks['wordpiece'])!r}, 128, {str(tmp_path / 'data')!r}, val_fraction=0.001, doc_per='line')")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak (its pool workers included), not pytest's
-    assert os.waitstatus_to_exitcode(status) == 0
+    # Not os.wait4's ru_maxrss: at exec Linux keeps the old address space's high-water mark, which for a child of
+    # pytest is pytest's own peak (1.11 GB measured after test_hf's slow test), so that number is max(pytest, child).
+    # VmHWM belongs to the address space made at exec; a pool worker forks from this one, so RUSAGE_CHILDREN is
+    # clean too. Measured here: 99 MB with workers=1 (2 cores), 69 MB + workers 76 MB with 3 workers.
+    code = ("import json, resource\n"
+            "from maskedlm.data.prepare import prepare\n"
+            f"prepare([{str(tmp_path / 'big.txt')!r}], {str(toks['wordpiece'])!r}, 128, {str(tmp_path / 'data')!r}, "
+            f"val_fraction=0.001, doc_per='line')\n"
+            "hwm = [int(s.split()[1]) for s in open('/proc/self/status') if s.startswith('VmHWM:')][0]\n"
+            "print(json.dumps([hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
     meta = load_meta(tmp_path / "data")
     assert meta["documents"] == 1 and meta["splits"]["train"]["rows"] > 100_000
-    assert usage.ru_maxrss < 500_000, f"peak RSS {usage.ru_maxrss} kB"
+    own, workers = json.loads(proc.stdout.strip().splitlines()[-1])  # kB: this process, and its largest pool worker
+    assert max(own, workers) < 500_000, f"peak RSS {own} kB (pool workers: {workers} kB)"
