@@ -340,8 +340,11 @@ def parse_args(argv=None):
     p.add_argument("--cpu-time", action="store_true",
                    help="time by process CPU time instead of wall time: steadier A/B numbers on a shared machine "
                    "(use with --threads 1; tokens/s then means tokens per CPU-second)")
-    p.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
-                   help="tuned (default, as maskedlm train does on CPU): glibc mallopt so step buffers are reused instead of re-mmapped, for all systems alike")
+    p.add_argument("--malloc", choices=["default", "tuned", "as-shipped"], default="tuned",
+                   help="tuned (default, as maskedlm train does on CPU): glibc mallopt so step buffers are reused instead "
+                   "of re-mmapped, for all systems alike; default: glibc's defaults for all; as-shipped: each system as "
+                   "its users get it (maskedlm tuned, as `maskedlm train` sets it; transformers with glibc's defaults), "
+                   "which needs a fresh child process per system and round (the setting is per process)")
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peaks (0: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-system peak RSS child processes (CPU)")
     p.add_argument("--gpu-peak-tflops", type=float, default=0.0,
@@ -351,6 +354,7 @@ def parse_args(argv=None):
                    help="instead of the rounds: torch.profiler over a few steps of SYSTEM, print the top ops")
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_timing-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.preset == "bert-base":
         a.layers, a.hidden, a.heads, a.intermediate = 12, 768, 12, 3072
@@ -381,6 +385,57 @@ def memory_child(a, device):
         sys_.step(to_device(mb, device))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would report its parent's RSS.
     print(json.dumps({"peak_rss_mib": _status_mib("VmHWM")}))
+
+
+def timing_child(a, device):
+    """Child-process mode for --malloc as-shipped: one system, warm-up, then --steps timed steps; prints JSON."""
+    s = make_system(a.systems[0], a, device)
+    s.build()
+    batches = [to_device(mb, device) for mb in make_batches(4, a.batch, a.seq_len, a.vocab, a.mask_rate)]
+    t0 = _clock()
+    s.step(batches[0])
+    first = _clock() - t0
+    for i in range(1, max(a.warmup, 1)):
+        s.step(batches[i % len(batches)])
+    times = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    for i in range(a.steps):
+        t0 = _clock()
+        s.step(batches[(a.warmup + i) % len(batches)])
+        times.append(_clock() - t0)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"times": times, "compile_s": max(0.0, first - min(times)), "params": s.params(),
+                      "sys_s": (ru1.ru_stime - ru0.ru_stime) / a.steps, "faults": (ru1.ru_minflt - ru0.ru_minflt) / a.steps}))
+
+
+def shipped_malloc(name: str) -> str:
+    """The allocator a system's users get: maskedlm train tunes glibc on CPU; transformers leaves it alone."""
+    return "tuned" if name.startswith("maskedlm-") else "default"
+
+
+def timing_in_child(name: str, a) -> dict:
+    argv = shape_argv(a)
+    argv[argv.index("--malloc") + 1] = shipped_malloc(name)
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--systems", name, "--_timing-child",
+           "--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--cpu-time"] if a.cpu_time else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"throughput.py: the {name} child failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class ChildSystem:
+    """A system measured in fresh child processes (--malloc as-shipped); the parent keeps only its numbers."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.family = "modern" if "-modern-" in name else "bert"
+        self.dense_head = name.startswith("hf-bert-")
+        self.compile_s = 0.0
+        self._params = None
+
+    def params(self) -> dict:
+        return self._params
 
 
 def profile(a, device):
@@ -418,6 +473,11 @@ def main(argv=None):
         print("note: --malloc tuned needs glibc; running with the default allocator")
     if a._memory_child:
         return memory_child(a, device)
+    if a._timing_child:
+        return timing_child(a, device)
+    as_shipped = a.malloc == "as-shipped"
+    if as_shipped and device.type != "cpu":
+        raise SystemExit("throughput.py: --malloc as-shipped is about the CPU host allocator; use it with --device cpu")
     if a.profile:
         return profile(a, device)
 
@@ -440,8 +500,12 @@ def main(argv=None):
 
     systems = []
     for name in a.systems:
-        s = make_system(name, a, device)
-        s.build()
+        if as_shipped:  # built, warmed up and timed in a fresh child process per round
+            s = ChildSystem(name)
+            s._params = timing_in_child(name, argparse.Namespace(**{**vars(a), "warmup": 1, "steps": 1}))["params"]
+        else:
+            s = make_system(name, a, device)
+            s.build()
         systems.append(s)
     print("\nparameters (embedding = all nn.Embedding tables; decoder tied):")
     for s in systems:
@@ -450,7 +514,7 @@ def main(argv=None):
 
     # Warm-up: first steps allocate, pick kernels and (with --compile) trace and compile; timed apart.
     print("\nwarm-up ...", flush=True)
-    for s in systems:
+    for s in [] if as_shipped else systems:
         s.sync()
         t0 = _clock()
         s.step(batches[0])
@@ -481,6 +545,13 @@ def main(argv=None):
     for r in range(a.rounds):
         order = systems if r % 2 == 0 else systems[::-1]  # alternate the order so no system always follows another
         for s in order:
+            if as_shipped:
+                res = timing_in_child(s.name, a)
+                times[s.name].append(statistics.median(res["times"]))
+                sys_s[s.name].append(res["sys_s"])
+                faults[s.name].append(res["faults"])
+                s.compile_s = max(s.compile_s, res["compile_s"])
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             s.sync()
@@ -507,7 +578,10 @@ def main(argv=None):
     elif not a.no_memory:
         print("peak RSS per system (fresh child process each) ...", flush=True)
         for s in systems:
-            mem[s.name] = peak_rss_child(s.name, shape_argv(a))
+            argv = shape_argv(a)
+            if as_shipped:
+                argv[argv.index("--malloc") + 1] = shipped_malloc(s.name)
+            mem[s.name] = peak_rss_child(s.name, argv)
 
     results = []
     for s in systems:
