@@ -301,3 +301,25 @@ def test_bad_eval_unit_settings_are_refused_naming_the_value(override, message):
 
     with pytest.raises(UserError, match=re.escape(message)):
         load_config("tiny", [override])
+
+
+@pytest.mark.slow
+def test_maskedlm_eval_under_torchrun_prints_the_numbers_of_one_process(run, data):
+    """`maskedlm eval` under torchrun shares the micro-batches out over the ranks; rank 0 alone prints, and the numbers
+    are those of one process to the bit (same micro-batches, same masks, sums in the same order)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    printed = {}
+    for nproc in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
+        done = subprocess.run([*launcher, "-m", "maskedlm", "eval", str(run), "--data", str(data), "--split", "all",
+                               "eval.micro_batch_rows=3"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count('"loss"') == 3  # one JSON document (pooled + two splits), from rank 0 only
+        printed[nproc] = json.loads(done.stdout)
+    assert printed[2] == printed[1] and printed[1]["rows"] > 6 and printed[1]["tokens"] > 0

@@ -42,7 +42,11 @@ def _train(a):
 def _eval(a):
     from maskedlm.evaluate import evaluate_model
 
-    print(json.dumps(evaluate_model(a.model, data=a.data, split=a.split, overrides=a.overrides), indent=2))
+    from maskedlm.distributed import env_world
+
+    result = evaluate_model(a.model, data=a.data, split=a.split, overrides=a.overrides)
+    if env_world()[0] == 0:  # under torchrun every rank has the same numbers; one prints them
+        print(json.dumps(result, indent=2))
 
 
 def _fill(a):

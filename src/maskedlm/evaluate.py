@@ -131,18 +131,31 @@ def evaluate_model(model_path, data, split: str = "val", overrides=(), device: s
     split "all" evaluates train and val and pools them (each split keeps its own row indices, so its mask is the
     same as when evaluated alone); the per-split numbers are under "splits".
     """
+    if split not in ("val", "train", "all"):
+        raise UserError(f"split must be val, train or all, got {split!r}")
+    from maskedlm import distributed as dist
+
+    # Under torchrun (several processes) the micro-batches are shared out over the ranks, as during training; every
+    # rank returns the numbers one process would. A process group the caller already set up is left to the caller.
+    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = dist.init(device or "auto") if own_group else dist.info()
+    try:
+        return _evaluate_model(model_path, data, split, overrides, info.device)
+    finally:
+        if own_group:
+            dist.shutdown()
+
+
+def _evaluate_model(model_path, data, split: str, overrides, device) -> dict:
     from maskedlm.data.shards import load_meta, open_split
     from maskedlm.inference import resolve_model
     from maskedlm.tokenizer import special_ids
 
-    if split not in ("val", "train", "all"):
-        raise UserError(f"split must be val, train or all, got {split!r}")
     meta = load_meta(data)
     model, cfg, tokenizer = resolve_model(model_path)
     check_compatible(cfg.model, tokenizer, meta, data)
     ecfg = _eval_overrides(cfg, overrides)
     special = special_ids(tokenizer)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     names = ["train", "val"] if split == "all" else [split]
     per = {}
