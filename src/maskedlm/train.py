@@ -382,13 +382,14 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     def read_pending(keep: int = 0) -> None:
         """Read all but the newest `keep` queued steps; stop the run after train.max_bad_steps bad steps in a row."""
         while len(pending) > keep:
-            read_record(pending.pop(0))
+            rec = read_record(pending.pop(0))
             if bad_in_row >= t.max_bad_steps:
+                bad_run = bad_in_row
                 while pending:  # the state saved below must count every step taken
                     read_record(pending.pop(0))
                 path = save("non-finite loss")
                 raise UserError(
-                    f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); stopped, "
+                    f"{bad_run} steps in a row had a non-finite loss or gradient (last at step {rec['step']}); stopped, "
                     f"checkpoint {path}. Lower optim.lr, or try train.precision=fp32, then --resume"
                 )
 
