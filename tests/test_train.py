@@ -160,8 +160,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     assert state["reason"] == "interrupted by SIGTERM"
 
 
-def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(data, tmp_path, monkeypatch, lag):
+    """Lag 0 (CPU): the run stops right after the third bad step. Lag 1 (CUDA's default, forced here): the step queued
+    behind it is taken too (also bad here) and counted in the saved state."""
     import maskedlm.objective as objective
+    import maskedlm.train as train_mod
 
     real = objective.masked_cross_entropy
     calls = {"n": 0}
@@ -172,22 +176,25 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_checkpoint(data, tmp_pat
         return value * float("nan") if calls["n"] > 4 else value  # steps 1-2 fine (2 micro-batches each), then NaN
 
     monkeypatch.setattr(objective, "masked_cross_entropy", poisoned)
+    monkeypatch.setattr(train_mod, "HOST_READ_LAG", lag)
     out = tmp_path / "run"
     with pytest.raises(UserError, match="3 steps in a row had a non-finite loss") as e:
         train("tiny", data, out, ["train.max_steps=50", "train.max_bad_steps=3", *QUIET[:2], "checkpoint.every_steps=2",
                                "checkpoint.keep=5"])
-    assert "step_0000005" in str(e.value)
+    last = 5 + lag
+    assert "last at step 5" in str(e.value) and f"step_{last:07d}" in str(e.value)
     recs = _metrics(out)
-    assert [r.get("skipped", False) for r in recs] == [False, False, True, True, True]
-    state = json.loads((out / "checkpoints" / "step_0000005" / "state.json").read_text())
-    assert state["skipped_steps"] == 3 and state["bad_steps_in_row"] == 3
+    assert [r.get("skipped", False) for r in recs] == [False, False] + [True] * (3 + lag)
+    state = json.loads((out / "checkpoints" / f"step_{last:07d}" / "state.json").read_text())
+    assert state["skipped_steps"] == 3 + lag and state["bad_steps_in_row"] == 3 + lag
     # skipped on the device (fused AdamW's found_inf): weights, moments and step counts are those after step 2
     ck = out / "checkpoints"
     assert (ck / "step_0000002").is_dir()
-    w2, w5 = load_file(str(ck / "step_0000002" / "model.safetensors")), load_file(str(ck / "step_0000005" / "model.safetensors"))
+    w2 = load_file(str(ck / "step_0000002" / "model.safetensors"))
+    w5 = load_file(str(ck / f"step_{last:07d}" / "model.safetensors"))
     assert w2.keys() == w5.keys() and all(torch.equal(w2[k], w5[k]) for k in w2)
     o2 = read_checkpoint(ck / "step_0000002").optimizer_state["state"]
-    o5 = read_checkpoint(ck / "step_0000005").optimizer_state["state"]
+    o5 = read_checkpoint(ck / f"step_{last:07d}").optimizer_state["state"]
     assert o2 and o2.keys() == o5.keys() and all(
         o2[p].keys() == o5[p].keys() and all(torch.equal(o2[p][k], o5[p][k]) for k in o2[p]) for p in o2)
 
