@@ -61,6 +61,35 @@ def test_explicit_attention_bf16_about_as_precise_as_sdpa_bf16(shape):
     assert err_ours <= 2 * err_sdpa, (err_ours, err_sdpa)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_explicit_attention_bf16_gradients_about_as_precise_as_sdpa_bf16(with_mask):
+    """The bf16 scores' backward runs bf16 matmuls (the scores' gradient rounded once, as flash attention does): q, k
+    and v gradients must stay as close to fp32 autograd through SDPA as SDPA's own bf16 backward is."""
+    B, H, T, D = 4, 4, 128, 64
+    q, k, v = qkv(torch.bfloat16, B, H, T, D, seed=5)
+    q, k = q * 1.5, k * 1.5  # sharper softmax, larger score gradients
+    dy = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    mask = None
+    if with_mask:
+        seg = (torch.arange(T) >= 50).long()
+        mask = (seg[:, None] == seg[None, :])[None, None].expand(B, 1, T, T)
+
+    def grads(fn, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        return torch.autograd.grad(fn(*xs), xs, dy.to(dtype))
+
+    exact = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), torch.float32)
+    sdpa = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = grads(lambda a, b, c: attention_explicit(a, b, c, mask, 0.0), torch.bfloat16)
+    for name, o, s_, e in zip("qkv", ours, sdpa, exact):
+        assert o.dtype == torch.bfloat16
+        err_ours = ((o.float() - e).norm() / e.norm()).item()
+        err_sdpa = ((s_.float() - e).norm() / e.norm()).item()
+        assert err_ours <= 2 * err_sdpa, (name, err_ours, err_sdpa)
+        assert err_ours < 1e-2, (name, err_ours)
+
+
 @pytest.mark.parametrize("family", ["bert", "modern"])
 def test_bf16_cpu_train_step_matches_fp32(family, monkeypatch):
     """Under CPU bf16 autocast the model takes the explicit path; loss and gradients stay at bf16 distance of fp32."""
