@@ -157,6 +157,7 @@ reads = dist.all_gather_object(read)  # per rank, per setting: the rows it read,
 if dist.is_main():
     Path(out).write_text(json.dumps({"results": results, "rows_read": reads}))
 dist.shutdown()
+dist.end_process(0)  # as the CLI ends a torchrun worker: finalization is where gloo's threads can abort it
 """
 
 

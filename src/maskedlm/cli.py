@@ -37,6 +37,9 @@ def _train(a):
     from maskedlm.train import train
 
     train(config=a.config, data=a.data, out=a.out, overrides=a.overrides, resume=a.resume, init_from=a.init_from)
+    from maskedlm import distributed as dist
+
+    dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 
 def _eval(a):
