@@ -43,13 +43,13 @@ def _train(a):
 
 
 def _eval(a):
+    from maskedlm import distributed as dist
     from maskedlm.evaluate import evaluate_model
 
-    from maskedlm.distributed import env_world
-
     result = evaluate_model(a.model, data=a.data, split=a.split, overrides=a.overrides)
-    if env_world()[0] == 0:  # under torchrun every rank has the same numbers; one prints them
+    if dist.env_world()[0] == 0:  # under torchrun every rank has the same numbers; one prints them
         print(json.dumps(result, indent=2))
+    dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 
 def _fill(a):
