@@ -1,6 +1,7 @@
 """Hugging Face interop: export → transformers loads it with our logits; import of BERT / ModernBERT dirs
 (MaskedLM, bare encoder, pre-training, sentence-transformers) with our logits equal to transformers' on them."""
 
+import dataclasses
 import json
 
 import pytest
@@ -36,7 +37,7 @@ def tiny_cfg(family, vocab_size):
                        max_positions=64, layer_norm_eps=eps)
 
 
-def make_run(tmp_path, family, seed=0):
+def make_run(tmp_path, family, seed=0, **model_overrides):
     """A maskedlm run dir as training writes it (checkpoint.save_checkpoint), with non-trivial weights."""
     from maskedlm.checkpoint import save_checkpoint
     from maskedlm.model import MaskedLM
@@ -44,7 +45,7 @@ def make_run(tmp_path, family, seed=0):
     tok = tiny_tokenizer()
     tok_file = tmp_path / "tokenizer.json"
     tok.save(str(tok_file))
-    cfg = tiny_cfg(family, tok.get_vocab_size())
+    cfg = dataclasses.replace(tiny_cfg(family, tok.get_vocab_size()), **model_overrides)
     torch.manual_seed(seed)
     model = MaskedLM(cfg)
     with torch.no_grad():
@@ -95,6 +96,17 @@ def test_export_loads_in_transformers_with_equal_logits_and_round_trips(tmp_path
     again, _, _ = load_hf_model(tmp_path / "resaved")
     c = again.state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_export_of_a_doc_attention_model_says_what_transformers_will_attend_to(tmp_path):
+    run, model, tok = make_run(tmp_path, "bert", doc_attention=True)
+    assert model.cfg.doc_attention
+    result = export(run, tmp_path / "hf")
+    assert result["max_abs_diff"] < 1e-5  # verified on one-document input, where the two attentions agree
+    assert "model.doc_attention" in result["report"] and "one-document inputs" in result["report"]
+    (tmp_path / "plain").mkdir()
+    plain, _, _ = make_run(tmp_path / "plain", "bert")
+    assert "note:" not in export(plain, tmp_path / "hf_plain")["report"]
 
 
 def test_fill_mask_pipeline_top1_equals_ours(tmp_path):

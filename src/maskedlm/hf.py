@@ -615,6 +615,9 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
     arch = hf_cfg["architectures"][0]
     check = f"verified with transformers (max |Δlogit| {diff:.2g})" if diff is not None else "not verified (transformers not installed)"
     report = f"exported {arch} ({mcfg.layers} layers, hidden {mcfg.hidden}, vocabulary {net.vocab_size}) to {out}; {check}"
+    if getattr(mcfg, "doc_attention", False):
+        report += ("\nnote: the model was trained with model.doc_attention (attention within each document of a packed "
+                   "row); transformers attends across the whole input, which gives the same outputs on one-document inputs")
     return dict(out=str(out), architecture=arch, max_abs_diff=diff, report=report)
 
 
