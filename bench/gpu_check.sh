@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for one NVIDIA machine, in under 10 minutes: bert-base train-step throughput at seq_len 128 and 512
 # (bf16 autocast, SDPA flash kernels, torch.compile) with MFU against the card's bf16 dense peak, then a few DDP
-# steps of `maskedlm train` under torchrun on 1 GPU. Run from the repository root: `bash bench/gpu_check.sh`.
+# steps of `maskedlm train` under torchrun on 1 GPU, then `maskedlm train`'s tokens/s against the bare step's (what
+# the loop costs). Run from the repository root: `bash bench/gpu_check.sh`.
 # Env: VENV (default .venv-gpu), PEAK_TFLOPS (override the card's peak), SKIP_INSTALL=1, OUT (log dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +61,7 @@ SYSTEMS="maskedlm-bert-bf16 maskedlm-modern-bf16 hf-bert-bf16 hf-modern-sparse-b
 for spec in "128 256" "512 64"; do
   set -- $spec
   log "throughput: bert-base, seq_len $1, batch $2"
-  timeout 240 "$PY" bench/throughput.py --device cuda --preset bert-base --seq-len "$1" --batch "$2" --compile \
+  timeout 150 "$PY" bench/throughput.py --device cuda --preset bert-base --seq-len "$1" --batch "$2" --compile \
     --systems $SYSTEMS --rounds 4 --steps 5 --warmup 3 --gpu-peak-tflops "$PEAK_TFLOPS" \
     --json "$OUT/throughput_T$1.json" 2>&1 | tee "$OUT/throughput_T$1.txt" || log "throughput seq_len $1 failed or timed out"
 done
@@ -84,13 +85,27 @@ TORCHRUN="$BIN_DIR/torchrun"; [ -x "$TORCHRUN" ] || TORCHRUN="$PY -m torch.distr
   set -x
   "$PY" -m maskedlm tokenizer train --input "$D/corpus.txt" --vocab-size 4096 --out "$D/tok"
   "$PY" -m maskedlm prepare --input "$D/corpus.txt" --tokenizer "$D/tok" --seq-len 128 --out "$D/data" --val-fraction 0.02
-  timeout 240 $TORCHRUN --standalone --nproc-per-node 1 -m maskedlm train --config bert-mini --data "$D/data" \
+  timeout 90 $TORCHRUN --standalone --nproc-per-node 1 -m maskedlm train --config bert-mini --data "$D/data" \
     --out "$D/run" train.max_steps=30 train.log_every_steps=10 eval.every_steps=30 checkpoint.every_steps=30
 ) 2>&1 | tee "$OUT/ddp.txt" || log "DDP smoke failed"
+
+# 3) The training loop against the bare step: `maskedlm train` (data loading, masking, logging read a step late)
+#    and bench/throughput.py's step on the same shape (bert-base, vocab 4096, seq_len 128, 256 rows, no compile).
+#    Their tokens/s ratio is what the loop costs on top of the step.
+log "loop vs step: bert-base, seq_len 128, 256 rows, vocab 4096"
+VOCAB=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$D/data/meta.json")
+timeout 60 "$PY" bench/throughput.py --device cuda --preset bert-base --vocab "$VOCAB" --seq-len 128 --batch 256 \
+  --systems maskedlm-bert-bf16 --rounds 3 --steps 10 --warmup 3 2>&1 | tee "$OUT/loop_step.txt" || log "step bench failed"
+timeout 90 "$PY" -m maskedlm train --config bert-base --data "$D/data" --out "$D/run_base" train.max_steps=60 \
+  train.global_batch_rows=256 train.micro_batch_rows=256 train.log_every_steps=20 eval.every_steps=0 \
+  checkpoint.every_steps=0 2>&1 | tee "$OUT/loop_train.txt" || log "loop run failed"
 
 log "summary"
 for f in "$OUT"/throughput_T*.txt; do
   [ -f "$f" ] && { echo "== $f"; grep -E "^(maskedlm|hf)-|^MFU|^matmul peaks" "$f" || true; }
 done
 grep -E "^step|^done|eval step" "$OUT/ddp.txt" || true
+echo "== loop vs step (the train log's tok/s after warm-up against the bench's maskedlm-bert-bf16)"
+grep -E "^maskedlm-bert-bf16" "$OUT/loop_step.txt" || true
+grep -E "^step (40|60)" "$OUT/loop_train.txt" || true
 log "finished in $(( $(date +%s) - START )) s"
