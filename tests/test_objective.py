@@ -107,6 +107,21 @@ def test_accuracy_counts():
     assert (correct.item(), count.item()) == (2, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accuracy_counts_follow_argmax_on_ties(dtype):
+    """Top-1 is torch.argmax's: the first maximum when several entries tie (frequent in bf16)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 4, (6, 9, 50), generator=g).to(dtype)  # values 0..3: many ties per row
+    targets = torch.randint(0, 50, (6, 9), generator=g)
+    targets[:, ::4] = -100
+    first = logits.argmax(dim=-1)
+    targets[1] = torch.where(targets[1] >= 0, first[1], targets[1])  # some rows right by construction
+    correct, count = masked_accuracy_counts(logits, targets)
+    in_a = targets != -100
+    assert count.item() == in_a.sum().item()
+    assert correct.item() == ((first == targets) & in_a).sum().item() > 0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="reduction"):
         masked_cross_entropy(torch.zeros(1, 2, V), torch.zeros(1, 2, dtype=torch.long), reduction="avg")

@@ -48,5 +48,7 @@ def masked_cross_entropy(
 def masked_accuracy_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, count) at A(x): top-1 prediction equals x_i, over entries with targets != -100."""
     in_a = targets != IGNORE_INDEX  # (...)
-    correct = (logits.argmax(dim=-1) == targets) & in_a  # (...)
+    # max(dim).indices is argmax (the first maximum on ties) and ~4× faster than argmax on bf16 logits on CPU
+    # (32 × 39 × 8000, 1 thread: 8.5 vs 35.6 ms, ~6% of a modern-mini train step)
+    correct = (logits.max(dim=-1).indices == targets) & in_a  # (...)
     return correct.sum(), in_a.sum()  # (), ()
