@@ -90,6 +90,31 @@ def test_explicit_attention_bf16_gradients_about_as_precise_as_sdpa_bf16(with_ma
         assert err_ours < 1e-2, (name, err_ours)
 
 
+def test_explicit_attention_without_onednn_precision_control_uses_fp32_scores(monkeypatch):
+    """torch < 2.9 has no torch.backends.mkldnn.matmul.fp32_precision: the scores then come from the plain fp32
+    matmul of the upcast values, which for bf16 inputs is the same product."""
+    import maskedlm.model as mm
+
+    q, k, v = qkv(torch.bfloat16, 2, 3, 32, 16, seed=9)
+    dy = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+
+    def run():
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mm.attention_explicit(*xs, None, 0.0)
+        return (y, *torch.autograd.grad(y, xs, dy))
+
+    with_control = run()
+    monkeypatch.setattr(mm, "_ONEDNN_FP32_PRECISION", False)
+    calls = []
+    monkeypatch.setattr(mm._Bf16Scores, "apply", lambda *a: calls.append(1))
+    without = run()
+    assert not calls
+    torch.testing.assert_close(without[0], with_control[0])  # the forward: the same products, fp32 accumulation
+    for a, b in zip(without[1:], with_control[1:]):  # gradients: one bf16 rounding of dS apart
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("family", ["bert", "modern"])
 def test_bf16_cpu_train_step_matches_fp32(family, monkeypatch):
     """Under CPU bf16 autocast the model takes the explicit path; loss and gradients stay at bf16 distance of fp32."""

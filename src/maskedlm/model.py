@@ -64,6 +64,10 @@ def attention_bias(
 CPU_EXPLICIT_ATTENTION_MAX_SCORES = 1 << 25
 
 
+# torch ≥ 2.9 sets oneDNN's fp32 matmul precision per backend; on older torch the scores take the plain fp32 matmul.
+_ONEDNN_FP32_PRECISION = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")
+
+
 class _Bf16Scores(torch.autograd.Function):
     """scale · q kᵀ as fp32 scores for bf16 q, k (B, H, T, D) on CPU. Forward: oneDNN multiplies the bf16 values with
     fp32 accumulation and fp32 output (mkldnn fp32_precision "bf16": lossless here, the inputs are bf16 already) at
@@ -95,7 +99,7 @@ def attention_explicit(q, k, v, mask: torch.Tensor | None, dropout_p: float) -> 
     """softmax(q kᵀ / √D) v for q, k, v (B, H, T, D): scores and softmax in fp32, then p·v in v's dtype.
     mask: bool, True = may attend (SDPA's convention)."""
     with torch.autocast(q.device.type, enabled=False):  # autocast would take the fp32 scores matmul back to bf16
-        if q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu":
+        if q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu" and _ONEDNN_FP32_PRECISION:
             s = _Bf16Scores.apply(q, k, q.shape[-1] ** -0.5)  # (B, H, T, T) fp32
         else:
             s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, T)
