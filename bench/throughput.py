@@ -404,7 +404,7 @@ def timing_child(a, device):
         s.step(batches[(a.warmup + i) % len(batches)])
         times.append(_clock() - t0)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"times": times, "compile_s": max(0.0, first - min(times)), "params": s.params(),
+    print(json.dumps({"times": times, "compile_s": max(0.0, first - min(times)),
                       "sys_s": (ru1.ru_stime - ru0.ru_stime) / a.steps, "faults": (ru1.ru_minflt - ru0.ru_minflt) / a.steps}))
 
 
@@ -413,29 +413,21 @@ def shipped_malloc(name: str) -> str:
     return "tuned" if name.startswith("maskedlm-") else "default"
 
 
-def timing_in_child(name: str, a) -> dict:
+def child_argv(a, name: str) -> list[str]:
+    """shape_argv for a child process running `name`; under --malloc as-shipped, with that system's allocator."""
     argv = shape_argv(a)
-    argv[argv.index("--malloc") + 1] = shipped_malloc(name)
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--systems", name, "--_timing-child",
+    if a.malloc == "as-shipped":
+        argv[argv.index("--malloc") + 1] = shipped_malloc(name)
+    return argv
+
+
+def timing_in_child(name: str, a) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *child_argv(a, name), "--systems", name, "--_timing-child",
            "--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--cpu-time"] if a.cpu_time else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise SystemExit(f"throughput.py: the {name} child failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-class ChildSystem:
-    """A system measured in fresh child processes (--malloc as-shipped); the parent keeps only its numbers."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.family = "modern" if "-modern-" in name else "bert"
-        self.dense_head = name.startswith("hf-bert-")
-        self.compile_s = 0.0
-        self._params = None
-
-    def params(self) -> dict:
-        return self._params
 
 
 def profile(a, device):
@@ -500,12 +492,8 @@ def main(argv=None):
 
     systems = []
     for name in a.systems:
-        if as_shipped:  # built, warmed up and timed in a fresh child process per round
-            s = ChildSystem(name)
-            s._params = timing_in_child(name, argparse.Namespace(**{**vars(a), "warmup": 1, "steps": 1}))["params"]
-        else:
-            s = make_system(name, a, device)
-            s.build()
+        s = make_system(name, a, device)
+        s.build()  # as-shipped: built here for the parameter counts only; warmed up and timed in child processes
         systems.append(s)
     print("\nparameters (embedding = all nn.Embedding tables; decoder tied):")
     for s in systems:
@@ -578,10 +566,7 @@ def main(argv=None):
     elif not a.no_memory:
         print("peak RSS per system (fresh child process each) ...", flush=True)
         for s in systems:
-            argv = shape_argv(a)
-            if as_shipped:
-                argv[argv.index("--malloc") + 1] = shipped_malloc(s.name)
-            mem[s.name] = peak_rss_child(s.name, argv)
+            mem[s.name] = peak_rss_child(s.name, child_argv(a, s.name))
 
     results = []
     for s in systems:
