@@ -2,7 +2,8 @@
 
 Every system runs the same step (forward, backward, AdamW step) on the same masked batches at the same shape, in
 interleaved rounds after a warm-up, so machine noise hits all of them alike. Prints tokens/s (median over rounds),
-ratios between systems, achieved GFLOP/s against bf16/fp32 matmul peaks measured in the same rounds, and peak memory.
+ratios between systems, achieved GFLOP/s against bf16/fp32 matmul peaks measured in the same rounds, peak memory, and
+the ceiling: each maskedlm system's tokens/s and ratios if every model FLOP ran at the measured bf16 matmul rate.
 This is a benchmark, not a test: nothing here asserts.
 """
 
@@ -611,6 +612,18 @@ def main(argv=None):
     print(" " * (w + 1) + " ".join(f"{n[:14]:>14s}" for n in names))
     for r1 in results:
         print(f"{r1['system']:{w}s} " + " ".join(f"{r1['tokens_per_s'] / r2['tokens_per_s']:>14.2f}" for r2 in results))
+    # Roofline: a step whose every FLOP ran at the measured matmul rate; what torch's matmuls allow a ratio to reach.
+    bf16_peak = peak_gflops["peak-matmul-bf16"] * 1e9
+    peers = [r_ for r_ in results if not r_["system"].startswith("maskedlm-")]
+    ours = [r_ for r_ in results if r_["system"].startswith("maskedlm-")]
+    if ours and peers:
+        print("\nceiling (every model FLOP at the bf16 matmul rate measured above, nothing else in the step):")
+    for r_ in ours:
+        r_["at_peak_tokens_per_s"] = bf16_peak / (r_["model_mflop_per_token"] * 1e6)
+        if peers:
+            print(f"{r_['system']:{w}s} {r_['at_peak_tokens_per_s']:,.0f} tokens/s at the peak: "
+                  + ", ".join(f"{r_['at_peak_tokens_per_s'] / p_['tokens_per_s']:.2f}× {p_['system']}" for p_ in peers)
+                  + f" (measured: {100 * r_['frac_bf16_peak']:.0f}% of it)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "peaks_gflops": peak_gflops, "results": results}, f, indent=2)
