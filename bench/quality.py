@@ -1,6 +1,7 @@
-"""Equal tokens, equal quality: maskedlm against transformers' BertForMaskedLM on the same data and schedule.
+"""Equal tokens, equal quality: maskedlm against transformers' BertForMaskedLM (or, with --family modern,
+ModernBertForMaskedLM with sparse_prediction) on the same data and schedule.
 
-Both train the same shape for the same N tokens on the same prepared rows, in the same order, with the same masks
+Both train the same shape and tensors for the same N tokens on the same prepared rows, in the same order, with the same masks
 (maskedlm's loader and masking feed both), the same AdamW hyperparameters, LR schedule and clipping. Then both are
 scored at the fixed evaluation mask by maskedlm.evaluate (the HF model through hf.py's key map, cross-checked by a
 direct loop over its own logits). The objective is the same, so the held-out losses must agree within noise; the
@@ -57,18 +58,27 @@ def overrides_for(a) -> list[str]:
     ]
 
 
+def preset(a) -> str:
+    """The family's mini preset (its masking rate, schedule and norms); the shape flags override its size."""
+    return "bert-mini" if a.family == "bert" else "modern-mini"
+
+
+def peer_name(a) -> str:
+    return "BertForMaskedLM" if a.family == "bert" else "ModernBertForMaskedLM (sparse_prediction)"
+
+
 def run_maskedlm(a, data: Path, run_dir: Path) -> dict:
     from maskedlm.train import train
 
     t0, c0 = time.perf_counter(), time.process_time()
-    res = train("bert-mini", data, run_dir, overrides=overrides_for(a))
+    res = train(preset(a), data, run_dir, overrides=overrides_for(a))
     return {"wall_s": time.perf_counter() - t0, "loop_s": float(res.get("elapsed_s", float("nan"))),
             "cpu_s": time.process_time() - c0, "steps": int(res["step"])}
 
 
 def run_hf(a, data: Path) -> tuple[torch.nn.Module, dict, object]:
-    """BertForMaskedLM trained by a plain loop that users write, fed by maskedlm's loader and masks."""
-    from transformers import BertConfig, BertForMaskedLM
+    """The peer trained by a plain loop that users write, fed by maskedlm's loader and masks."""
+    from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
     from maskedlm.config import load_config
     from maskedlm.data.loader import RowLoader
@@ -79,7 +89,7 @@ def run_hf(a, data: Path) -> tuple[torch.nn.Module, dict, object]:
     from maskedlm.tokenizer import SpecialIds
 
     meta = load_meta(data)
-    cfg = load_config("bert-mini", overrides_for(a))
+    cfg = load_config(preset(a), overrides_for(a))
     cfg.model.vocab_size = int(meta["vocab_size"])
     cfg.validate()
     special = SpecialIds(**{k: int(v) for k, v in meta["special_ids"].items()})
@@ -88,8 +98,24 @@ def run_hf(a, data: Path) -> tuple[torch.nn.Module, dict, object]:
                           ("cpu" if a.device == "auto" else a.device))
 
     torch.manual_seed(cfg.train.seed)
-    hf_cfg = BertConfig(**hf_config(cfg.model))
-    model = BertForMaskedLM._from_config(hf_cfg, attn_implementation="sdpa").to(device).train()
+    if a.family == "bert":
+        model = BertForMaskedLM._from_config(BertConfig(**hf_config(cfg.model)), attn_implementation="sdpa")
+    else:  # the special ids keep ModernBERT's own defaults (50k+) out of a small vocabulary
+        kw = hf_config(cfg.model, {k: meta["special_ids"][k] for k in ("pad", "cls", "sep")})
+        hf_cfg = ModernBertConfig(**{**kw, "sparse_prediction": True})
+        model = ModernBertForMaskedLM._from_config(hf_cfg, attn_implementation="sdpa")
+    if a.family == "modern":
+        # ModernBERT's own init (truncated normals, scaled per layer) is not the BERT-style init maskedlm uses, so
+        # equal tokens from the two inits would compare inits: the peer starts from maskedlm's initial weights.
+        from maskedlm.hf import to_hf_state_dict
+        from maskedlm.model import MaskedLM
+
+        ours = MaskedLM(cfg.model)
+        ours.init_weights(cfg.train.seed)  # what train.py starts from
+        missing, unexpected = model.load_state_dict(to_hf_state_dict(ours), strict=False)
+        if unexpected or [k for k in missing if k != "decoder.weight"]:  # decoder.weight: tied to the embeddings
+            raise SystemExit(f"quality.py: ModernBERT keys do not match: missing {missing}, unexpected {unexpected}")
+    model.to(device).train()
     # The same AdamW hyperparameters and decay groups; torch's default AdamW implementation (what users get).
     opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     tokens_per_step = cfg.train.global_batch_rows * seq_len
@@ -174,12 +200,18 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="maskedlm's (its default is bf16)")
-    p.add_argument("--hf-precision", choices=["bf16", "fp32"], default="fp32", help="the peer's (fp32: what most users run)")
+    p.add_argument("--family", choices=["bert", "modern"], default="bert",
+                   help="bert: maskedlm's bert-mini against BertForMaskedLM; modern: modern-mini against "
+                        "ModernBertForMaskedLM with sparse_prediction (the shape flags set the size of both)")
+    p.add_argument("--hf-precision", choices=["bf16", "fp32"], default=None,
+                   help="the peer's (default: fp32 for BERT, what most users run; bf16 for ModernBERT, the peer the "
+                        "speed target names)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--eval-rows", type=int, default=0, help="0: the whole val split")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    a.hf_precision = a.hf_precision or ("fp32" if a.family == "bert" else "bf16")
 
     from maskedlm.checkpoint import load_model
     from maskedlm.data.shards import load_meta, open_split
@@ -197,7 +229,7 @@ def main(argv=None):
 
     print("\n== maskedlm ==", flush=True)
     ours = run_maskedlm(a, data, run_dir)
-    print("\n== transformers BertForMaskedLM (sdpa, %s) ==" % a.hf_precision, flush=True)
+    print(f"\n== transformers {peer_name(a)} (sdpa, {a.hf_precision}) ==", flush=True)
     hf_model, theirs, cfg = run_hf(a, data)
 
     special = SpecialIds(**{k: int(v) for k, v in meta["special_ids"].items()})
@@ -212,9 +244,9 @@ def main(argv=None):
 
     print(f"\nheld-out loss at the fixed evaluation mask (eval.seed {cfg.eval.seed}, rate {cfg.eval.mask_rate}, "
           f"{ev_ours['tokens']:,} positions):")
-    print(f"  maskedlm ({a.precision})          loss {ev_ours['loss']:.4f}  acc {ev_ours['accuracy']:.4f}  "
+    print(f"  maskedlm {preset(a)} ({a.precision})  loss {ev_ours['loss']:.4f}  acc {ev_ours['accuracy']:.4f}  "
           f"train loop {ours['loop_s']:.1f} s ({ours['steps']} steps)")
-    print(f"  transformers BERT ({a.hf_precision})  loss {ev_hf['loss']:.4f}  acc {ev_hf['accuracy']:.4f}  "
+    print(f"  transformers {a.family} ({a.hf_precision})  loss {ev_hf['loss']:.4f}  acc {ev_hf['accuracy']:.4f}  "
           f"train loop {theirs['loop_s']:.1f} s ({theirs['steps']} steps)  [direct HF logits: {direct:.4f}]")
     print(f"  loss difference {ev_ours['loss'] - ev_hf['loss']:+.4f}; wall-time ratio (HF ÷ maskedlm) "
           f"{theirs['loop_s'] / ours['loop_s']:.2f}×; CPU-time ratio {theirs['cpu_s'] / ours['cpu_s']:.2f}× "
