@@ -1,11 +1,11 @@
 """Equal tokens, equal quality: maskedlm against transformers' BertForMaskedLM (or, with --family modern,
 ModernBertForMaskedLM with sparse_prediction) on the same data and schedule.
 
-Both train the same shape and tensors for the same N tokens on the same prepared rows, in the same order, with the same masks
-(maskedlm's loader and masking feed both), the same AdamW hyperparameters, LR schedule and clipping. Then both are
-scored at the fixed evaluation mask by maskedlm.evaluate (the HF model through hf.py's key map, cross-checked by a
-direct loop over its own logits). The objective is the same, so the held-out losses must agree within noise; the
-wall-time ratio is the speed-up a user gets. A benchmark, not a test.
+Both train the same shape and tensors for the same N tokens on the same prepared rows, in the same order, with the
+same masks (maskedlm's loader and masking feed both), the same AdamW hyperparameters, LR schedule and clipping. Then
+both are scored at the fixed evaluation mask by maskedlm.evaluate (the HF model through hf.py's key map, cross-
+checked by a direct loop over its own logits). The objective is the same, so the held-out losses must agree within
+noise; the wall-time ratio is the speed-up a user gets. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ def run_hf(a, data: Path) -> tuple[torch.nn.Module, dict, object]:
         kw = hf_config(cfg.model, {k: meta["special_ids"][k] for k in ("pad", "cls", "sep")})
         hf_cfg = ModernBertConfig(**{**kw, "sparse_prediction": True})
         model = ModernBertForMaskedLM._from_config(hf_cfg, attn_implementation="sdpa")
-    if a.family == "modern":
         # ModernBERT's own init (truncated normals, scaled per layer) is not the BERT-style init maskedlm uses, so
         # equal tokens from the two inits would compare inits: the peer starts from maskedlm's initial weights.
         from maskedlm.hf import to_hf_state_dict
