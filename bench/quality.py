@@ -3,9 +3,9 @@ ModernBertForMaskedLM with sparse_prediction) on the same data and schedule.
 
 Both train the same shape and tensors for the same N tokens on the same prepared rows, in the same order, with the
 same masks (maskedlm's loader and masking feed both), the same AdamW hyperparameters, LR schedule and clipping. Then
-both are scored at the fixed evaluation mask by maskedlm.evaluate (the HF model through hf.py's key map, cross-
-checked by a direct loop over its own logits). The objective is the same, so the held-out losses must agree within
-noise; the wall-time ratio is the speed-up a user gets. A benchmark, not a test.
+both are scored at the fixed evaluation mask by maskedlm.evaluate (the HF model through hf.py's key map,
+cross-checked by a direct loop over its own logits). The objective is the same, so the held-out losses must agree
+within noise; the wall-time ratio is the speed-up a user gets. A benchmark, not a test.
 """
 
 from __future__ import annotations
