@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 VENV=${VENV:-.venv-gpu}
 OUT=${OUT:-gpu_check_out}
-DEVICE=${DEVICE:-cuda}  # cpu: a dry run of the flow (it checks the plumbing; its numbers mean nothing)
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*"; }
 

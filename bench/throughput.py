@@ -613,13 +613,12 @@ def main(argv=None):
     for r1 in results:
         print(f"{r1['system']:{w}s} " + " ".join(f"{r1['tokens_per_s'] / r2['tokens_per_s']:>14.2f}" for r2 in results))
     # Roofline: a step whose every FLOP ran at the measured matmul rate; what torch's matmuls allow a ratio to reach.
-    bf16_peak = peak_gflops["peak-matmul-bf16"] * 1e9
     peers = [r_ for r_ in results if not r_["system"].startswith("maskedlm-")]
     ours = [r_ for r_ in results if r_["system"].startswith("maskedlm-")]
     if ours and peers:
         print("\nceiling (every model FLOP at the bf16 matmul rate measured above, nothing else in the step):")
     for r_ in ours:
-        r_["at_peak_tokens_per_s"] = bf16_peak / (r_["model_mflop_per_token"] * 1e6)
+        r_["at_peak_tokens_per_s"] = r_["tokens_per_s"] / r_["frac_bf16_peak"]  # = the bf16 rate ÷ FLOPs per token
         if peers:
             print(f"{r_['system']:{w}s} {r_['at_peak_tokens_per_s']:,.0f} tokens/s at the peak: "
                   + ", ".join(f"{r_['at_peak_tokens_per_s'] / p_['tokens_per_s']:.2f}× {p_['system']}" for p_ in peers)
