@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from maskedlm.errors import UserError
+from maskedlm.tokenizer import SpecialIds
 
 FORMAT_VERSION = 1
 FLAG_DOC_START = 1  # bit 0: the first real token of a document
@@ -45,6 +46,60 @@ def load_meta(data_dir) -> dict:
             "prepare the data again"
         )
     return meta
+
+
+class DataDir:
+    """A prepared data dir, read once: its numbers typed and checked, so no reader indexes meta.json by hand.
+
+    Made by `open_data_dir`. `meta` keeps the raw dict for the few places that copy it verbatim (checkpoint state,
+    reports); everything else reads the typed fields.
+    """
+
+    def __init__(self, path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        try:
+            self.vocab_size = int(meta["vocab_size"])
+            self.seq_len = int(meta["seq_len"])
+            self.special = SpecialIds(**{k: int(meta["special_ids"][k]) for k in ("pad", "unk", "cls", "sep", "mask")})
+            self.splits = {name: dict(meta["splits"].get(name) or {}) for name in SPLITS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise _not_prepared(self.path, f"meta.json has a missing or malformed field: {e}") from None
+        self.tokenizer_hash: str | None = meta.get("tokenizer_hash")
+
+    def rows(self, split: str) -> int:
+        """Rows in `split` (0 for a split the data does not have)."""
+        return int(self.splits.get(split, {}).get("rows", 0))
+
+    def tokens(self, split: str) -> int:
+        return int(self.splits.get(split, {}).get("tokens", 0))
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The tokenizer.json prepare copied into the data dir, or None for data prepared without one."""
+        p = self.path / "tokenizer.json"
+        return p if p.is_file() else None
+
+    def token_counts(self, required_by: str) -> np.ndarray:
+        """The corpus count of every token id (token_counts.npy), for the features that weight by frequency."""
+        p = self.path / "token_counts.npy"
+        if not p.is_file():
+            raise UserError(f"{required_by} needs {p}; prepare the data again")
+        try:
+            counts = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {p} ({e}); prepare the data again") from None
+        if counts.ndim != 1 or counts.dtype.kind not in "iu":
+            raise UserError(f"{p} holds {counts.dtype} of shape {counts.shape}, expected integer counts; prepare the data again")
+        return counts
+
+    def open(self, split: str) -> "RowStore":
+        return open_split(self.path, split)
+
+
+def open_data_dir(data_dir) -> DataDir:
+    """The prepared data dir at `data_dir`, with meta.json checked; UserError (one line) when it is not one."""
+    return DataDir(data_dir, load_meta(data_dir))
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
