@@ -1,7 +1,8 @@
 """The torchrun environment, process groups, model wrapping and reductions: the only module that knows about ranks.
 
 One process (no torchrun variables) takes the same calls as N processes: every helper here is a no-op or identity
-when the world has one rank, so the training loop is one code path (DESIGN decision 8).
+when the world has one rank, so the training loop is one code path: nothing outside this module branches on the
+world size or calls torch.distributed.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def init(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
             raise UserError(f"train.device is {device!r} but no CUDA device is available; use train.device=cpu")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        # A timeout turns a dead peer into an error on the others instead of a hang forever (issue 6).
+        # A timeout turns a dead peer into an error on the others instead of a hang forever.
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -83,6 +84,58 @@ def is_main() -> bool:
 def print0(*args, **kwargs) -> None:
     if _INFO.is_main:
         print(*args, **kwargs, flush=True)
+
+
+def in_process_group() -> bool:
+    """Whether a process group is already set up (by torchrun via `init`, or by a caller of ours)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def on_main(fn, *args, wait: bool = True, **kwargs):
+    """`fn(*args, **kwargs)` on rank 0 alone (writing a file every rank would write); its result there, None on the
+    other ranks. With wait, every rank waits until rank 0 is done, so what it wrote is there for all."""
+    result = fn(*args, **kwargs) if _INFO.is_main else None
+    if wait:
+        barrier()
+    return result
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host numbers on `device`, copied without waiting for the device's queue (a plain copy to
+    CUDA synchronises the stream; one from pinned memory with non_blocking does not)."""
+    x = torch.tensor(values, dtype=dtype)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
+def global_sum(values: list, device: torch.device) -> torch.Tensor:
+    """Host numbers summed over ranks, as a float64 device tensor (no host wait; the numbers themselves on one
+    process). The training step's global count of A(x) is computed here, before any backward pass."""
+    return all_reduce_sum(to_device(values, torch.float64, device))
+
+
+class LaggedMax:
+    """Every rank's maximum of a few host numbers (stop flags, the elapsed fraction of a time budget), so that all
+    ranks agree on when to stop although signals and clocks differ per process.
+
+    The reduced values are read `lag` calls late, like the training step's other numbers, so the host never waits
+    for the device in between (at once while fewer calls are queued). One process has nothing to agree with: the
+    values come back as they are.
+    """
+
+    def __init__(self, lag: int):
+        self.lag = lag
+        self._queue: list[torch.Tensor] = []
+
+    def __call__(self, values: list[float]) -> list[float]:
+        if not _INFO.distributed:
+            return list(values)
+        self._queue.append(all_reduce_max(to_device(values, torch.float32, _INFO.device)))
+        return (self._queue.pop(0) if len(self._queue) > self.lag else self._queue[-1]).tolist()
+
+
+def is_sharded(params) -> bool:
+    """Whether the parameters are FSDP2 DTensors (each rank holds a shard)."""
+    return any(hasattr(p, "full_tensor") for p in params)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +179,7 @@ def barrier() -> None:
 
 def _sum_hook(_state, bucket):
     # DDP's default hook averages gradients over ranks; the loss is already divided by the global count of A(x), so
-    # the gradient of the global objective is the plain sum (DESIGN decision 4: no double averaging).
+    # the gradient of the global objective is the plain sum (averaging again would divide by the world size twice).
     fut = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 

@@ -15,8 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskedlm.config import EvalConfig
+from maskedlm import distributed as dist
+from maskedlm.config import EvalConfig, load_config
+from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_data_dir
 from maskedlm.errors import UserError
+from maskedlm.inference import resolve_model
+from maskedlm import masking
+from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
+from maskedlm.tokenizer import special_ids, tokenizer_hash
 
 
 def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cpu", precision: str = "fp32") -> dict:
@@ -26,11 +32,6 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     every rank must call it: the micro-batches are shared out between ranks and the sums reduced, giving every rank
     the numbers one process would get.
     """
-    from maskedlm import distributed as dist
-    from maskedlm.data.shards import FLAG_DOC_START
-    from maskedlm.masking import config_k_max, mask_batch
-    from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
-
     n_rows = len(store) if cfg.max_rows <= 0 else min(len(store), cfg.max_rows)
     if n_rows == 0:
         raise UserError("the evaluation split has no rows; prepare the data with a validation split (--val-fraction > 0) or pick another split")
@@ -39,7 +40,7 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     device = torch.device(device)
     mask_cfg = cfg.masking()
     # K depends only on (T, rate, unit), as in training, so every micro-batch has the same shape.
-    k_max = config_k_max(mask_cfg, store.seq_len)
+    k_max = masking.config_k_max(mask_cfg, store.seq_len)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     )
@@ -62,7 +63,7 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
                 ids, flags = store.rows(index)
                 ids = torch.as_tensor(ids, dtype=torch.long)
                 flags = torch.as_tensor(flags)
-                batch = mask_batch(ids, torch.as_tensor(index), 0, mask_cfg, special, vocab_size, flags=flags, k_max=k_max)
+                batch = masking.mask_batch(ids, torch.as_tensor(index), 0, mask_cfg, special, vocab_size, flags=flags, k_max=k_max)
                 doc_starts = (flags & FLAG_DOC_START) != 0
                 with autocast:
                     logits = model(
@@ -95,32 +96,28 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
 
 def _eval_overrides(cfg, overrides) -> EvalConfig:
     """Apply `eval.key=value` overrides (the only section evaluation reads) with the config loader's own coercion."""
-    from maskedlm.config import load_config
-
     for item in overrides or ():
         if not str(item).strip().startswith("eval."):
             raise UserError(f"evaluation takes only eval.KEY=VALUE overrides (e.g. eval.max_rows=100), got {item!r}")
     return load_config(cfg, overrides).eval
 
 
-def check_compatible(model_cfg, tokenizer, meta: dict, data) -> None:
+def check_compatible(model_cfg, tokenizer, data: DataDir) -> None:
     """Refuse data that the model cannot read: another vocabulary, another tokenizer, or rows longer than its positions."""
-    from maskedlm.tokenizer import tokenizer_hash
-
-    if int(meta["vocab_size"]) != int(model_cfg.vocab_size):
+    if data.vocab_size != int(model_cfg.vocab_size):
         raise UserError(
-            f"data {data} has vocab_size {meta['vocab_size']} but the model has {model_cfg.vocab_size}; "
+            f"data {data.path} has vocab_size {data.vocab_size} but the model has {model_cfg.vocab_size}; "
             "prepare the data with the model's tokenizer"
         )
-    want = meta.get("tokenizer_hash")
+    want = data.tokenizer_hash
     if want and tokenizer is not None and tokenizer_hash(tokenizer) != want:
         raise UserError(
-            f"data {data} was prepared with a different tokenizer than the model's (tokenizer_hash {want[:12]}… vs "
+            f"data {data.path} was prepared with a different tokenizer than the model's (tokenizer_hash {want[:12]}… vs "
             f"{tokenizer_hash(tokenizer)[:12]}…); prepare the data with the model's tokenizer"
         )
-    if int(meta["seq_len"]) > int(model_cfg.max_positions):
+    if data.seq_len > int(model_cfg.max_positions):
         raise UserError(
-            f"data {data} has seq_len {meta['seq_len']} but the model takes at most {model_cfg.max_positions} positions; "
+            f"data {data.path} has seq_len {data.seq_len} but the model takes at most {model_cfg.max_positions} positions; "
             "prepare the data with a smaller --seq-len"
         )
 
@@ -133,11 +130,9 @@ def evaluate_model(model_path, data, split: str = "val", overrides=(), device: s
     """
     if split not in ("val", "train", "all"):
         raise UserError(f"split must be val, train or all, got {split!r}")
-    from maskedlm import distributed as dist
-
     # Under torchrun (several processes) the micro-batches are shared out over the ranks, as during training; every
     # rank returns the numbers one process would. A process group the caller already set up is left to the caller.
-    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    own_group = not dist.in_process_group()
     info = dist.init(device or "auto") if own_group else dist.info()
     try:
         return _evaluate_model(model_path, data, split, overrides, info.device)
@@ -147,20 +142,16 @@ def evaluate_model(model_path, data, split: str = "val", overrides=(), device: s
 
 
 def _evaluate_model(model_path, data, split: str, overrides, device) -> dict:
-    from maskedlm.data.shards import load_meta, open_split
-    from maskedlm.inference import resolve_model
-    from maskedlm.tokenizer import special_ids
-
-    meta = load_meta(data)
+    data_dir = open_data_dir(data)
     model, cfg, tokenizer = resolve_model(model_path)
-    check_compatible(cfg.model, tokenizer, meta, data)
+    check_compatible(cfg.model, tokenizer, data_dir)
     ecfg = _eval_overrides(cfg, overrides)
     special = special_ids(tokenizer)
     model.to(device)
     names = ["train", "val"] if split == "all" else [split]
     per = {}
     for name in names:
-        store = open_split(data, name)
+        store = data_dir.open(name)
         if len(store) == 0:
             if split == "all":
                 continue

@@ -1,8 +1,9 @@
 """The training loop: masks, sparse forward, Σ −log p / global |A(x)|, accumulate, clip, step, schedule, log, save.
 
-One code path for one CPU and N torchrun processes (distributed.py hides the difference). A run lives in RUN_DIR
-(config.json, metrics.jsonl, checkpoints/); it resumes bit-identically on CPU because the model, optimizer, loader
-position and RNG state are saved, masks are counter-based, and the LR is a pure function of the step.
+`Trainer` holds one run: construction does the set-up, `train_step(batch)` is one whole optimizer step (the one that
+bench/throughput.py times), `fit()` is the loop, `state_dict()` / `load_state_dict()` carry what a resume needs.
+`train()` is the public entry: it resolves the config, data and run dir, resumes, and calls `fit()`. One code path
+for one CPU and N torchrun processes: only distributed.py knows about ranks.
 """
 
 from __future__ import annotations
@@ -13,20 +14,29 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from maskedlm import distributed as dist
-from maskedlm.checkpoint import (
-    atomic_write_text, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state,
-)
+from maskedlm import objective
+from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
 from maskedlm.config import Config, config_diff, config_hash, flat_config, load_config
+from maskedlm.data.loader import RowLoader, StepBatch
+from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_data_dir
 from maskedlm.errors import UserError
+from maskedlm.evaluate import check_compatible, evaluate
+from maskedlm.files import atomic_write_text
+from maskedlm.hf import load_hf_model
+from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import MetricsLogger, NullLogger, truncate_jsonl
+from maskedlm.model import MaskedLM
 from maskedlm.optim import Schedule, build_optimizer, set_lr
 
-DEFAULT_PRESET = "bert-mini"
+# The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
+# context within ~150 steps, while bert-mini stays on the unigram plateau far longer.
+DEFAULT_PRESET = "modern-mini"
 HOST_READ_LAG = None  # steps between queuing a step and reading its numbers on the host; None: 1 on CUDA, 0 else
 PREFETCH_STEPS = 2  # steps read and masked ahead; two hide the data path behind a step without holding much memory
 
@@ -55,6 +65,7 @@ class _StopFlag:
         self._old = {}
 
 
+# ------------------------------------------------------------------------------------------------ run set-up
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -62,7 +73,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def _resolve_config(config, overrides, out: Path, resume: bool, meta: dict, init_cfg) -> tuple[Config, Config | None]:
+def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, init_cfg) -> tuple[Config, Config | None]:
     """The run's Config (model.vocab_size filled from the data) and, when resuming, the stored one."""
     stored = None
     if resume and (out / "config.json").is_file():
@@ -72,7 +83,7 @@ def _resolve_config(config, overrides, out: Path, resume: bool, meta: dict, init
     if init_cfg is not None:  # --init-from: the architecture is the checkpoint's
         cfg.model = init_cfg
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = int(meta["vocab_size"])
+        cfg.model.vocab_size = data.vocab_size
     return cfg.validate(), stored
 
 
@@ -101,6 +112,16 @@ def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
         )
     m.rate_schedule_steps = int(steps)
     return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
+
+
+def _check_same_config(stored: Config | None, cfg: Config, out: Path) -> None:
+    if stored is None:
+        return
+    diff = config_diff(stored, cfg)
+    if diff:
+        fs, fc = flat_config(stored), flat_config(cfg)
+        shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
+        raise UserError(f"--resume with a different config than the run in {out} ({shown}); resume with the same config or start a new --out")
 
 
 def _rate_text(cfg: Config, schedule_from: str | None) -> str:
@@ -134,351 +155,390 @@ def reuse_host_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def _load_init(init_from):
-    """(MaskedLM, ModelConfig, tokenizer) of a Hugging Face BERT/ModernBERT dir (or a maskedlm run) to start from."""
-    from maskedlm.hf import load_hf_model
+def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint | None:
+    """The newest usable checkpoint of the run in `out`, checked against this config and data; None: start at 0."""
+    dist.on_main(remove_stale_tmp, out / "checkpoints")  # a save that a kill interrupted
+    ck = load_for_resume(out, warn=dist.print0)
+    if ck is None:
+        dist.print0(f"note: {out} has no checkpoint yet; starting the run from step 0")
+        return None
+    differ = config_diff(load_config(ck.config), cfg)
+    if differ:
+        raise UserError(f"checkpoint {ck.path} was written by a different config ({', '.join(differ)} differ); "
+                        "resume with the same config or start a new --out")
+    was = ck.state.get("data", {}).get("tokenizer_hash")
+    if was and data.tokenizer_hash and was != data.tokenizer_hash:
+        raise UserError(f"{data.path} was prepared with a different tokenizer than the run in {out} was trained on; "
+                        "resume with the run's data")
+    return ck
 
-    model, cfg, tok = load_hf_model(init_from)
-    return model, cfg.model, tok
+
+# ------------------------------------------------------------------------------------------------ the trainer
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, left on the device until `Trainer.read` (reading them waits for the step)."""
+
+    step: int  # optimizer steps taken, this one included
+    lr: float
+    epoch: int
+    count: torch.Tensor  # () float64: the global |A(x)| of the step, the loss's normaliser
+    sums: torch.Tensor  # (2,) float32: Σ −log p and correct top-1 predictions over the step, all ranks
+    grad_norm: torch.Tensor  # (): before clipping
+    bad: torch.Tensor  # () bool: the update was skipped (non-finite loss or gradient, or nothing selected)
 
 
-def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
-    """Train per `config` (preset name, TOML path, Config or dict) on DATA_DIR into RUN_DIR; returns final metrics."""
-    from maskedlm.data.loader import RowLoader
-    from maskedlm.data.shards import FLAG_DOC_START, load_meta, open_split
-    from maskedlm.masking import config_k_max, mask_batch
-    from maskedlm.model import MaskedLM
-    from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
-    from maskedlm.tokenizer import SpecialIds
+class Trainer:
+    """One training run. Construction does the set-up; `train_step` is one optimizer step; `fit` is the loop.
 
-    if data is None or out is None:
-        raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
-    data, out = Path(data), Path(out)
-    meta = load_meta(data)
-    has_run = (out / "config.json").exists() or (out / "checkpoints").exists()
-    if has_run and not resume:
-        raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
+    model: the MaskedLM to train, its weights already loaded (a resume or --init-from loads them before wrapping).
+    data: the prepared data dir to train on; None builds only what `train_step` needs (bench/throughput.py and the
+    step tests feed their own batches). out: the run dir to log and save into; None logs and saves nothing.
+    """
 
-    init_model = init_cfg = init_tok = None
-    if init_from is not None and has_run:
-        print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
-    elif init_from is not None:
-        init_model, init_cfg, init_tok = _load_init(init_from)
-    cfg, stored = _resolve_config(config, overrides, out, resume, meta, init_cfg)
-    schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * int(meta["seq_len"]))
-    if stored is not None:
-        diff = config_diff(stored, cfg)
-        if diff:
-            fs, fc = flat_config(stored), flat_config(cfg)
-            shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
-            raise UserError(f"--resume with a different config than the run in {out} ({shown}); resume with the same config or start a new --out")
+    def __init__(self, cfg: Config, model: MaskedLM, data: DataDir | None = None, out: Path | None = None, *,
+                 device: torch.device | None = None, logger=None):
+        self.cfg, self.data, self.out = cfg, data, (Path(out) if out is not None else None)
+        t = cfg.train
+        self.device = device if device is not None else dist.info().device
+        self.model = model.to(self.device)
+        self.num_parameters = model.num_parameters()  # before sharding
+        self.sync_model = dist.wrap_model(model, t.parallel)
+        self.optimizer = build_optimizer(model, cfg.optim, self.device)  # after wrapping: FSDP2 replaces parameters
+        self.forward = torch.compile(self.sync_model) if t.compile else self.sync_model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+        self.clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
+        # A skipped step is decided on the device where the fused AdamW can take it (a found_inf tensor leaves
+        # parameters, moments and its step count alone); elsewhere the host reads the flag first.
+        self.skip_on_device = bool(self.optimizer.defaults.get("fused")) and not dist.is_sharded(self.params)
+        # Host reads of device values (loss, norm, counts, stop flags) make the host wait for the device. On CUDA
+        # they are read one step late, so the host queues step s+1 while step s runs; on CPU nothing runs
+        # asynchronously and they are read at once (lag 0, the same code).
+        self.lag = HOST_READ_LAG if HOST_READ_LAG is not None else (1 if self.device.type == "cuda" else 0)
 
-    # The data must fit the model: vocabulary, positions, tokenizer.
-    from maskedlm.evaluate import check_compatible
+        self.seq_len = data.seq_len if data is not None else None
+        self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)
+        self.max_steps, self.max_seconds = _budget(cfg, self.tokens_per_step) if data is not None else (None, None)
+        self.schedule = Schedule(cfg.optim, self.max_steps)
+        self.loader = self._build_loader() if data is not None else None
+        self.val_store = self._open_val() if data is not None else None
+        self.logger = logger if logger is not None else NullLogger()
 
-    check_compatible(cfg.model, init_tok, meta, data)
-    special = SpecialIds(**{k: int(v) for k, v in meta["special_ids"].items()})
-    vocab_size = int(meta["vocab_size"])
-    seq_len = int(meta["seq_len"])
+        self.step = 0  # optimizer steps taken
+        self.skipped = 0  # steps whose update was skipped, over the whole run
+        self.bad_in_row = 0
+        self.elapsed_before = 0.0  # seconds of training before this process (a resumed run continues its clock)
+        self.last_saved: int | None = None  # the step of the newest checkpoint (resuming a finished run saves nothing)
+        self.last_eval: dict | None = None
+        self._t0 = time.perf_counter()
+        self._window = (time.perf_counter(), 0)  # (start, tokens) of the throughput window
+        self._last_record: dict = {"step": 0}
+        self._pending: list[StepResult] = []  # steps queued on the device whose numbers the host has not read yet
+        self._agree = dist.LaggedMax(self.lag)
 
-    info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
-    if cfg.train.reuse_host_memory and info.device.type == "cpu":
-        reuse_host_memory()
-    device = info.device
-    t = cfg.train
-    tokens_per_step = t.global_batch_rows * seq_len
-    max_steps, max_seconds = _budget(cfg, tokens_per_step)
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _build_loader(self) -> RowLoader:
+        cfg, data, t = self.cfg, self.data, self.cfg.train
+        k_max = config_k_max(cfg.masking, data.seq_len)  # one K for the whole run: static shapes for torch.compile
+        counts = None
+        if cfg.masking.random_token_dist == "unigram":
+            counts = torch.from_numpy(data.token_counts("masking.random_token_dist='unigram'"))
 
-    train_store = open_split(data, "train")
-    val_store = None
-    if cfg.eval.every_steps > 0:
-        if int(meta["splits"].get("val", {}).get("rows", 0)) > 0:
-            val_store = open_split(data, "val")
-        else:
-            dist.print0(f"note: {data} has no validation rows; periodic evaluation is off (prepare with --val-fraction > 0)")
+        def make_masks(mb, position):
+            # Masks are keyed by (masking.seed, epoch, row index): the same whatever the batch split or world size.
+            return mask_batch(mb.ids, mb.row_index, mb.epoch, cfg.masking, data.special, data.vocab_size, flags=mb.flags,
+                              step=position, k_max=k_max, token_counts=counts)
 
-    # Model θ, ω: a private-generator init, then the global RNG (dropout) seeded for this run.
-    model = MaskedLM(cfg.model)
-    model.init_weights(t.seed)
-    if init_model is not None:
-        model.load_state_dict(init_model.state_dict())
-        del init_model
-    torch.manual_seed(t.seed + info.rank)  # dropout: rank 0 of N draws as a single process would; the others differ
-    model.to(device)
-    schedule = Schedule(cfg.optim, max_steps)
+        info = dist.info()
+        return RowLoader(data.open("train"), t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
+                         world_size=info.world_size, transform=make_masks,
+                         prefetch_steps=PREFETCH_STEPS if t.prefetch else 0)
 
-    k_max = config_k_max(cfg.masking, seq_len)  # one K for the whole run: static shapes for torch.compile
-    token_counts = None
-    if cfg.masking.random_token_dist == "unigram":
-        import numpy as np
-
-        if not (data / "token_counts.npy").is_file():
-            raise UserError(f"masking.random_token_dist='unigram' needs {data / 'token_counts.npy'}; prepare the data again")
-        token_counts = torch.from_numpy(np.load(data / "token_counts.npy"))
-
-    def make_masks(mb, position):
-        # Masks are keyed by (masking.seed, epoch, row index): the same whatever the batch split or world size.
-        return mask_batch(mb.ids, mb.row_index, mb.epoch, cfg.masking, special, vocab_size, flags=mb.flags,
-                          step=position, k_max=k_max, token_counts=token_counts)
-
-    loader = RowLoader(train_store, t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
-                       world_size=info.world_size, transform=make_masks, prefetch_steps=PREFETCH_STEPS if t.prefetch else 0)
-
-    # Resume: weights (before wrapping), loader position, RNG, counters; optimizer state once it exists.
-    step, elapsed_before, skipped, bad_in_row, resumed_at, optimizer_state = 0, 0.0, 0, 0, None, None
-    ck_root = out / "checkpoints"
-    if resume and has_run:
-        if info.is_main:
-            remove_stale_tmp(ck_root)
-        dist.barrier()
-        ck = load_for_resume(out, warn=dist.print0)
-        if ck is None:
-            dist.print0(f"note: {out} has no checkpoint yet; starting the run from step 0")
-        else:
-            differ = config_diff(load_config(ck.config), cfg)
-            if differ:
-                raise UserError(f"checkpoint {ck.path} was written by a different config ({', '.join(differ)} differ); "
-                                "resume with the same config or start a new --out")
-            was = ck.state.get("data", {}).get("tokenizer_hash")
-            if was and meta.get("tokenizer_hash") and was != meta["tokenizer_hash"]:
-                raise UserError(f"{data} was prepared with a different tokenizer than the run in {out} was trained on; "
-                                "resume with the run's data")
-            model.load_state_dict(ck.model_state)
-            optimizer_state = ck.optimizer_state
-            loader.load_state_dict(ck.state["loader"])
-            per_rank = ck.state.get("rng_ranks") or []
-            if len(per_rank) == info.world_size:
-                set_rng_state(per_rank[info.rank])  # the same world size: each rank's dropout stream continues
-            step = int(ck.state["step"])
-            resumed_at = step
-            elapsed_before = float(ck.state.get("elapsed_s", 0.0))
-            skipped = int(ck.state.get("skipped_steps", 0))
-            bad_in_row = int(ck.state.get("bad_steps_in_row", 0))
-            dist.print0(f"resuming from {ck.path} (step {step})")
-            del ck
-    elif resume:
-        dist.print0(f"note: nothing to resume in {out}; starting a new run")
-
-    dist.barrier()  # every rank has checked RUN_DIR (has_run) before rank 0 writes into it
-    out.mkdir(parents=True, exist_ok=True)
-    if info.is_main:
-        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        truncate_jsonl(out / "metrics.jsonl", step)
-    logger = MetricsLogger(out, max_steps, start_step=step) if info.is_main else NullLogger()
-
-    n = model.num_parameters()  # before sharding
-    train_model = dist.wrap_model(model, t.parallel)
-    sync_model = train_model
-    optimizer = build_optimizer(model, cfg.optim, device)  # after wrapping: FSDP2 replaces the parameters
-    if optimizer_state is not None:
-        dist.load_optimizer_state(model, optimizer, optimizer_state)
-        del optimizer_state
-    if t.compile:
-        train_model = torch.compile(train_model)
-
-    # What the run derived, printed once.
-    splits = meta["splits"]
-    micro_per_step = t.global_batch_rows // (info.world_size * t.micro_batch_rows)
-    budget = []
-    if max_steps:
-        budget.append(f"{max_steps:,} step{'s' if max_steps != 1 else ''}")
-    if max_seconds:
-        budget.append(f"{t.max_minutes:g} minutes (LR schedule follows elapsed time)")
-    dist.print0(
-        f"model: {cfg.model.family}, θ (encoder) {_fmt(n['theta'])} parameters, ω (head) {_fmt(n['omega'])}\n"
-        f"data: {data}: train {splits['train']['rows']:,} rows ({_fmt(int(splits['train']['tokens']))} tokens), "
-        f"val {splits.get('val', {}).get('rows', 0):,} rows; seq_len {seq_len}, vocab {vocab_size:,}\n"
-        f"step: {tokens_per_step:,} tokens ({t.global_batch_rows} rows), {micro_per_step} micro-batches of "
-        f"{t.micro_batch_rows} rows × {info.world_size} rank(s); {loader.steps_per_epoch:,} steps per epoch\n"
-        f"budget: {' or '.join(budget)}; device {device}, precision {t.precision}, compile {t.compile}\n"
-        f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
-        f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
-    )
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
-    clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-    params = [p for p in model.parameters() if p.requires_grad]
-    tokenizer_json = data / "tokenizer.json" if (data / "tokenizer.json").is_file() else None
-
-    evaluate = None
-    if val_store is not None:
-        try:
-            from maskedlm.evaluate import evaluate
-        except ImportError:
-            dist.print0("note: maskedlm.evaluate is not available; periodic evaluation is off")
-
-    def elapsed() -> float:
-        return elapsed_before + (time.perf_counter() - t0)
-
-    def save(reason: str = "") -> Path | None:
-        path = None
-        rngs = dist.all_gather_object(rng_state())  # collectives: every rank calls save()
-        model_state, optim_state = dist.full_state_dicts(model, optimizer)
-        if info.is_main:
-            state = {
-                "tokens": step * tokens_per_step, "epoch": loader.epoch, "loader": loader.state_dict(),
-                "config_hash": config_hash(cfg), "elapsed_s": elapsed(), "skipped_steps": skipped,
-                "bad_steps_in_row": bad_in_row, "rng_ranks": rngs, "reason": reason,
-                "data": {"dir": str(data), "tokenizer_hash": meta.get("tokenizer_hash"), "train_rows": len(train_store)},
-            }
-            path = save_checkpoint(out, step, model_state, optim_state, cfg.to_dict(), tokenizer_json, state,
-                                   keep=cfg.checkpoint.keep)
-        dist.barrier()
-        return path
-
-    def run_eval() -> dict | None:
-        if evaluate is None:
+    def _open_val(self):
+        if self.cfg.eval.every_steps <= 0:
             return None
-        r = evaluate(model, val_store, cfg.eval, special, vocab_size, device=device, precision=t.precision)
-        logger.log({"kind": "eval", "step": step, "tokens": step * tokens_per_step, **{f"val_{k}": v for k, v in r.items()}})
-        logger.write(f"eval step {step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, perplexity {r['perplexity']:.2f}")
-        return r
+        if self.data.rows("val") == 0:
+            dist.print0(f"note: {self.data.path} has no validation rows; periodic evaluation is off (prepare with --val-fraction > 0)")
+            return None
+        return self.data.open("val")
 
-    # Host reads of device values (loss, norm, counts, stop flags) make the host wait for the device. They are read
-    # HOST_READ_LAG steps late: on CUDA one, so the host queues step s+1 while step s runs; on CPU nothing runs
-    # asynchronously and they are read at once (lag 0, same code). A skipped step is decided on the device: the fused
-    # AdamW takes a found_inf tensor and leaves parameters, moments and its step count alone when it is set.
-    lag = HOST_READ_LAG if HOST_READ_LAG is not None else (1 if device.type == "cuda" else 0)
-    skip_on_device = bool(optimizer.defaults.get("fused")) and not any(
-        hasattr(p, "full_tensor") for p in params)  # FSDP2's DTensor parameters: decided on the host instead
+    # -- one optimizer step ---------------------------------------------------------------------------------------
+    def train_step(self, batch: StepBatch, time_fraction: float | None = None) -> StepResult:
+        """One optimizer step over this rank's share of a global batch (its micro-batches already masked).
 
-    def host_to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A small tensor of host numbers on the device, copied without waiting for the device's queue (a plain
-        copy to CUDA synchronises the stream; one from pinned memory with non_blocking does not)."""
-        x = torch.tensor(values, dtype=dtype)
-        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+        The loss is Σ −log p over A(x) in the whole step, every micro-batch and rank, divided by the global count of
+        A(x), so splitting a step by accumulation or across ranks changes nothing. The gradient is clipped to
+        optim.clip_grad_norm; a step with a non-finite loss or gradient, or with no selected position anywhere, leaves
+        weights and optimizer state untouched. Nothing here waits for the device; `read` does.
+        """
+        device = self.device
+        # The normaliser is known before any backward pass: the global count of A(x), a device tensor summed over
+        # ranks without the host waiting.
+        count = dist.global_sum([sum(int(mb.masked.num_selected) for mb in batch.micro)], device)[0]
+        norm_by = count.clamp(min=1.0).float()
+        lr = self.schedule.lr(self.step, time_fraction)
+        set_lr(self.optimizer, lr)
+        nll_sum = torch.zeros((), dtype=torch.float32, device=device)
+        correct = torch.zeros((), dtype=torch.float32, device=device)
+        for i, mb in enumerate(batch.micro):
+            m = mb.masked
+            targets = m.targets.to(device, non_blocking=True)  # (B, K)
+            doc_starts = ((mb.flags & FLAG_DOC_START) != 0).to(device) if self.cfg.model.doc_attention else None
+            with dist.grad_sync(self.sync_model, sync=i == len(batch.micro) - 1):
+                with self.autocast:
+                    logits = self.forward(m.input_ids.to(device, non_blocking=True),
+                                          positions=m.positions.to(device, non_blocking=True), doc_starts=doc_starts)  # (B, K, V)
+                nll = objective.masked_cross_entropy(logits, targets, reduction="sum")
+                (nll / norm_by).backward()
+            nll_sum += nll.detach().float()
+            correct += objective.masked_accuracy_counts(logits.detach(), targets)[0].float()
+        sums = dist.all_reduce_sum(torch.stack([nll_sum, correct]))
+        grad_norm = dist.clip_grad_norm(self.params, self.clip)
+        bad = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm)) | (count == 0)
+        if self.skip_on_device:
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepResult(step=self.step, lr=lr, epoch=batch.epoch, count=count, sums=sums, grad_norm=grad_norm, bad=bad)
 
-    pending: list[dict] = []  # steps queued on the device whose numbers the host has not read yet
-    flag_queue: list[torch.Tensor] = []
-
-    def read_record(p: dict) -> dict:
-        """One step's numbers, read back to the host (waits for that step on the device)."""
-        nonlocal skipped, bad_in_row, window_t, window_tokens, last
-        stats, norm, bad = p.pop("stats").tolist(), float(p.pop("grad_norm")), bool(p.pop("bad"))
-        count = float(p["count"])
-        if bad:
-            skipped += 1
-            bad_in_row += 1
-        else:
-            bad_in_row = 0
-        window_tokens += tokens_per_step
+    def read(self, r: StepResult) -> dict:
+        """A step's numbers on the host (waits for that step): counts skipped steps, logs the record, returns it."""
+        sums, norm, bad, count = r.sums.tolist(), float(r.grad_norm), bool(r.bad), float(r.count)
+        self.skipped += bad
+        self.bad_in_row = self.bad_in_row + 1 if bad else 0
+        start, tokens = self._window
+        tokens += self.tokens_per_step
         now = time.perf_counter()
-        tok_s = window_tokens / max(now - window_t, 1e-9)
-        rec = {"step": p["step"], "tokens": p["step"] * tokens_per_step, "loss": stats[0] / max(count, 1.0),
-               "masked_acc": stats[1] / max(count, 1.0), "lr": p["lr"], "grad_norm": norm, "tokens_per_s": tok_s,
-               "epoch": p["epoch"]}
+        tok_s = tokens / max(now - start, 1e-9)
+        rec = {"step": r.step, "tokens": r.step * self.tokens_per_step, "loss": sums[0] / max(count, 1.0),
+               "masked_acc": sums[1] / max(count, 1.0), "lr": r.lr, "grad_norm": norm, "tokens_per_s": tok_s,
+               "epoch": r.epoch}
         if bad:
             rec["skipped"] = True
-        logger.log(rec)
-        last = rec
-        if rec["step"] % t.log_every_steps == 0:
-            logger.progress(t.log_every_steps, rec["loss"], rec["lr"], tok_s)
-            if not logger.bar_visible:
-                dist.print0(f"step {rec['step']}: loss {rec['loss']:.4f}, masked_acc {rec['masked_acc']:.3f}, "
+        self.logger.log(rec)
+        self._last_record = rec
+        every = self.cfg.train.log_every_steps
+        if r.step % every == 0:
+            self.logger.progress(every, rec["loss"], rec["lr"], tok_s)
+            if not self.logger.bar_visible:
+                dist.print0(f"step {r.step}: loss {rec['loss']:.4f}, masked_acc {rec['masked_acc']:.3f}, "
                             f"lr {rec['lr']:.2e}, grad_norm {norm:.3f}, {tok_s:,.0f} tok/s")
-            window_t, window_tokens = now, 0
+            start, tokens = now, 0
+        self._window = (start, tokens)
         return rec
 
-    def read_pending(keep: int = 0) -> None:
+    def _read_pending(self, keep: int = 0) -> None:
         """Read all but the newest `keep` queued steps; stop the run after train.max_bad_steps bad steps in a row."""
-        while len(pending) > keep:
-            rec = read_record(pending.pop(0))
-            if bad_in_row >= t.max_bad_steps:
-                bad_run = bad_in_row
-                while pending:  # the state saved below must count every step taken
-                    read_record(pending.pop(0))
-                path = save("non-finite loss")
+        while len(self._pending) > keep:
+            rec = self.read(self._pending.pop(0))
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                bad_run = self.bad_in_row
+                while self._pending:  # the state saved below must count every step taken
+                    self.read(self._pending.pop(0))
+                path = self.save("non-finite loss")
                 raise UserError(
                     f"{bad_run} steps in a row had a non-finite loss or gradient (last at step {rec['step']}); stopped, "
                     f"checkpoint {path}. Lower optim.lr, or try train.precision=fp32, then --resume"
                 )
 
-    stop = _StopFlag()
-    stop.install()
-    t0 = time.perf_counter()
-    last = {"step": step}
-    last_eval, last_saved = None, resumed_at  # resuming a finished run must not rewrite its checkpoint
-    window_t, window_tokens = time.perf_counter(), 0
-    interrupted = None
-    try:
-        while True:
-            time_fraction = min(1.0, elapsed() / max_seconds) if max_seconds else 0.0
-            flags = [float(stop.reason is not None), time_fraction]
-            if info.distributed:
-                # Every rank must agree on stopping (time and signals differ per process): one tiny max-reduce,
-                # read `lag` steps late like the other numbers (at once while fewer are queued)
-                flag_queue.append(dist.all_reduce_max(host_to_device(flags, torch.float32)))
-                flags = (flag_queue.pop(0) if len(flag_queue) > lag else flag_queue[-1]).tolist()
-            if flags[0] > 0:
-                interrupted = stop.reason or "signal"
-                break
-            if (max_steps is not None and step >= max_steps) or (max_seconds is not None and flags[1] >= 1.0):
-                break
-            batch = loader.next_step()
-            # The normaliser is the global count of A(x) in this step, known before any backward pass (DESIGN 4):
-            # on one process a host number; across ranks a device tensor (summed without the host waiting)
-            local = sum(int(mb.masked.num_selected) for mb in batch.micro)
-            if info.distributed:
-                count = dist.all_reduce_sum(host_to_device([local], torch.float64))[0]
-                norm_by = count.clamp(min=1.0).float()
+    # -- evaluation and checkpoints -------------------------------------------------------------------------------
+    def evaluate(self) -> dict | None:
+        """The masked loss on the validation split at the fixed evaluation mask (every rank takes part); None
+        without validation rows."""
+        if self.val_store is None:
+            return None
+        d = self.data
+        r = evaluate(self.model, self.val_store, self.cfg.eval, d.special, d.vocab_size, device=self.device,
+                     precision=self.cfg.train.precision)
+        self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
+                         **{f"val_{k}": v for k, v in r.items()}})
+        self.logger.write(f"eval step {self.step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, "
+                          f"perplexity {r['perplexity']:.2f}")
+        self.last_eval = r
+        return r
+
+    def maybe_evaluate(self) -> None:
+        every = self.cfg.eval.every_steps
+        if every and self.step % every == 0:
+            self._read_pending()
+            self.evaluate()
+
+    def maybe_save(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0:
+            self._read_pending()
+            self.save("periodic")
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    def state_dict(self, reason: str = "") -> dict:
+        """What a resume needs besides weights and optimizer: counters, loader position, every rank's RNG state.
+        A collective: every rank calls it."""
+        state = {"step": self.step, "tokens": self.step * self.tokens_per_step, "config_hash": config_hash(self.cfg),
+                 "elapsed_s": self.elapsed(), "skipped_steps": self.skipped, "bad_steps_in_row": self.bad_in_row,
+                 "rng_ranks": dist.all_gather_object(rng_state()), "reason": reason}
+        if self.loader is not None:
+            state.update(epoch=self.loader.epoch, loader=self.loader.state_dict())
+        if self.data is not None:
+            state["data"] = {"dir": str(self.data.path), "tokenizer_hash": self.data.tokenizer_hash,
+                             "train_rows": self.data.rows("train")}
+        return state
+
+    def load_state_dict(self, state: dict, optimizer_state: dict | None = None) -> None:
+        """The inverse of state_dict (plus the optimizer's tensors); the weights are loaded before construction."""
+        if optimizer_state is not None:
+            dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
+        if self.loader is not None and "loader" in state:
+            self.loader.load_state_dict(state["loader"])
+        per_rank = state.get("rng_ranks") or []
+        if len(per_rank) == dist.info().world_size:
+            set_rng_state(per_rank[dist.info().rank])  # the same world size: each rank's dropout stream continues
+        self.step = self.last_saved = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.skipped = int(state.get("skipped_steps", 0))
+        self.bad_in_row = int(state.get("bad_steps_in_row", 0))
+
+    def save(self, reason: str = "") -> Path | None:
+        """A checkpoint of the current step in the run dir (every rank calls it: gathering state is collective)."""
+        state = self.state_dict(reason)
+        model_state, optim_state = dist.full_state_dicts(self.model, self.optimizer)
+        path = dist.on_main(save_checkpoint, self.out, self.step, model_state, optim_state, self.cfg.to_dict(),
+                            self.data.tokenizer_file, state, keep=self.cfg.checkpoint.keep)
+        self.last_saved = self.step
+        return path
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _should_stop(self, stop: _StopFlag) -> tuple[str | None, float | None]:
+        """(why the loop must stop or None, the elapsed fraction of a time budget). Every rank must agree (time and
+        signals differ per process), so the flags are max-reduced and read `lag` steps late like other numbers."""
+        time_fraction = min(1.0, self.elapsed() / self.max_seconds) if self.max_seconds else 0.0
+        signalled, time_fraction = self._agree([float(stop.reason is not None), time_fraction])
+        if signalled > 0:
+            return stop.reason or "signal", None
+        if (self.max_steps is not None and self.step >= self.max_steps) or (self.max_seconds and time_fraction >= 1.0):
+            return "budget", None
+        return None, (time_fraction if self.max_seconds else None)
+
+    def fit(self) -> dict:
+        """Train until the budget is spent or a signal arrives; evaluate and save as configured; returns the final
+        numbers (the last step's record, the last evaluation, the checkpoint)."""
+        if self.loader is None or self.out is None:
+            raise UserError("Trainer.fit needs a data dir and a run dir")
+        stop = _StopFlag()
+        stop.install()
+        self._t0 = time.perf_counter()
+        self._window = (time.perf_counter(), 0)
+        self._last_record = {"step": self.step}
+        interrupted = None
+        try:
+            while True:
+                why, time_fraction = self._should_stop(stop)
+                if why is not None:
+                    interrupted = None if why == "budget" else why
+                    break
+                self._pending.append(self.train_step(self.loader.next_step(), time_fraction))
+                self._read_pending(keep=self.lag)
+                self.maybe_evaluate()
+                self.maybe_save()
+            self._read_pending()
+            every = self.cfg.eval.every_steps
+            if interrupted is None and every and self.step > 0 and (self.last_eval is None or self.step % every):
+                self.evaluate()
+            if self.last_saved != self.step:
+                path = self.save("interrupted by " + interrupted if interrupted else "end")
             else:
-                count = float(local)
-                norm_by = max(count, 1.0)
-            lr = schedule.lr(step, flags[1] if max_seconds else None)
-            set_lr(optimizer, lr)
-            nll_sum = torch.zeros((), dtype=torch.float32, device=device)
-            correct = torch.zeros((), dtype=torch.float32, device=device)
-            for i, mb in enumerate(batch.micro):
-                m = mb.masked
-                targets = m.targets.to(device, non_blocking=True)
-                doc_starts = ((mb.flags & FLAG_DOC_START) != 0).to(device) if cfg.model.doc_attention else None
-                with dist.grad_sync(sync_model, sync=i == len(batch.micro) - 1):
-                    with autocast:
-                        logits = train_model(m.input_ids.to(device, non_blocking=True),
-                                             positions=m.positions.to(device, non_blocking=True), doc_starts=doc_starts)
-                    nll = masked_cross_entropy(logits, targets, reduction="sum")
-                    (nll / norm_by).backward()
-                nll_sum += nll.detach().float()
-                correct += masked_accuracy_counts(logits.detach(), targets)[0].float()
-            stats = dist.all_reduce_sum(torch.stack([nll_sum, correct]))
-            grad_norm = dist.clip_grad_norm(params, clip)
-            # skip the update on a non-finite loss or gradient, or when no position was selected anywhere
-            bad = ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
-            bad = bad | (count == 0) if info.distributed else (torch.ones_like(bad) if count == 0 else bad)
-            if skip_on_device:
-                optimizer.found_inf = bad.float()
-                optimizer.step()
-            elif not bool(bad):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pending.append({"step": step, "lr": lr, "epoch": batch.epoch, "count": count, "stats": stats,
-                            "grad_norm": grad_norm, "bad": bad})
-            read_pending(keep=lag)
-            due_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0
-            due_save = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-            if due_eval or due_save:
-                read_pending()
-            if due_eval:
-                last_eval = run_eval()
-            if due_save:
-                save("periodic")
-                last_saved = step
-        read_pending()
-        if interrupted is None and cfg.eval.every_steps and (last_eval is None or step % cfg.eval.every_steps) and step > 0:
-            last_eval = run_eval()
-        path = save("interrupted by " + interrupted if interrupted else "end") if last_saved != step else (
-            ck_root / f"step_{step:07d}")
-        if interrupted:
-            dist.print0(f"interrupted ({interrupted}) at step {step}; checkpoint {path}; continue with --resume")
-    finally:
-        stop.restore()
-        loader.close()
-        logger.close()
-    result = {**last, "step": step, "tokens": step * tokens_per_step, "skipped_steps": skipped,
-              "elapsed_s": elapsed(), "checkpoint": str(path), "interrupted": interrupted}
-    if last_eval is not None:
-        result["eval"] = last_eval
-    dist.print0(f"done: step {step}, {_fmt(step * tokens_per_step)} tokens, {result['elapsed_s']:.1f} s; checkpoint {path}")
+                path = self.out / "checkpoints" / f"step_{self.step:07d}"
+            if interrupted:
+                dist.print0(f"interrupted ({interrupted}) at step {self.step}; checkpoint {path}; continue with --resume")
+        finally:
+            stop.restore()
+            self.loader.close()
+            self.logger.close()
+        result = {**self._last_record, "step": self.step, "tokens": self.step * self.tokens_per_step,
+                  "skipped_steps": self.skipped, "elapsed_s": self.elapsed(), "checkpoint": str(path),
+                  "interrupted": interrupted}
+        if self.last_eval is not None:
+            result["eval"] = self.last_eval
+        dist.print0(f"done: step {self.step}, {_fmt(self.step * self.tokens_per_step)} tokens, "
+                    f"{result['elapsed_s']:.1f} s; checkpoint {path}")
+        return result
+
+    def summary(self, schedule_from: str | None) -> str:
+        """What the run derived, printed once at start."""
+        cfg, t, d, n = self.cfg, self.cfg.train, self.data, self.num_parameters
+        world = dist.info().world_size
+        budget = []
+        if self.max_steps:
+            budget.append(f"{self.max_steps:,} step{'s' if self.max_steps != 1 else ''}")
+        if self.max_seconds:
+            budget.append(f"{t.max_minutes:g} minutes (LR schedule follows elapsed time)")
+        return (
+            f"model: {cfg.model.family}, θ (encoder) {_fmt(n['theta'])} parameters, ω (head) {_fmt(n['omega'])}\n"
+            f"data: {d.path}: train {d.rows('train'):,} rows ({_fmt(d.tokens('train'))} tokens), "
+            f"val {d.rows('val'):,} rows; seq_len {d.seq_len}, vocab {d.vocab_size:,}\n"
+            f"step: {self.tokens_per_step:,} tokens ({t.global_batch_rows} rows), "
+            f"{t.global_batch_rows // (world * t.micro_batch_rows)} micro-batches of {t.micro_batch_rows} rows × "
+            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n"
+            f"budget: {' or '.join(budget)}; device {self.device}, precision {t.precision}, compile {t.compile}\n"
+            f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
+            f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
+        )
+
+
+def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
+    """Train per `config` (preset name, TOML path, Config or dict) on DATA_DIR into RUN_DIR; returns final metrics."""
+    if data is None or out is None:
+        raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
+    data, out = open_data_dir(data), Path(out)
+    has_run = (out / "config.json").exists() or (out / "checkpoints").exists()
+    if has_run and not resume:
+        raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
+    init_model = init_cfg = init_tok = None
+    if init_from is not None and has_run:
+        print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
+    elif init_from is not None:
+        init_model, full_cfg, init_tok = load_hf_model(init_from)
+        init_cfg = full_cfg.model
+    cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
+    schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
+    _check_same_config(stored, cfg, out)
+    check_compatible(cfg.model, init_tok, data)  # the data must fit the model: vocabulary, positions, tokenizer
+
+    info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
+    if cfg.train.reuse_host_memory and info.device.type == "cpu":
+        reuse_host_memory()
+    # θ, ω: a private-generator init, then the global RNG (dropout) seeded for this run; rank 0 of N draws as a
+    # single process would, the others differ.
+    model = MaskedLM(cfg.model)
+    model.init_weights(cfg.train.seed)
+    if init_model is not None:
+        model.load_state_dict(init_model.state_dict())
+        del init_model
+    torch.manual_seed(cfg.train.seed + info.rank)
+    ck = None
+    if resume and has_run:
+        ck = _checkpoint_to_resume(out, cfg, data)
+        if ck is not None:
+            model.load_state_dict(ck.model_state)  # before wrapping
+    elif resume:
+        dist.print0(f"note: nothing to resume in {out}; starting a new run")
+
+    dist.barrier()  # every rank has checked RUN_DIR (has_run) before rank 0 writes into it
+    out.mkdir(parents=True, exist_ok=True)
+    start = int(ck.state["step"]) if ck is not None else 0
+    dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
+    trainer = Trainer(cfg, model, data, out)
+    trainer.logger = dist.on_main(MetricsLogger, out, trainer.max_steps, start_step=start, wait=False) or NullLogger()
+    if ck is not None:
+        trainer.load_state_dict(ck.state, ck.optimizer_state)
+        dist.print0(f"resuming from {ck.path} (step {trainer.step})")
+        del ck
+    dist.print0(trainer.summary(schedule_from))
+    result = trainer.fit()
     dist.shutdown()
     return result
