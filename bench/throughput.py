@@ -21,6 +21,14 @@ import time
 
 import torch
 
+import maskedlm.model as mm
+from maskedlm.config import Config, MaskingConfig, ModelConfig, OptimConfig, TrainConfig
+from maskedlm.data.loader import MicroBatch, StepBatch
+from maskedlm.masking import MaskedBatch, default_k_max, mask_batch
+from maskedlm.model import MaskedLM
+from maskedlm.tokenizer import SpecialIds
+from maskedlm.train import Trainer, reuse_host_memory
+
 # Everything a system can be; the default list is chosen in main() from --dtype and what is installed.
 MASKEDLM_SYSTEMS = ["maskedlm-bert-bf16", "maskedlm-modern-bf16", "maskedlm-bert-fp32", "maskedlm-modern-fp32"]
 PEER_SYSTEMS = ["hf-bert-fp32", "hf-bert-bf16", "hf-modern-sparse-fp32", "hf-modern-sparse-bf16"]
@@ -56,9 +64,8 @@ def count_params(model: torch.nn.Module) -> dict:
 def make_batches(n: int, batch: int, seq_len: int, vocab: int, mask_rate: float, seed: int = 0):
     """Random rows shaped like prepared data ([CLS] first, a [SEP] between documents), masked once, up front.
 
-    Masking uses maskedlm.masking when it is importable (so maskedlm sees exactly its own inputs); otherwise a plain
-    Bernoulli mask. All systems get the same x̄ and the same selected positions: HF peers as labels (-100 elsewhere),
-    maskedlm as (positions, targets).
+    Masking is maskedlm.masking's (so maskedlm sees exactly its own inputs). All systems get the same x̄ and the same
+    selected positions: HF peers as labels (-100 elsewhere), maskedlm as (positions, targets).
     """
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -78,29 +85,12 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, mask_rate: float,
 
 
 def _mask(ids, row_index, vocab, mask_rate, g):
-    try:
-        from maskedlm.config import MaskingConfig
-        from maskedlm.masking import default_k_max, mask_batch
-        from maskedlm.tokenizer import SpecialIds
-    except ImportError:
-        mask_batch = None
-    if mask_batch is not None:
-        special = SpecialIds(pad=PAD, unk=UNK, cls=CLS, sep=SEP, mask=MASK)
-        cfg = MaskingConfig(mask_rate=mask_rate)
-        T = ids.shape[1]
-        m = mask_batch(ids, row_index, 0, cfg, special, vocab, k_max=default_k_max(T, mask_rate))
-        return {"input_ids": m.input_ids, "positions": m.positions, "valid": m.valid, "targets": m.targets,
-                "num_selected": m.num_selected, "masking": "maskedlm.masking"}
-    # Fallback before masking.py exists: Bernoulli selection, [MASK] at every selected position.
-    sel = (torch.rand(ids.shape, generator=g) < mask_rate) & (ids > MASK)
-    K = int(sel.sum(1).max())
-    order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :K]
-    valid = torch.gather(sel, 1, order)
-    positions = torch.where(valid, order, torch.zeros_like(order))
-    targets = torch.where(valid, torch.gather(ids, 1, positions), torch.full_like(positions, -100))
-    x = ids.masked_fill(sel, MASK)
-    return {"input_ids": x, "positions": positions, "valid": valid, "targets": targets,
-            "num_selected": valid.sum(), "masking": "bernoulli fallback"}
+    special = SpecialIds(pad=PAD, unk=UNK, cls=CLS, sep=SEP, mask=MASK)
+    cfg = MaskingConfig(mask_rate=mask_rate)
+    m = mask_batch(ids, row_index, 0, cfg, special, vocab, k_max=default_k_max(ids.shape[1], mask_rate))
+    # count: |A(x)| as a host number, as the loader hands it to the step (reading a device tensor would sync).
+    return {"input_ids": m.input_ids, "positions": m.positions, "valid": m.valid, "targets": m.targets,
+            "num_selected": m.num_selected, "count": int(m.num_selected), "masking": "maskedlm.masking"}
 
 
 def to_device(mb: dict, device: torch.device) -> dict:
@@ -185,67 +175,34 @@ class HFModern(HFSystem):
 
 
 class MaskedLMSystem(System):
-    def build(self):
-        from maskedlm.config import ModelConfig, OptimConfig
-        from maskedlm.model import MaskedLM
-        from maskedlm.objective import masked_cross_entropy
+    """maskedlm's shipped optimizer step, `Trainer.train_step`: the normaliser, clipping, the non-finite skip and the
+    LR schedule included, exactly what `maskedlm train` runs per step."""
 
+    def build(self):
         a = self.args
         self.family = "modern" if "-modern-" in self.name else "bert"
         mcfg = ModelConfig(family=self.family, vocab_size=a.vocab, hidden=a.hidden, layers=a.layers, heads=a.heads,
                            intermediate=a.intermediate, max_positions=max(512, a.seq_len))
+        cfg = Config(model=mcfg, optim=OptimConfig(lr=1e-4),
+                     train=TrainConfig(precision="bf16" if self.bf16 else "fp32", compile=bool(a.compile or self.compiled)))
         torch.manual_seed(0)
-        self.model = MaskedLM(mcfg).to(self.device).train()
-        self.opt = _maskedlm_optimizer(self.model, OptimConfig(lr=1e-4), self.device)
-        self.loss_fn = masked_cross_entropy
-        self.forward = torch.compile(self.model) if (a.compile or self.compiled) else self.model
+        self.model = MaskedLM(mcfg).train()
+        self.trainer = Trainer(cfg, self.model, device=self.device)
 
     def step(self, mb):
-        if "-sdpa" in self.name:  # the attention before the CPU explicit path: SDPA everywhere (same process A/B)
-            return self._step_sdpa(mb)
-        with _autocast(self.device, self.bf16):
-            logits = self.forward(mb["input_ids"], positions=mb["positions"])  # (B, K, V): A(x) only
-        # normalizer: the count of A(x), as train.py does (decision 4); a tensor so no host sync.
-        loss = self.loss_fn(logits, mb["targets"], reduction="sum", normalizer=mb["num_selected"])
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
-
-
-    def _step_sdpa(self, mb):
-        import maskedlm.model as mm
-
-        saved = getattr(mm, "CPU_EXPLICIT_ATTENTION_MAX_SCORES", None)
+        masked = MaskedBatch(input_ids=mb["input_ids"], positions=mb["positions"], valid=mb["valid"],
+                             targets=mb["targets"], num_selected=torch.tensor(mb["count"]))
+        batch = StepBatch(position=0, epoch=0, micro=[MicroBatch(ids=mb["input_ids"], flags=None, row_index=None,
+                                                                 epoch=0, masked=masked)])
+        if "-sdpa" not in self.name:
+            return self.trainer.train_step(batch).sums[0]
+        # the attention before the CPU explicit path: SDPA everywhere (same process A/B)
+        saved = mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES
         mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = -1
         try:
-            with _autocast(self.device, self.bf16):
-                logits = self.forward(mb["input_ids"], positions=mb["positions"])  # (B, K, V)
-            loss = self.loss_fn(logits, mb["targets"], reduction="sum", normalizer=mb["num_selected"])
-            loss.backward()
+            return self.trainer.train_step(batch).sums[0]
         finally:
-            if saved is not None:
-                mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = saved
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
-
-
-def _maskedlm_optimizer(model, ocfg, device):
-    """maskedlm.optim's optimizer when that module exists (what `maskedlm train` uses), else plain AdamW."""
-    try:
-        from maskedlm import optim as mo
-    except ImportError:
-        return _adamw(model.parameters(), ocfg.lr, device)
-    for name in ("build_optimizer", "make_optimizer", "create_optimizer"):
-        fn = getattr(mo, name, None)
-        if fn is not None:
-            try:
-                opt = fn(model, ocfg, device)
-            except TypeError:
-                opt = fn(model, ocfg)
-            return opt[0] if isinstance(opt, tuple) else opt
-    return _adamw(model.parameters(), ocfg.lr, device)
+            mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = saved
 
 
 def make_system(name, args, device) -> System:
@@ -287,8 +244,6 @@ class PeakMatmul:
 # ----------------------------------------------------------------------------------------------------------- memory
 def tune_malloc() -> bool:
     """The allocator setting `maskedlm train` applies on CPU (train.reuse_host_memory), for every system alike."""
-    from maskedlm.train import reuse_host_memory
-
     return reuse_host_memory()
 
 
@@ -367,15 +322,6 @@ def shape_argv(a) -> list[str]:
             str(a.intermediate), "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--batch", str(a.batch),
             "--mask-rate", str(a.mask_rate), "--device", a.device, "--threads", str(a.threads), "--malloc", a.malloc] + (
         ["--compile"] if a.compile else []) + (["--compile-peers"] if a.compile_peers else [])
-
-
-def maskedlm_available() -> bool:
-    try:
-        import maskedlm.model  # noqa: F401
-        import maskedlm.objective  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def memory_child(a, device):
@@ -475,10 +421,8 @@ def main(argv=None):
         return profile(a, device)
 
     if a.systems is None:
-        ours = [s for s in MASKEDLM_SYSTEMS if a.dtype == "both" or s.endswith(a.dtype)] if maskedlm_available() else []
+        ours = [s for s in MASKEDLM_SYSTEMS if a.dtype == "both" or s.endswith(a.dtype)]
         a.systems = ours + PEER_SYSTEMS
-    if not maskedlm_available() and any(s.startswith("maskedlm-") for s in a.systems):
-        raise SystemExit("throughput.py: maskedlm.model / maskedlm.objective are not importable yet")
 
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
