@@ -25,6 +25,21 @@ from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
 from maskedlm.tokenizer import special_ids, tokenizer_hash
 
 
+def _masked_rows(store, index: np.ndarray, mask_cfg, special, vocab_size: int, k_max: int):
+    """Rows `index` of the split with the evaluation mask (keyed by their indices at epoch 0), and their doc starts."""
+    ids, flags = store.rows(index)
+    flags = torch.as_tensor(flags)
+    batch = masking.mask_batch(torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(index), 0, mask_cfg, special,
+                               vocab_size, flags=flags, k_max=k_max)
+    return batch, (flags & FLAG_DOC_START) != 0  # (B, T) bool
+
+
+def _metrics(nll_sum: float, correct: int, count: int, rows: int) -> dict:
+    loss = nll_sum / count
+    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+            "tokens": count, "rows": rows}
+
+
 def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cpu", precision: str = "fp32") -> dict:
     """Σ −log p(x_i | x̄) / |A| over the split (or its first cfg.max_rows rows), with accuracy and perplexity.
 
@@ -41,9 +56,7 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     mask_cfg = cfg.masking()
     # K depends only on (T, rate, unit), as in training, so every micro-batch has the same shape.
     k_max = masking.config_k_max(mask_cfg, store.seq_len)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     mb = cfg.micro_batch_rows
     n_batches = -(-n_rows // mb)
     # One row of (Σ −log p, correct, count) per micro-batch of the whole split. A rank fills only its own micro-batches
@@ -59,19 +72,14 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
                 # None: this rank has run out of micro-batches but must still take part in the forward (a sharded
                 # model gathers its weights collectively); it runs micro-batch 0 again and drops the result.
                 start = (b or 0) * mb
-                index = np.arange(start, min(n_rows, start + mb), dtype=np.int64)
-                ids, flags = store.rows(index)
-                ids = torch.as_tensor(ids, dtype=torch.long)
-                flags = torch.as_tensor(flags)
-                batch = masking.mask_batch(ids, torch.as_tensor(index), 0, mask_cfg, special, vocab_size, flags=flags, k_max=k_max)
-                doc_starts = (flags & FLAG_DOC_START) != 0
+                batch, doc_starts = _masked_rows(store, np.arange(start, min(n_rows, start + mb), dtype=np.int64),
+                                                 mask_cfg, special, vocab_size, k_max)
                 with autocast:
-                    logits = model(
-                        batch.input_ids.to(device), positions=batch.positions.to(device), doc_starts=doc_starts.to(device)
-                    )
+                    logits = model(batch.input_ids.to(device), positions=batch.positions.to(device),
+                                   doc_starts=doc_starts.to(device))  # (B, K, V)
                 if b is None:
                     continue
-                targets = batch.targets.to(device)
+                targets = batch.targets.to(device)  # (B, K)
                 c, k = masked_accuracy_counts(logits, targets)
                 sums[b, 0] = masked_cross_entropy(logits, targets, reduction="sum").double()
                 sums[b, 1], sums[b, 2] = c.double(), k.double()
@@ -84,14 +92,7 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     correct, count = int(sums[:, 1].sum()), int(sums[:, 2].sum())
     if count == 0:
         raise UserError(f"no position was selected for evaluation in {n_rows} rows; raise eval.mask_rate (got {cfg.mask_rate})")
-    loss = nll_sum / count
-    return {
-        "loss": loss,
-        "accuracy": correct / count,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "tokens": count,
-        "rows": n_rows,
-    }
+    return _metrics(nll_sum, correct, count, n_rows)
 
 
 def _eval_overrides(cfg, overrides) -> EvalConfig:
@@ -160,16 +161,10 @@ def _evaluate_model(model_path, data, split: str, overrides, device) -> dict:
     if not per:
         raise UserError(f"data {data} has no rows to evaluate")
     if split == "all":
-        tokens = sum(m["tokens"] for m in per.values())
-        loss = sum(m["loss"] * m["tokens"] for m in per.values()) / tokens
-        result = {
-            "loss": loss,
-            "accuracy": sum(m["accuracy"] * m["tokens"] for m in per.values()) / tokens,
-            "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            "tokens": tokens,
-            "rows": sum(m["rows"] for m in per.values()),
-            "splits": per,
-        }
+        result = _metrics(sum(m["loss"] * m["tokens"] for m in per.values()),
+                          sum(m["accuracy"] * m["tokens"] for m in per.values()),
+                          sum(m["tokens"] for m in per.values()), sum(m["rows"] for m in per.values()))
+        result["splits"] = per
     else:
         result = dict(per[split])
     result.update(split=split, mask_rate=ecfg.mask_rate, seed=ecfg.seed, unit=ecfg.unit, model=str(Path(model_path)), data=str(Path(data)))

@@ -489,8 +489,9 @@ class Trainer:
         )
 
 
-def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
-    """Train per `config` (preset name, TOML path, Config or dict) on DATA_DIR into RUN_DIR; returns final metrics."""
+def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
+    """Everything before the first step: the config resolved and checked against the data and any stored run, the
+    process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
     if data is None or out is None:
         raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
     data, out = open_data_dir(data), Path(out)
@@ -519,12 +520,10 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
         model.load_state_dict(init_model.state_dict())
         del init_model
     torch.manual_seed(cfg.train.seed + info.rank)
-    ck = None
-    if resume and has_run:
-        ck = _checkpoint_to_resume(out, cfg, data)
-        if ck is not None:
-            model.load_state_dict(ck.model_state)  # before wrapping
-    elif resume:
+    ck = _checkpoint_to_resume(out, cfg, data) if resume and has_run else None
+    if ck is not None:
+        model.load_state_dict(ck.model_state)  # before wrapping
+    elif resume and not has_run:
         dist.print0(f"note: nothing to resume in {out}; starting a new run")
 
     dist.barrier()  # every rank has checked RUN_DIR (has_run) before rank 0 writes into it
@@ -537,8 +536,13 @@ def train(config=None, data=None, out=None, overrides=(), resume: bool = False, 
     if ck is not None:
         trainer.load_state_dict(ck.state, ck.optimizer_state)
         dist.print0(f"resuming from {ck.path} (step {trainer.step})")
-        del ck
     dist.print0(trainer.summary(schedule_from))
-    result = trainer.fit()
+    return trainer
+
+
+def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
+    """Train per `config` (preset name, TOML path, Config or dict; modern-mini by default) on DATA_DIR into RUN_DIR;
+    returns the final numbers: the last step's record, the last evaluation and the checkpoint."""
+    result = _start_run(config, data, out, overrides, resume, init_from).fit()
     dist.shutdown()
     return result
