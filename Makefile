@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/maskedlm demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)

@@ -141,7 +141,7 @@ def run_hf(a, data: Path) -> tuple[torch.nn.Module, dict, object]:
             labels[rows[m.valid], m.positions[m.valid]] = m.targets[m.valid]
             with autocast:
                 out = model(input_ids=m.input_ids.to(device), labels=labels.to(device))
-            # HF's loss is a mean over this micro-batch's labels; weight it to the step's global count (DESIGN 4)
+            # HF's loss is a mean over this micro-batch's labels; weight it to the step's global count, as maskedlm's step normalises
             (out.loss * (int(m.num_selected) / max(count, 1))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
         opt.step()

@@ -185,7 +185,7 @@ def test_missing_data_dir_is_one_line(run, tmp_path, capsys):
     assert err.startswith("maskedlm: error:") and "\n" not in err
 
 
-# ------------------------------------------------------------------------- the evaluation mask's unit (issue 8)
+# ---------------------------------------------------------------------------------- the evaluation mask's unit
 
 
 def _two_token_words(data):

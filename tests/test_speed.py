@@ -1,4 +1,4 @@
-"""The CPU fast path of issue 5 against references no one here wrote: torch's own SDPA, in fp32 and in bf16.
+"""The CPU fast path against references no one here wrote: torch's own SDPA, in fp32 and in bf16.
 
 The explicit attention (fp32 scores and softmax, bf16 p·v) replaces SDPA only for speed on CPU under bf16; it must
 give SDPA's values, honour boolean masks, be no less precise than SDPA's own bf16 kernel, and keep bf16 training at

@@ -77,7 +77,7 @@ def test_tiny_model_learns_the_clusters(data, tmp_path, capsys):
 
 
 def test_accumulation_matches_one_big_micro_batch(data, tmp_path):
-    """DESIGN 4: Σ −log p over the step / global |A(x)| — splitting the step into micro-batches changes nothing but
+    """Loss normalisation (docs/design.md): Σ −log p over the step / global |A(x)| — splitting the step into micro-batches changes nothing but
     float summation order."""
     common = ["train.max_steps=4", "optim.warmup_steps=0", *QUIET]
     train("tiny", data, tmp_path / "a", common + ["train.micro_batch_rows=16"])

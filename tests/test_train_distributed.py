@@ -1,6 +1,6 @@
-"""Issue 6 on CPU: torchrun with 2 gloo processes gives the weights of 1 process reaching the same global batch by
-accumulation (DESIGN 4 and 8), a 2-process checkpoint resumes in 1 process, and sharded evaluation gives the numbers
-of one process."""
+"""Distributed training on CPU: torchrun with 2 gloo processes gives the weights of 1 process reaching the same global
+batch by accumulation (docs/design.md: loss normalisation, one code path), a 2-process checkpoint resumes in 1
+process, and sharded evaluation gives the numbers of one process."""
 
 import json
 import os
