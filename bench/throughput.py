@@ -379,7 +379,8 @@ def timing_in_child(name: str, a) -> dict:
 
 def profile(a, device):
     """Where a step's time goes: torch.profiler over `--steps` steps after the warm-up, ops sorted by self time."""
-    from torch.profiler import ProfilerActivity, profile as tprofile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as tprofile
 
     s = make_system(a.profile, a, device)
     s.build()

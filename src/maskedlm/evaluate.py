@@ -16,22 +16,50 @@ import numpy as np
 import torch
 
 from maskedlm import distributed as dist
+from maskedlm import masking
 from maskedlm.config import EvalConfig, load_config
-from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_data_dir
+from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, DataDir, open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.inference import resolve_model
-from maskedlm import masking
 from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
 from maskedlm.tokenizer import special_ids, tokenizer_hash
 
 
-def _masked_rows(store, index: np.ndarray, mask_cfg, special, vocab_size: int, k_max: int):
-    """Rows `index` of the split with the evaluation mask (keyed by their indices at epoch 0), and their doc starts."""
-    ids, flags = store.rows(index)
-    flags = torch.as_tensor(flags)
-    batch = masking.mask_batch(torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(index), 0, mask_cfg, special,
-                               vocab_size, flags=flags, k_max=k_max)
-    return batch, (flags & FLAG_DOC_START) != 0  # (B, T) bool
+def _check_eval(store, cfg: EvalConfig, precision: str) -> int:
+    """The number of rows to evaluate; UserError for an empty split or an unknown precision."""
+    n_rows = len(store) if cfg.max_rows <= 0 else min(len(store), cfg.max_rows)
+    if n_rows == 0:
+        raise UserError("the evaluation split has no rows; prepare the data with a validation split (--val-fraction > 0) or pick another split")
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return n_rows
+
+
+def _eval_logits(model, store, cfg: EvalConfig, special, vocab_size: int, device, precision: str, n_rows: int, items):
+    """For each micro-batch b in `items` (None: a forward whose result is dropped): (b, masked batch, flags, logits at
+    A(x)). The model is in eval mode and no gradient is kept while this runs."""
+    mask_cfg = cfg.masking()
+    # K depends only on (T, rate, unit), as in training, so every micro-batch has the same shape.
+    k_max = masking.config_k_max(mask_cfg, store.seq_len)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    mb = cfg.micro_batch_rows
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in items:
+                start = (b or 0) * mb
+                index = np.arange(start, min(n_rows, start + mb), dtype=np.int64)
+                ids, flags = store.rows(index)
+                flags = torch.as_tensor(flags)  # (B, T)
+                batch = masking.mask_batch(torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(index), 0, mask_cfg,
+                                           special, vocab_size, flags=flags, k_max=k_max)
+                with autocast:
+                    logits = model(batch.input_ids.to(device), positions=batch.positions.to(device),
+                                   doc_starts=((flags & FLAG_DOC_START) != 0).to(device))  # (B, K, V)
+                yield b, batch, flags, logits
+    finally:
+        model.train(was_training)
 
 
 def _metrics(nll_sum: float, correct: int, count: int, rows: int) -> dict:
@@ -47,44 +75,24 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     every rank must call it: the micro-batches are shared out between ranks and the sums reduced, giving every rank
     the numbers one process would get.
     """
-    n_rows = len(store) if cfg.max_rows <= 0 else min(len(store), cfg.max_rows)
-    if n_rows == 0:
-        raise UserError("the evaluation split has no rows; prepare the data with a validation split (--val-fraction > 0) or pick another split")
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    n_rows = _check_eval(store, cfg, precision)
     device = torch.device(device)
-    mask_cfg = cfg.masking()
-    # K depends only on (T, rate, unit), as in training, so every micro-batch has the same shape.
-    k_max = masking.config_k_max(mask_cfg, store.seq_len)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    mb = cfg.micro_batch_rows
-    n_batches = -(-n_rows // mb)
+    n_batches = -(-n_rows // cfg.micro_batch_rows)
     # One row of (Σ −log p, correct, count) per micro-batch of the whole split. A rank fills only its own micro-batches
     # and the all-reduce adds zeros to the others, which is exact; the totals are then summed in micro-batch order on
     # every rank. So the numbers do not depend on the world size: micro-batch b holds the same rows (and, keyed by
     # row index, the same mask) at any world size, and float64 sums taken in a fixed order give the same bits.
     sums = torch.zeros(n_batches, 3, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in dist.shard_items(n_batches):
-                # None: this rank has run out of micro-batches but must still take part in the forward (a sharded
-                # model gathers its weights collectively); it runs micro-batch 0 again and drops the result.
-                start = (b or 0) * mb
-                batch, doc_starts = _masked_rows(store, np.arange(start, min(n_rows, start + mb), dtype=np.int64),
-                                                 mask_cfg, special, vocab_size, k_max)
-                with autocast:
-                    logits = model(batch.input_ids.to(device), positions=batch.positions.to(device),
-                                   doc_starts=doc_starts.to(device))  # (B, K, V)
-                if b is None:
-                    continue
-                targets = batch.targets.to(device)  # (B, K)
-                c, k = masked_accuracy_counts(logits, targets)
-                sums[b, 0] = masked_cross_entropy(logits, targets, reduction="sum").double()
-                sums[b, 1], sums[b, 2] = c.double(), k.double()
-    finally:
-        model.train(was_training)
+    # A None item: this rank has run out of micro-batches but must still take part in the forward (a sharded model
+    # gathers its weights collectively); it runs micro-batch 0 again and drops the result.
+    for b, batch, _, logits in _eval_logits(model, store, cfg, special, vocab_size, device, precision, n_rows,
+                                            dist.shard_items(n_batches)):
+        if b is None:
+            continue
+        targets = batch.targets.to(device)  # (B, K)
+        c, k = masked_accuracy_counts(logits, targets)
+        sums[b, 0] = masked_cross_entropy(logits, targets, reduction="sum").double()
+        sums[b, 1], sums[b, 2] = c.double(), k.double()
     dist.all_reduce_sum(sums)
     nll_sum = 0.0
     for v in sums[:, 0].tolist():
@@ -93,6 +101,33 @@ def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cp
     if count == 0:
         raise UserError(f"no position was selected for evaluation in {n_rows} rows; raise eval.mask_rate (got {cfg.mask_rate})")
     return _metrics(nll_sum, correct, count, n_rows)
+
+
+def score_positions(model, store, cfg: EvalConfig, special, vocab_size: int, device="cpu", precision: str = "fp32") -> dict:
+    """Every scored position of the evaluation mask, one entry each (one process; for reports, not for training).
+
+    Returns numpy arrays of equal length: `gold` x_i, `pred` the top-1 token, `p_gold` p(x_i | x̄), `confidence` the
+    top-1 probability, `position` the index in the row, `word_start` whether x_i starts a word, `row` the row index.
+    Σ −log p_gold / len equals `evaluate`'s loss on the same split and config (up to float summation order).
+    """
+    n_rows = _check_eval(store, cfg, precision)
+    device = torch.device(device)
+    out = {k: [] for k in ("gold", "pred", "p_gold", "confidence", "position", "word_start", "row")}
+    items = range(-(-n_rows // cfg.micro_batch_rows))
+    for b, batch, flags, logits in _eval_logits(model, store, cfg, special, vocab_size, device, precision, n_rows, items):
+        valid = batch.valid  # (B, K)
+        probs = torch.softmax(logits.float().cpu(), dim=-1)  # (B, K, V) fp32, as the loss takes it
+        gold = batch.targets.clamp(min=0)  # (B, K)
+        conf, pred = probs.max(dim=-1)  # (B, K), (B, K)
+        rows = torch.arange(valid.shape[0]).unsqueeze(1).expand_as(valid)  # (B, K)
+        out["gold"].append(gold[valid])
+        out["pred"].append(pred[valid])
+        out["p_gold"].append(torch.gather(probs, -1, gold.unsqueeze(-1)).squeeze(-1)[valid])
+        out["confidence"].append(conf[valid])
+        out["position"].append(batch.positions[valid])
+        out["word_start"].append(((flags[rows, batch.positions] & FLAG_WORD_START) != 0)[valid])
+        out["row"].append(rows[valid] + b * cfg.micro_batch_rows)
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
 def _eval_overrides(cfg, overrides) -> EvalConfig:
