@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -315,7 +317,7 @@ class Trainer:
         tok_s = tokens / max(now - start, 1e-9)
         rec = {"step": r.step, "tokens": r.step * self.tokens_per_step, "loss": sums[0] / max(count, 1.0),
                "masked_acc": sums[1] / max(count, 1.0), "lr": r.lr, "grad_norm": norm, "tokens_per_s": tok_s,
-               "epoch": r.epoch}
+               "epoch": r.epoch, "elapsed_s": self.elapsed()}
         if bad:
             rec["skipped"] = True
         self.logger.log(rec)
@@ -489,6 +491,13 @@ class Trainer:
         )
 
 
+def _record_command(out: Path) -> None:
+    """Append the command line that started (or resumed) this run to RUN_DIR/command.txt, for reports."""
+    path = out / "command.txt"
+    before = path.read_text(errors="replace") if path.is_file() else ""
+    atomic_write_text(path, before + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
+
+
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -530,6 +539,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     out.mkdir(parents=True, exist_ok=True)
     start = int(ck.state["step"]) if ck is not None else 0
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
     trainer = Trainer(cfg, model, data, out)
     trainer.logger = dist.on_main(MetricsLogger, out, trainer.max_steps, start_step=start, wait=False) or NullLogger()
