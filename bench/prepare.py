@@ -53,12 +53,14 @@ def make_corpus(path: Path, size_mb: float) -> Path:
 
 def child_maskedlm(a) -> dict:
     from maskedlm.data.prepare import prepare
+    from maskedlm.data.shards import open_data_dir
 
     c, t = time.process_time(), time.perf_counter()
-    meta = prepare([a.input], a.tokenizer, a.seq_len, a.out, val_fraction=0.01, doc_per="line", workers=a.workers,
-                   overwrite=True, progress=False)
+    prepare([a.input], a.tokenizer, a.seq_len, a.out, val_fraction=0.01, doc_per="line", workers=a.workers,
+            overwrite=True, progress=False)
     dt = time.perf_counter() - t
-    rows = meta["splits"]["train"]["rows"] + meta["splits"]["val"]["rows"]
+    data = open_data_dir(a.out)
+    rows = data.rows("train") + data.rows("val")
     return {"seconds": dt, "setup_cpu": c, "rows": rows, "tokens": rows * a.seq_len}
 
 

@@ -13,11 +13,23 @@ import json
 import random
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from maskedlm.checkpoint import load_model
+from maskedlm.config import load_config
+from maskedlm.data.prepare import prepare
+from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
+from maskedlm.evaluate import evaluate
+from maskedlm.files import atomic_write_text
+from maskedlm.inference import fill
+from maskedlm.model import MaskedLM
+from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from maskedlm.train import train
 
 
 @dataclass(frozen=True)
@@ -91,9 +103,6 @@ def _cached(dir_: Path, stamp: dict) -> bool:
 
 def _build_data(cache: Path, train_files: list[Path], held_out: Path, mode: _Mode) -> tuple[Path, Path]:
     """Tokenizer and two data dirs (the training works; the held-out play), reused when built from the same inputs."""
-    from maskedlm.data.prepare import prepare
-    from maskedlm.tokenizer import train_tokenizer
-
     tok_dir, train_dir, held_dir = cache / "tokenizer", cache / "data-train", cache / "data-heldout"
     stamp = _stamp(train_files + [held_out], vocab_size=mode.vocab_size, seq_len=mode.seq_len, version=1)
     if all(_cached(d, stamp) for d in (tok_dir, train_dir, held_dir)):
@@ -109,7 +118,7 @@ def _build_data(cache: Path, train_files: list[Path], held_out: Path, mode: _Mod
     for files, dest in ((train_files, train_dir), ([held_out], held_dir)):
         prepare([str(f) for f in files], tok_dir, mode.seq_len, dest, val_fraction=0.0, doc_per="file", overwrite=True)
     for d in (tok_dir, train_dir, held_dir):
-        (d / "demo_inputs.json").write_text(json.dumps(stamp))
+        atomic_write_text(d / "demo_inputs.json", json.dumps(stamp))
     print(f"data prepared in {time.perf_counter() - t0:.1f} s")
     return train_dir, held_dir
 
@@ -122,7 +131,7 @@ def _metrics_line(name: str, m: dict) -> str:
 def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n (line with one word masked, the word) from a play: verse or prose lines of 6–14 words, the masked word a
     lowercase word that is one token of the vocabulary and not the line's first word. Chosen by seed, at run time."""
-    mask = tokenizer.id_to_token(_special(tokenizer).mask)
+    mask = tokenizer.id_to_token(special_ids(tokenizer).mask)
     candidates = []
     for line in text.splitlines():
         line = line.strip()
@@ -142,25 +151,8 @@ def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[s
     return out
 
 
-def _special(tokenizer):
-    from maskedlm.tokenizer import special_ids
-
-    return special_ids(tokenizer)
-
-
 def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
-    import torch
-
-    from maskedlm.checkpoint import load_model
-    from maskedlm.config import load_config
-    from maskedlm.data.shards import load_meta, open_split
-    from maskedlm.evaluate import evaluate
-    from maskedlm.inference import fill
-    from maskedlm.model import MaskedLM
-    from maskedlm.tokenizer import load_tokenizer
-    from maskedlm.train import train
-
     mode = QUICK if quick else FULL
     minutes = mode.minutes if minutes is None else float(minutes)
     if not minutes > 0:
@@ -176,18 +168,16 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
           f"held out: {held_out.name}")
 
     train_dir, held_dir = _build_data(out / f"cache-{mode.name}", train_files, held_out, mode)
-    meta = load_meta(train_dir)
-    held = open_split(held_dir, "train")  # the held-out play: see _build_data
+    data = open_data_dir(train_dir)
+    held = open_data_dir(held_dir).open("train")  # the held-out play: see _build_data
     tokenizer = load_tokenizer(train_dir)
-    special = _special(tokenizer)
-    vocab_size = int(meta["vocab_size"])
+    special = special_ids(tokenizer)
+    vocab_size = data.vocab_size
     overrides = [f"model.vocab_size={vocab_size}", f"train.max_minutes={minutes:g}", "eval.every_steps=0",
                  *mode.overrides]
     cfg = load_config(mode.preset, overrides)
     ecfg = cfg.eval
     if mode.eval_rows:
-        from dataclasses import replace
-
         ecfg = replace(ecfg, max_rows=mode.eval_rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -227,11 +217,11 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
 
     summary = {
         "mode": mode.name, "minutes": minutes, "held_out": held_out.name, "train_works": len(train_files),
-        "vocab_size": vocab_size, "seq_len": int(meta["seq_len"]), "device": device, "run_dir": str(run_dir),
+        "vocab_size": vocab_size, "seq_len": data.seq_len, "device": device, "run_dir": str(run_dir),
         "steps": result["step"], "tokens": result["tokens"], "tokens_per_s": tokens_per_s,
         "before": before, "after": after, "fill": shown, "wall_s": time.perf_counter() - t_start,
     }
-    (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "demo.json", json.dumps(summary, indent=2))
     print(f"\ndone in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
           f"  maskedlm fill {shlex.quote(str(run_dir))} {shlex.quote(shown[0]['line'] if shown else 'a line with one [MASK] in it')}")
     return summary
