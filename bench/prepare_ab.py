@@ -1,10 +1,8 @@
-"""A/B of prepare.py (with corpus.py) versions and settings, in alternating child processes: CPU time (all threads) and wall time.
+"""A/B of prepare.py versions (with their corpus.py) and settings, in alternating child processes: CPU and wall time.
 
 Not a peer benchmark (bench/prepare.py is): it compares maskedlm with itself, e.g. a commit before a change against
-the working tree, on a shared machine where only same-round ratios mean anything.
-
-    python bench/prepare_ab.py --input /tmp/bpw/corpus_5MB.txt --tokenizer /tmp/bpw/tokenizer --rounds 5 \\
-        ad7c1f7 d07ba21 work work:par=false work:batch=65536 work:join=256
+the working tree, on a shared machine where only same-round ratios mean anything. For example:
+    python bench/prepare_ab.py --input corpus_5MB.txt --tokenizer tok --rounds 5 ad7c1f7 work work:par=false work:join=256
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""prepare and the shard format, checked against the tokenizer's own encodings of a corpus this file generates."""
+"""prepare and the shard format, checked against the tokenizer's own encodings of a corpus this file generates.
+
+Reading (formats, .gz, globs, long documents) is checked through prepare; bad input through the CLI, which must leave
+an existing data dir as it was."""
 
 from __future__ import annotations
 

