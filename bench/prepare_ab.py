@@ -1,10 +1,8 @@
-"""A/B of prepare.py versions and settings, in alternating child processes: CPU time (all threads) and wall time.
+"""A/B of prepare.py versions (with their corpus.py) and settings, in alternating child processes: CPU and wall time.
 
 Not a peer benchmark (bench/prepare.py is): it compares maskedlm with itself, e.g. a commit before a change against
-the working tree, on a shared machine where only same-round ratios mean anything.
-
-    python bench/prepare_ab.py --input /tmp/bpw/corpus_5MB.txt --tokenizer /tmp/bpw/tokenizer --rounds 5 \\
-        ad7c1f7 d07ba21 work work:par=false work:batch=65536 work:join=256
+the working tree, on a shared machine where only same-round ratios mean anything. For example:
+    python bench/prepare_ab.py --input corpus_5MB.txt --tokenizer tok --rounds 5 ad7c1f7 work work:par=false work:join=256
 """
 
 from __future__ import annotations
@@ -19,10 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import importlib.util, json, os, sys, time
-path, inp, tok, out, batch, join = sys.argv[1:7]
+path, corpus_path, inp, tok, out, batch, join = sys.argv[1:8]
+def load(name, file):
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+if corpus_path:  # before anything imports the working tree's corpus reader
+    sys.modules["maskedlm.data.corpus"] = load("maskedlm.data.corpus", corpus_path)
 if path:
-    spec = importlib.util.spec_from_file_location("prepare_ab_version", path)
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    m = load("prepare_ab_version", path)
 else:
     import maskedlm.data.prepare as m
 if int(batch): m.BATCH_CHARS = int(batch)
@@ -32,6 +35,18 @@ c, t = time.process_time(), time.perf_counter()
 m.prepare([inp], tok, 128, out, val_fraction=0.01, doc_per="line", workers=0, overwrite=True, progress=False)
 print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}))
 """
+
+
+def _file_at(rev: str, name: str, tmp: Path, required: bool) -> str:
+    """src/maskedlm/data/`name` as of git revision `rev`, copied into `tmp`; "" when that revision lacks it."""
+    got = subprocess.run(["git", "show", f"{rev}:src/maskedlm/data/{name}"], cwd=ROOT, capture_output=True, text=True)
+    if got.returncode:
+        if required:
+            sys.exit(f"git show {rev}:src/maskedlm/data/{name} failed:\n{got.stderr}")
+        return ""
+    path = tmp / f"{Path(name).stem}_{rev}.py"
+    path.write_text(got.stdout)
+    return str(path)
 
 
 def main() -> None:
@@ -46,18 +61,16 @@ def main() -> None:
     for v in a.variants:
         rev, *opts = v.split(":")
         kw = dict(o.split("=", 1) for o in opts)
-        path = ""
-        if rev != "work":  # that revision's prepare.py, run against the working tree's other modules
-            path = str(tmp / f"prepare_{rev}.py")
-            src = subprocess.run(["git", "show", f"{rev}:src/maskedlm/data/prepare.py"], cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout
-            Path(path).write_text(src)
+        path = corpus_path = ""
+        if rev != "work":  # that revision's prepare.py (and corpus.py, once it has one), with the working tree's others
+            path = _file_at(rev, "prepare.py", tmp, required=True)
+            corpus_path = _file_at(rev, "corpus.py", tmp, required=False)
         env = dict(os.environ, TOKENIZERS_PARALLELISM=kw.get("par", "true"))
-        plans.append((v, path, env, kw.get("batch", "0"), kw.get("join", "0")))
+        plans.append((v, path, corpus_path, env, kw.get("batch", "0"), kw.get("join", "0")))
     res: dict[str, list] = {v: [] for v, *_ in plans}
     for r in range(a.rounds):
-        for v, path, env, batch, join in plans:
-            out = subprocess.run([sys.executable, "-c", CHILD, path, a.input, a.tokenizer, str(tmp / "out"), batch, join],
+        for v, path, corpus_path, env, batch, join in plans:
+            out = subprocess.run([sys.executable, "-c", CHILD, path, corpus_path, a.input, a.tokenizer, str(tmp / "out"), batch, join],
                                  env=env, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{v} failed:\n{out.stderr}")

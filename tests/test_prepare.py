@@ -1,4 +1,7 @@
-"""prepare and the shard format, checked against the tokenizer's own encodings of a corpus this file generates."""
+"""prepare and the shard format, checked against the tokenizer's own encodings of a corpus this file generates.
+
+Reading (formats, .gz, globs, long documents) is checked through prepare; bad input through the CLI, which must leave
+an existing data dir as it was."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 from maskedlm.cli import main
+from maskedlm.data import corpus as reader
 from maskedlm.data import prepare as prep
 from maskedlm.data import shards
 from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, load_meta, open_split
@@ -135,8 +139,8 @@ def test_rows_are_the_tokenizers_stream(tmp_path, corpus, toks, kind, seq_len):
 @pytest.mark.parametrize("kind", KINDS)
 def test_long_documents_are_chunked_without_changing_tokens(tmp_path, monkeypatch, toks, kind):
     # Tiny read blocks and chunks: separators straddle blocks and every document is tokenized in many pieces.
-    monkeypatch.setattr(prep, "READ_BYTES", 37)
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 50)
+    monkeypatch.setattr(reader, "READ_BYTES", 37)
+    monkeypatch.setattr(reader, "CHUNK_CHARS", 50)
     monkeypatch.setattr(prep, "BATCH_CHARS", 300)
     docs = make_docs(12, seed=7, min_words=40, max_words=120)
     path = write_blank_line(tmp_path / "long.txt", docs)
@@ -437,7 +441,7 @@ def test_refuses_prepared_out_without_overwrite(tmp_path, capsys, corpus, toks, 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_50mb_line_peak_memory(tmp_path, toks):
-    """The issue's case: one 50 MB line. Peak RSS of a fresh process stays flat (far under 2 GB)."""
+    """The case that streaming is for: one 50 MB line. Peak RSS of a fresh process stays flat (far under 2 GB)."""
     import subprocess
     import sys
 

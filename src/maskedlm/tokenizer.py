@@ -2,22 +2,22 @@
 
 Every tokenizer we write has the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] and a tokenizer.json that transformers'
 PreTrainedTokenizerFast loads. Loading also accepts a Hugging Face tokenizer dir (tokenizer.json, or only a BERT
-vocab.txt). Reading corpora is data/prepare.py's job; this module only turns text into a vocabulary.
+vocab.txt). Reading corpora is data/corpus.py's job; this module only turns text into a vocabulary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from maskedlm.data.corpus import iter_corpus_texts
 from maskedlm.errors import UserError
+from maskedlm.files import atomic_write_text
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 KINDS = ("wordpiece", "bpe", "unigram")
@@ -107,32 +107,21 @@ def _post_processor(tok: Tokenizer) -> processors.TemplateProcessing:
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tokenizer(tok: Tokenizer, out: str | Path, lowercase: bool | None = None) -> Path:
     """Write tokenizer.json, special_ids.json and the small transformers side files into `out` (each atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sp = special_ids(tok)
     names = {role: tok.id_to_token(i) for role, i in sp.as_dict().items()}
-    _atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
-    _atomic_write_text(out / "special_ids.json", json.dumps(sp.as_dict(), indent=2) + "\n")
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
+    atomic_write_text(out / "special_ids.json", json.dumps(sp.as_dict(), indent=2) + "\n")
     # So PreTrainedTokenizerFast.from_pretrained(out) knows which token is the mask, pad, ... without arguments.
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30)}  # transformers' "no limit"
     cfg.update({f"{role}_token": name for role, name in names.items()})
     if lowercase is not None:
         cfg["do_lower_case"] = lowercase
-    _atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
-    _atomic_write_text(out / "special_tokens_map.json", json.dumps({f"{r}_token": n for r, n in names.items()}, indent=2) + "\n")
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(out / "special_tokens_map.json", json.dumps({f"{r}_token": n for r, n in names.items()}, indent=2) + "\n")
     return out / "tokenizer.json"
 
 
@@ -141,8 +130,6 @@ def train_tokenizer(
     text_field: str = "text",
 ) -> Path:
     """Train a `kind` tokenizer of `vocab_size` tokens on the documents of `inputs`; returns out/tokenizer.json."""
-    from maskedlm.data.prepare import iter_corpus_texts  # the one corpus reader (files, dirs, globs, .gz, jsonl)
-
     kind = str(kind).lower()
     if int(vocab_size) < len(SPECIAL_TOKENS) + 1:
         raise UserError(f"vocab_size must be > {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}")

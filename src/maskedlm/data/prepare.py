@@ -1,294 +1,37 @@
-"""Corpus → packed rows: read text/JSON Lines (files, dirs, globs, .gz), tokenize in parallel, pack, shard.
+"""Corpus → packed rows: tokenize the pieces data/corpus.py reads (in a worker pool), split by document, pack, shard.
 
-Streaming with bounded memory: files are read in blocks, huge documents are cut at whitespace into chunks before
-tokenizing, and rows leave for disk a shard at a time. Output goes to a temp dir beside --out and is renamed at the
-end, so a failure leaves nothing half-written. The on-disk format itself is data/shards.py's.
+Streaming with bounded memory: rows leave for disk a shard at a time. Output goes to a temp dir beside --out and is
+renamed at the end (files.py), so a failure leaves nothing half-written. Reading inputs is corpus.py's job and the
+on-disk format is shards.py's.
 """
 
 from __future__ import annotations
 
-import codecs
-import glob as globlib
-import gzip
 import json
+import multiprocessing as mp
 import os
-import re
 import shutil
 import string
 import sys
-import zlib
 from bisect import bisect_left
 from collections import deque
-from itertools import accumulate, chain
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Encoding, Tokenizer, models, pre_tokenizers
+from tqdm import tqdm
 
 from maskedlm.data import shards as fmt
+from maskedlm.data.corpus import check_options, iter_pieces, new_stats, report_input, resolve_inputs, warn
 from maskedlm.errors import UserError
+from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
+from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
 
 SEQ_LEN_MIN, SEQ_LEN_MAX = 8, 8192
-DOC_PER = ("line", "file", "blank-line")
-FORMATS = ("text", "jsonl")
-READ_BYTES = 1 << 20  # file read block
-# Documents longer than this are tokenized in pieces cut at whitespace: bounded memory for a 50 MB line, and
-# pieces of one document still spread over workers.
-CHUNK_CHARS = 1 << 16
 BATCH_CHARS = 1 << 18  # text per tokenizer call / worker task: ~100k tokens, a few MB of Python lists
 # Corpora below this many tokens are held in memory until the end, so the split can guarantee a validation row.
 BUFFER_TOKENS = 1 << 20
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-_CUT = re.compile(r"\s(?=\S)")  # a cut before the last whitespace char of a run keeps byte-level BPE's " word" intact
-_SEPARATORS = {"line": re.compile(r"\n"), "blank-line": re.compile(r"\n[^\S\n]*\n"), "file": None}
-
-
-# ----------------------------------------------------------------------------------------------- reading inputs
-
-def _warn(msg: str) -> None:
-    print(f"maskedlm: warning: {msg}", file=sys.stderr)
-
-
-def resolve_inputs(inputs) -> list[Path]:
-    """Files named by `inputs` (files, dirs walked recursively, globs), sorted within each input, without repeats."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs or [])
-    if not inputs:
-        raise UserError("no input given; pass --input PATH (files, directories or globs)")
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_file():
-            found = [p]
-        elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
-            if not found:
-                raise UserError(f"input directory has no files: {item}")
-        elif _GLOB_CHARS.search(str(item)):
-            found = []
-            for m in sorted(globlib.glob(str(item), recursive=True)):
-                mp = Path(m)
-                found += [mp] if mp.is_file() else sorted(q for q in mp.rglob("*") if q.is_file())
-            if not found:
-                raise UserError(f"input pattern matches no files: {item}")
-        else:
-            raise UserError(f"input path does not exist: {item}")
-        files += found
-    seen, out = set(), []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            out.append(f)
-    return out
-
-
-def _format_of(path: Path, input_format: str | None) -> str:
-    if input_format is not None:
-        return input_format
-    name = path.name.lower()
-    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "text"
-
-
-class _Counter:
-    """A codec error handler that replaces invalid UTF-8 with U+FFFD and counts the bytes it replaced."""
-
-    def __init__(self):
-        self.replaced = 0
-
-    def __call__(self, err):
-        self.replaced += err.end - err.start
-        return "\ufffd", err.end
-
-
-_REPLACED = _Counter()
-codecs.register_error("maskedlm-count", _REPLACED)
-
-
-def _read_blocks(path: Path, stats: dict):
-    """Decoded text of one file in blocks; stats["bytes_done"] follows the bytes read from disk."""
-    raw = open(path, "rb")
-    try:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="maskedlm-count")
-        first, last_pos = True, 0
-        while True:
-            try:
-                block = stream.read(READ_BYTES)
-            except (OSError, EOFError, zlib.error) as e:
-                raise UserError(f"cannot read {path}: {e}") from None
-            pos = raw.tell()
-            stats["bytes_done"] += pos - last_pos
-            last_pos = pos
-            final = not block
-            text = decoder.decode(block, final=final)
-            if first and text.startswith("\ufeff"):  # a UTF-8 byte-order mark is not text
-                text = text[1:]
-            first = False
-            if text:
-                yield text
-            if final:
-                return
-    finally:
-        raw.close()
-
-
-def _cut(s: str, limit: int) -> int:
-    """Where to cut a long document: before a whitespace char that precedes a word, in s[limit//2:limit]."""
-    cut = None
-    for m in _CUT.finditer(s, limit // 2, limit):
-        cut = m.start()
-    # No whitespace in half a chunk (one enormous "word"): cut hard; only this cut may split a word.
-    return cut if cut else limit
-
-
-def _pieces_of(text: str, first: bool, chunk_chars: int, texts: list, starts: list) -> None:
-    """Append one whole document to (texts, starts), cut into pieces of at most chunk_chars."""
-    while len(text) > chunk_chars:
-        c = _cut(text, chunk_chars)
-        texts.append(text[:c])
-        starts.append(first)
-        first = False
-        text = text[c:]
-    if text:
-        texts.append(text)
-        starts.append(first)
-
-
-def _text_pieces(blocks, doc_per: str, chunk_chars: int, stats: dict):
-    """Lists (pieces, starts_document) for a text file; a document is a line, a blank-line block or the whole file.
-
-    Lists rather than single pieces: a block's documents go on together, keeping Python work per document small."""
-    sep = _SEPARATORS[doc_per]
-    buf, started = "", False  # started: the current document already has pieces out
-    for block in blocks:
-        buf += block
-        texts, starts = [], []
-        if sep is not None:
-            parts = sep.split(buf)
-            buf = parts.pop()
-            if parts and started:  # the end of a long document whose head went out already
-                _pieces_of(parts[0].rstrip(), False, chunk_chars, texts, starts)
-                parts, started = parts[1:], False
-            docs = [d for d in map(str.strip, parts) if d]
-            stats["documents"] += len(docs)
-            if docs and max(map(len, docs)) <= chunk_chars:
-                texts += docs
-                starts += [True] * len(docs)
-            else:
-                for d in docs:
-                    _pieces_of(d, True, chunk_chars, texts, starts)
-        if not started:
-            buf = buf.lstrip()
-        while len(buf) > 2 * chunk_chars:  # the document so far is long: send its head on
-            c = _cut(buf, chunk_chars)
-            if not started:
-                stats["documents"] += 1
-            texts.append(buf[:c])
-            starts.append(not started)
-            started, buf = True, buf[c:]
-        if texts:
-            yield texts, starts
-    buf = buf.rstrip() if started else buf.strip()
-    if buf:
-        if not started:
-            stats["documents"] += 1
-        texts, starts = [], []
-        _pieces_of(buf, not started, chunk_chars, texts, starts)
-        yield texts, starts
-
-
-def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: dict):
-    buf, line_no = "", 0
-    for block in chain(blocks, ["\n"]):  # a last line without its newline still counts
-        buf += block
-        lines = buf.split("\n")
-        buf = lines.pop()
-        texts, starts = [], []
-        for line in lines:
-            line_no += 1
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line or use --format text") from None
-            stats["records"] += 1
-            text = rec.get(text_field) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                stats["missing_field"] += 1
-                if isinstance(rec, dict) and len(stats["fields_seen"]) < 20:
-                    stats["fields_seen"].update(k for k in rec if isinstance(k, str))
-                continue
-            text = text.strip()
-            if text:
-                stats["documents"] += 1
-                _pieces_of(text, True, chunk_chars, texts, starts)
-        if texts:
-            yield texts, starts
-
-
-def _new_stats() -> dict:
-    return {"files": 0, "empty_files": 0, "documents": 0, "records": 0, "missing_field": 0, "fields_seen": set(),
-            "bytes_total": 0, "bytes_done": 0, "replaced_bytes": 0, "replaced_files": 0}
-
-
-def iter_pieces(files: list[Path], input_format=None, text_field="text", doc_per="blank-line", stats=None,
-                chunk_chars: int | None = None):
-    """Lists (text pieces, starts_document flags) over all files in order; counts into `stats` (see _new_stats)."""
-    stats = _new_stats() if stats is None else stats
-    chunk_chars = chunk_chars or CHUNK_CHARS
-    for path in files:
-        stats["files"] += 1
-        docs_before, replaced_before = stats["documents"], _REPLACED.replaced
-        blocks = _read_blocks(path, stats)
-        if _format_of(path, input_format) == "jsonl":
-            yield from _jsonl_pieces(blocks, path, text_field, chunk_chars, stats)
-        else:
-            yield from _text_pieces(blocks, doc_per, chunk_chars, stats)
-        if stats["documents"] == docs_before:
-            stats["empty_files"] += 1
-        if _REPLACED.replaced > replaced_before:
-            stats["replaced_files"] += 1
-            stats["replaced_bytes"] += _REPLACED.replaced - replaced_before
-
-
-def _check_options(input_format, doc_per):
-    if input_format not in (None, *FORMATS):
-        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {input_format!r}")
-    if doc_per not in DOC_PER:
-        raise UserError(f"doc_per must be one of {', '.join(DOC_PER)}, got {doc_per!r}")
-
-
-def _report_input(stats: dict, text_field: str, files: list[Path]) -> None:
-    """Warnings for skipped/replaced input; UserError when nothing usable was found."""
-    if stats["records"] and stats["missing_field"] == stats["records"]:
-        seen = ", ".join(sorted(stats["fields_seen"])[:10]) or "none"
-        raise UserError(
-            f"none of the {stats['records']} JSON Lines records has a string field {text_field!r} "
-            f"(fields seen: {seen}); pass --text-field NAME"
-        )
-    if stats["documents"] == 0:
-        raise UserError(f"no text found: all {stats['files']} input files are empty ({', '.join(map(str, files[:3]))}"
-                        f"{', ...' if len(files) > 3 else ''})")
-    if stats["missing_field"]:
-        _warn(f"skipped {stats['missing_field']} of {stats['records']} JSON Lines records without a string field {text_field!r}")
-    if stats["empty_files"]:
-        _warn(f"skipped {stats['empty_files']} empty input files")
-    if stats["replaced_bytes"]:
-        _warn(f"replaced {stats['replaced_bytes']} invalid UTF-8 bytes with U+FFFD in {stats['replaced_files']} files")
-
-
-def iter_corpus_texts(inputs, input_format=None, text_field="text", stats=None, doc_per="blank-line"):
-    """Text pieces of a corpus (for tokenizer training); errors and warnings as in prepare, raised at the end."""
-    _check_options(input_format, doc_per)
-    files = resolve_inputs(inputs)
-    stats = _new_stats() if stats is None else stats
-    stats.update({k: v for k, v in _new_stats().items() if k not in stats})
-    for texts, _ in iter_pieces(files, input_format, text_field, doc_per, stats):
-        yield from texts
-    _report_input(stats, text_field, files)
 
 
 # ------------------------------------------------------------------------------------------------- tokenizing
@@ -300,8 +43,6 @@ _WORKER_STARTS = None
 def _worker_init(tok_json: str) -> None:
     global _WORKER_TOK, _WORKER_STARTS
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
-    from tokenizers import Tokenizer
-
     _WORKER_TOK = Tokenizer.from_str(tok_json)
     _WORKER_STARTS = word_start_table(_WORKER_TOK), _joiner(_WORKER_TOK)
 
@@ -315,8 +56,6 @@ def word_start_table(tok) -> np.ndarray | None:
     prefix is two or more. So word_ids (which need the offset tracking that encode_batch_fast skips) are not needed.
     Any other model or pre-tokenizer (byte-level BPE and Unigram among them) gets None: encode_batch and word_ids.
     """
-    from tokenizers import models, pre_tokenizers
-
     if not isinstance(tok.model, models.WordPiece):
         return None
     if not isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer):
@@ -356,8 +95,6 @@ def _encode_joined(texts: list[str], tok, starts_table: np.ndarray, joiner: tupl
     """_encode's result from encode_batch_fast on texts joined by a special token; None when the check fails.
 
     For short documents (a line each) most of the tokenizer's time is per Encoding; this makes one per JOIN_TEXTS."""
-    from tokenizers import Encoding
-
     sep_text, sep_id = joiner
     joined = [sep_text.join(texts[i:i + JOIN_TEXTS]) + sep_text for i in range(0, len(texts), JOIN_TEXTS)]
     if sum(j.count(sep_text) for j in joined) != len(texts):
@@ -380,8 +117,6 @@ def _encode_joined(texts: list[str], tok, starts_table: np.ndarray, joiner: tupl
 
 def _encode(texts: list[str], tok=None, starts_table: np.ndarray | None = None, joiner: tuple[str, int] | None = None):
     """Token ids, word-start flags and per-text lengths of a batch of texts (no special tokens added)."""
-    from tokenizers import Encoding
-
     if tok is None:
         tok, (starts_table, joiner) = _WORKER_TOK, _WORKER_STARTS
     if starts_table is not None and joiner is not None:
@@ -439,8 +174,6 @@ def _encoded_batches(pieces, tok, workers: int, batch_chars: int):
         for texts, starts in _batches(pieces, batch_chars):
             yield (*_encode(texts, tok, table, joiner), starts)
         return
-    import multiprocessing as mp
-
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     # Said before forking, so tokenizers' fork guard stays quiet in the parent and parallelism stays off in workers.
     old = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -568,6 +301,59 @@ def _choose_val(doc_ids: np.ndarray, doc_tokens: np.ndarray, u: np.ndarray, val_
     return np.sort(doc_ids[order[:chosen]])
 
 
+def _route_stream(batches, packers, seed: int, val_fraction: float, stats: dict, bar) -> list | None:
+    """Number documents, flag their first tokens and send each batch to its split's packer.
+
+    Returns the batches still held back, (ids, flags, doc) each, when the corpus stayed under BUFFER_TOKENS (their
+    split is chosen at the end); None when it was streamed."""
+    buffered: list | None = []  # (ids, flags, doc) per batch while the corpus is small; None once streaming
+    buffered_tokens = 0
+    next_doc = 0  # index of the next document; documents are numbered in reading order
+    last_doc = -1  # document of the last token seen
+    for ids, flags, lens, starts in batches:
+        piece_doc = next_doc - 1 + np.cumsum(np.asarray(starts, dtype=np.int64))  # a piece's document index
+        next_doc = int(piece_doc[-1]) + 1 if len(piece_doc) else next_doc
+        doc = np.repeat(piece_doc, lens)
+        if len(ids):  # the doc-start bit goes on a document's first token, which may sit in an earlier batch
+            first = np.empty(len(doc), dtype=bool)
+            first[0] = doc[0] != last_doc
+            first[1:] = doc[1:] != doc[:-1]
+            flags[first] |= np.uint8(fmt.FLAG_DOC_START)
+            last_doc = int(doc[-1])
+        if buffered is not None:
+            buffered.append((ids, flags, doc))
+            buffered_tokens += len(ids)
+            if buffered_tokens > BUFFER_TOKENS:  # big corpus: split by hash alone and stream from here on
+                for b in buffered:
+                    _route(*b[:2], b[2], _uniform(seed, b[2]) < val_fraction, packers)
+                buffered = None
+        else:  # the split is drawn per document (per piece here), then spread over its tokens
+            _route(ids, flags, doc, np.repeat(_uniform(seed, piece_doc) < val_fraction, lens), packers)
+        bar.update(stats["bytes_done"] - bar.n)
+        bar.set_postfix(docs=stats["documents"], refresh=False)
+    return buffered
+
+
+def _route_small_corpus(buffered: list, packers, seq_len: int, seed: int, val_fraction: float) -> None:
+    """Split a corpus held in memory by document so that both splits get a row when val_fraction > 0, and route it."""
+    ids = np.concatenate([b[0] for b in buffered]) if buffered else np.zeros(0, np.uint32)
+    flags = np.concatenate([b[1] for b in buffered]) if buffered else np.zeros(0, np.uint8)
+    doc = np.concatenate([b[2] for b in buffered]) if buffered else np.zeros(0, np.int64)
+    doc_ids, doc_tokens = np.unique(doc, return_counts=True)
+    total_rows = (len(ids) + max(len(doc_ids) - 1, 0)) // (seq_len - 1)
+    if total_rows == 0:
+        raise UserError(
+            f"corpus too small: {len(ids)} tokens in {len(doc_ids)} documents make no row of seq_len {seq_len} "
+            f"(a row holds [CLS] + {seq_len - 1} tokens); add text or lower --seq-len"
+        )
+    if val_fraction > 0:
+        val_docs = _choose_val(doc_ids, doc_tokens, _uniform(seed, doc_ids), val_fraction, seq_len)
+        is_val = np.isin(doc, val_docs)
+    else:
+        is_val = np.zeros(len(doc), dtype=bool)
+    _route(ids, flags, doc, is_val, packers)
+
+
 # ------------------------------------------------------------------------------------------------- prepare
 
 def _is_prepared(p: Path) -> bool:
@@ -575,6 +361,9 @@ def _is_prepared(p: Path) -> bool:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    """UserError unless `out` may become the data dir: new, empty, or prepared data with overwrite.
+
+    A non-empty dir without prepared data is refused even with overwrite: it is someone's files, not ours to delete."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose a new DATA_DIR")
     if out.is_dir():
@@ -583,24 +372,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
                 raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it, or choose a new --out")
         elif any(out.iterdir()):
             raise UserError(f"{out} exists, is not empty and holds no prepared data; refusing to replace it; choose a new --out")
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temp dir to `out`; an old prepared dir is replaced only with overwrite."""
-    _check_out(out, overwrite)
-    if out.is_dir() and _is_prepared(out):
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
 
 
 def _auto_workers() -> int:
@@ -616,10 +387,6 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
 
     Returns the meta dict. `progress`: None shows a bar on a terminal only; True/False force it.
     """
-    from tokenizers import Tokenizer
-
-    from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
-
     # -- every check that needs no reading comes first, so bad options fail before any work
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or not SEQ_LEN_MIN <= seq_len <= SEQ_LEN_MAX:
         raise UserError(f"seq_len must be an integer in [{SEQ_LEN_MIN}, {SEQ_LEN_MAX}], got {seq_len}")
@@ -630,7 +397,7 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     if int(workers) < 0:
         raise UserError(f"workers must be >= 0 (0: one per core), got {workers}")
     workers = int(workers) or _auto_workers()
-    _check_options(input_format, doc_per)
+    check_options(input_format, doc_per)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     sp = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -639,17 +406,14 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     out = Path(out)
     _check_out(out, overwrite)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.prepare-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temp_dir_beside(out, "prepare")
     try:
         meta = _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format, text_field,
                              doc_per, workers, seed, progress, tokenizer_hash(tok))
         meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out, overwrite)
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        _check_out(out, overwrite)  # again: --out may have changed while the corpus was read
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -662,71 +426,30 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
 
 def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format, text_field, doc_per,
                   workers, seed, progress, tok_hash) -> dict:
-    from tqdm import tqdm
-
-    stats = _new_stats()
+    """Write shards, token counts and tokenizer.json into `tmp`; returns the meta dict (sources still empty)."""
+    stats = new_stats()
     stats["bytes_total"] = sum(f.stat().st_size for f in files)
     counts = np.zeros(vocab_size, dtype=np.int64)
     writers = {s: fmt.ShardWriter(tmp / s, seq_len, dtype) for s in fmt.SPLITS}
     packers = {s: _Packer(writers[s], seq_len, sp.cls, sp.sep, counts if s == "train" else None) for s in fmt.SPLITS}
     bar = tqdm(total=stats["bytes_total"], unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
                disable=(not progress) if progress is not None else None, dynamic_ncols=True)
-    buffered: list | None = []  # (ids, flags, doc) per batch while the corpus is small; None once streaming
-    buffered_tokens = 0
-    next_doc = 0  # index of the next document; documents are numbered in reading order
-    last_doc = -1  # document of the last token seen
     pieces = iter_pieces(files, input_format, text_field, doc_per, stats)
     try:
-        for ids, flags, lens, starts in _encoded_batches(pieces, tok, workers, BATCH_CHARS):
-            piece_doc = next_doc - 1 + np.cumsum(np.asarray(starts, dtype=np.int64))  # a piece's document index
-            next_doc = int(piece_doc[-1]) + 1 if len(piece_doc) else next_doc
-            doc = np.repeat(piece_doc, lens)
-            if len(ids):  # the doc-start bit goes on a document's first token, which may sit in an earlier batch
-                first = np.empty(len(doc), dtype=bool)
-                first[0] = doc[0] != last_doc
-                first[1:] = doc[1:] != doc[:-1]
-                flags[first] |= np.uint8(fmt.FLAG_DOC_START)
-                last_doc = int(doc[-1])
-            if buffered is not None:
-                buffered.append((ids, flags, doc))
-                buffered_tokens += len(ids)
-                if buffered_tokens > BUFFER_TOKENS:  # big corpus: split by hash alone and stream from here on
-                    for b in buffered:
-                        _route(*b[:2], b[2], _uniform(seed, b[2]) < val_fraction, packers)
-                    buffered = None
-            else:  # the split is drawn per document (per piece here), then spread over its tokens
-                _route(ids, flags, doc, np.repeat(_uniform(seed, piece_doc) < val_fraction, lens), packers)
-            bar.update(stats["bytes_done"] - bar.n)
-            bar.set_postfix(docs=stats["documents"], refresh=False)
+        buffered = _route_stream(_encoded_batches(pieces, tok, workers, BATCH_CHARS), packers, seed, val_fraction, stats, bar)
     finally:
         bar.close()
-    _report_input(stats, text_field, files)
-
+    report_input(stats, text_field, files)
     if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
-        ids = np.concatenate([b[0] for b in buffered]) if buffered else np.zeros(0, np.uint32)
-        flags = np.concatenate([b[1] for b in buffered]) if buffered else np.zeros(0, np.uint8)
-        doc = np.concatenate([b[2] for b in buffered]) if buffered else np.zeros(0, np.int64)
-        doc_ids, doc_tokens = np.unique(doc, return_counts=True)
-        total_rows = (len(ids) + max(len(doc_ids) - 1, 0)) // (seq_len - 1)
-        if total_rows == 0:
-            raise UserError(
-                f"corpus too small: {len(ids)} tokens in {len(doc_ids)} documents make no row of seq_len {seq_len} "
-                f"(a row holds [CLS] + {seq_len - 1} tokens); add text or lower --seq-len"
-            )
-        if val_fraction > 0:
-            val_docs = _choose_val(doc_ids, doc_tokens, _uniform(seed, doc_ids), val_fraction, seq_len)
-            is_val = np.isin(doc, val_docs)
-        else:
-            is_val = np.zeros(len(doc), dtype=bool)
-        _route(ids, flags, doc, is_val, packers)
+        _route_small_corpus(buffered, packers, seq_len, seed, val_fraction)
 
     dropped = {s: packers[s].finish() for s in fmt.SPLITS}
     if writers["train"].rows == 0:
         raise UserError(f"corpus too small: no train row of seq_len {seq_len}; add text, lower --seq-len or --val-fraction")
     if val_fraction > 0 and writers["val"].rows == 0:
-        _warn(f"the val split got no row (val_fraction {val_fraction}); raise --val-fraction for a validation set")
+        warn(f"the val split got no row (val_fraction {val_fraction}); raise --val-fraction for a validation set")
     np.save(tmp / "token_counts.npy", counts)
-    (tmp / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    atomic_write_text(tmp / "tokenizer.json", tok.to_str())
     return {
         "format_version": fmt.FORMAT_VERSION,
         "vocab_size": vocab_size,

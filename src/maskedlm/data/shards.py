@@ -74,6 +74,13 @@ class DataDir:
     def tokens(self, split: str) -> int:
         return int(self.splits.get(split, {}).get("tokens", 0))
 
+    def shard_names(self, split: str) -> list[str] | None:
+        """The shard names meta.json lists for `split`, or None where it lists none (then the files on disk count)."""
+        names = self.splits.get(split, {}).get("shards")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise _not_prepared(self.path, f"meta.json's splits.{split}.shards is not a list of names")
+        return names
+
     @property
     def tokenizer_file(self) -> Path | None:
         """The tokenizer.json prepare copied into the data dir, or None for data prepared without one."""
@@ -176,13 +183,13 @@ class RowStore:
         self.dir = Path(split_dir)
         if not self.dir.is_dir():
             raise _not_prepared(self.dir.parent, f"no {self.dir.name}/ split")
-        names = None
-        seq_len = None
+        names = seq_len = None
         try:  # meta.json names the shards; fall back to what is on disk for a bare split dir
-            meta = load_meta(self.dir.parent)
-            names = meta["splits"][self.dir.name]["shards"]
-            seq_len = int(meta["seq_len"])
-        except (UserError, KeyError, TypeError):
+            data = open_data_dir(self.dir.parent)
+            names, seq_len = data.shard_names(self.dir.name), data.seq_len
+        except UserError:
+            pass
+        if names is None:
             names = sorted(p.name[: -len(".ids.npy")] for p in self.dir.glob("shard_*.ids.npy"))
         self._ids, self._flags = [], []
         for name in names:

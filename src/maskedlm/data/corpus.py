@@ -1,0 +1,280 @@
+"""Reading corpora: files, directories and globs of plain text or JSON Lines (.gz too), cut into documents and pieces.
+
+Streams with bounded memory: files are read in blocks and huge documents are cut at whitespace into pieces. It counts
+what it read and warns about what it skipped; it does not tokenize, pack or write anything.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import gzip
+import json
+import os
+import re
+import sys
+import zlib
+from itertools import chain
+from pathlib import Path
+
+from maskedlm.errors import UserError
+
+DOC_PER = ("line", "file", "blank-line")
+FORMATS = ("text", "jsonl")
+READ_BYTES = 1 << 20  # file read block
+# Documents longer than this are tokenized in pieces cut at whitespace: bounded memory for a 50 MB line, and
+# pieces of one document still spread over workers.
+CHUNK_CHARS = 1 << 16
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_CUT = re.compile(r"\s(?=\S)")  # a cut before the last whitespace char of a run keeps byte-level BPE's " word" intact
+_SEPARATORS = {"line": re.compile(r"\n"), "blank-line": re.compile(r"\n[^\S\n]*\n"), "file": None}
+
+
+def warn(msg: str) -> None:
+    """Print a one-line maskedlm warning on stderr."""
+    print(f"maskedlm: warning: {msg}", file=sys.stderr)
+
+
+def resolve_inputs(inputs) -> list[Path]:
+    """Files named by `inputs` (files, dirs walked recursively, globs), sorted within each input, without repeats."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs or [])
+    if not inputs:
+        raise UserError("no input given; pass --input PATH (files, directories or globs)")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            if not found:
+                raise UserError(f"input directory has no files: {item}")
+        elif _GLOB_CHARS.search(str(item)):
+            found = []
+            for m in sorted(globlib.glob(str(item), recursive=True)):
+                mp = Path(m)
+                found += [mp] if mp.is_file() else sorted(q for q in mp.rglob("*") if q.is_file())
+            if not found:
+                raise UserError(f"input pattern matches no files: {item}")
+        else:
+            raise UserError(f"input path does not exist: {item}")
+        files += found
+    seen, out = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def _format_of(path: Path, input_format: str | None) -> str:
+    if input_format is not None:
+        return input_format
+    name = path.name.lower()
+    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "text"
+
+
+class _Counter:
+    """A codec error handler that replaces invalid UTF-8 with U+FFFD and counts the bytes it replaced."""
+
+    def __init__(self):
+        self.replaced = 0
+
+    def __call__(self, err):
+        self.replaced += err.end - err.start
+        return "\ufffd", err.end
+
+
+_REPLACED = _Counter()
+codecs.register_error("maskedlm-count", _REPLACED)
+
+
+def _read_blocks(path: Path, stats: dict):
+    """Decoded text of one file in blocks; stats["bytes_done"] follows the bytes read from disk."""
+    raw = open(path, "rb")
+    try:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="maskedlm-count")
+        first, last_pos = True, 0
+        while True:
+            try:
+                block = stream.read(READ_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                raise UserError(f"cannot read {path}: {e}") from None
+            pos = raw.tell()
+            stats["bytes_done"] += pos - last_pos
+            last_pos = pos
+            final = not block
+            text = decoder.decode(block, final=final)
+            if first and text.startswith("\ufeff"):  # a UTF-8 byte-order mark is not text
+                text = text[1:]
+            first = False
+            if text:
+                yield text
+            if final:
+                return
+    finally:
+        raw.close()
+
+
+def _cut(s: str, limit: int) -> int:
+    """Where to cut a long document: before a whitespace char that precedes a word, in s[limit//2:limit]."""
+    cut = None
+    for m in _CUT.finditer(s, limit // 2, limit):
+        cut = m.start()
+    # No whitespace in half a chunk (one enormous "word"): cut hard; only this cut may split a word.
+    return cut if cut else limit
+
+
+def _pieces_of(text: str, first: bool, chunk_chars: int, texts: list, starts: list) -> None:
+    """Append one whole document to (texts, starts), cut into pieces of at most chunk_chars."""
+    while len(text) > chunk_chars:
+        c = _cut(text, chunk_chars)
+        texts.append(text[:c])
+        starts.append(first)
+        first = False
+        text = text[c:]
+    if text:
+        texts.append(text)
+        starts.append(first)
+
+
+def _text_pieces(blocks, doc_per: str, chunk_chars: int, stats: dict):
+    """Lists (pieces, starts_document) for a text file; a document is a line, a blank-line block or the whole file.
+
+    Lists rather than single pieces: a block's documents go on together, keeping Python work per document small."""
+    sep = _SEPARATORS[doc_per]
+    buf, started = "", False  # started: the current document already has pieces out
+    for block in blocks:
+        buf += block
+        texts, starts = [], []
+        if sep is not None:
+            parts = sep.split(buf)
+            buf = parts.pop()
+            if parts and started:  # the end of a long document whose head went out already
+                _pieces_of(parts[0].rstrip(), False, chunk_chars, texts, starts)
+                parts, started = parts[1:], False
+            docs = [d for d in map(str.strip, parts) if d]
+            stats["documents"] += len(docs)
+            if docs and max(map(len, docs)) <= chunk_chars:
+                texts += docs
+                starts += [True] * len(docs)
+            else:
+                for d in docs:
+                    _pieces_of(d, True, chunk_chars, texts, starts)
+        if not started:
+            buf = buf.lstrip()
+        while len(buf) > 2 * chunk_chars:  # the document so far is long: send its head on
+            c = _cut(buf, chunk_chars)
+            if not started:
+                stats["documents"] += 1
+            texts.append(buf[:c])
+            starts.append(not started)
+            started, buf = True, buf[c:]
+        if texts:
+            yield texts, starts
+    buf = buf.rstrip() if started else buf.strip()
+    if buf:
+        if not started:
+            stats["documents"] += 1
+        texts, starts = [], []
+        _pieces_of(buf, not started, chunk_chars, texts, starts)
+        yield texts, starts
+
+
+def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: dict):
+    buf, line_no = "", 0
+    for block in chain(blocks, ["\n"]):  # a last line without its newline still counts
+        buf += block
+        lines = buf.split("\n")
+        buf = lines.pop()
+        texts, starts = [], []
+        for line in lines:
+            line_no += 1
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line or use --format text") from None
+            stats["records"] += 1
+            text = rec.get(text_field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                stats["missing_field"] += 1
+                if isinstance(rec, dict) and len(stats["fields_seen"]) < 20:
+                    stats["fields_seen"].update(k for k in rec if isinstance(k, str))
+                continue
+            text = text.strip()
+            if text:
+                stats["documents"] += 1
+                _pieces_of(text, True, chunk_chars, texts, starts)
+        if texts:
+            yield texts, starts
+
+
+def new_stats() -> dict:
+    """Fresh counters for iter_pieces: files, documents, JSON Lines records, bytes read and bytes replaced."""
+    return {"files": 0, "empty_files": 0, "documents": 0, "records": 0, "missing_field": 0, "fields_seen": set(),
+            "bytes_total": 0, "bytes_done": 0, "replaced_bytes": 0, "replaced_files": 0}
+
+
+def iter_pieces(files: list[Path], input_format=None, text_field="text", doc_per="blank-line", stats=None,
+                chunk_chars: int | None = None):
+    """Lists (text pieces, starts_document flags) over all files in order; counts into `stats` (see new_stats)."""
+    stats = new_stats() if stats is None else stats
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    for path in files:
+        stats["files"] += 1
+        docs_before, replaced_before = stats["documents"], _REPLACED.replaced
+        blocks = _read_blocks(path, stats)
+        if _format_of(path, input_format) == "jsonl":
+            yield from _jsonl_pieces(blocks, path, text_field, chunk_chars, stats)
+        else:
+            yield from _text_pieces(blocks, doc_per, chunk_chars, stats)
+        if stats["documents"] == docs_before:
+            stats["empty_files"] += 1
+        if _REPLACED.replaced > replaced_before:
+            stats["replaced_files"] += 1
+            stats["replaced_bytes"] += _REPLACED.replaced - replaced_before
+
+
+def check_options(input_format, doc_per) -> None:
+    """UserError for an unknown input format or document unit, before any file is read."""
+    if input_format not in (None, *FORMATS):
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {input_format!r}")
+    if doc_per not in DOC_PER:
+        raise UserError(f"doc_per must be one of {', '.join(DOC_PER)}, got {doc_per!r}")
+
+
+def report_input(stats: dict, text_field: str, files: list[Path]) -> None:
+    """Warnings for skipped/replaced input; UserError when nothing usable was found."""
+    if stats["records"] and stats["missing_field"] == stats["records"]:
+        seen = ", ".join(sorted(stats["fields_seen"])[:10]) or "none"
+        raise UserError(
+            f"none of the {stats['records']} JSON Lines records has a string field {text_field!r} "
+            f"(fields seen: {seen}); pass --text-field NAME"
+        )
+    if stats["documents"] == 0:
+        raise UserError(f"no text found: all {stats['files']} input files are empty ({', '.join(map(str, files[:3]))}"
+                        f"{', ...' if len(files) > 3 else ''})")
+    if stats["missing_field"]:
+        warn(f"skipped {stats['missing_field']} of {stats['records']} JSON Lines records without a string field {text_field!r}")
+    if stats["empty_files"]:
+        warn(f"skipped {stats['empty_files']} empty input files")
+    if stats["replaced_bytes"]:
+        warn(f"replaced {stats['replaced_bytes']} invalid UTF-8 bytes with U+FFFD in {stats['replaced_files']} files")
+
+
+def iter_corpus_texts(inputs, input_format=None, text_field="text", stats=None, doc_per="blank-line"):
+    """Text pieces of a corpus (for tokenizer training); errors and warnings as prepare's, raised at the end."""
+    check_options(input_format, doc_per)
+    files = resolve_inputs(inputs)
+    stats = new_stats() if stats is None else stats
+    stats.update({k: v for k, v in new_stats().items() if k not in stats})
+    for texts, _ in iter_pieces(files, input_format, text_field, doc_per, stats):
+        yield from texts
+    report_input(stats, text_field, files)
