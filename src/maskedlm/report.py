@@ -232,9 +232,12 @@ def _bars(plt, rows: list[dict], title: str, xlabel: str):
 def anatomy_figures(plt, run_index: int, a: dict) -> list[tuple[str, str, object]]:
     p = f"anatomy-{run_index}"
     out = [
-        (f"{p}-frequency", "loss and accuracy by the gold token's corpus count", _bars(plt, a["by_frequency"], "by gold-token frequency", "corpus count of x_i")),
-        (f"{p}-position", "loss and accuracy by position in the row", _bars(plt, a["by_position"], "by position", "position in the row")),
-        (f"{p}-word-start", "loss and accuracy: word starts against sub-word pieces", _bars(plt, a["by_word_start"], "word start vs sub-word", "")),
+        (f"{p}-frequency", "loss and accuracy by the gold token's corpus count",
+         _bars(plt, a["by_frequency"], "by gold-token frequency", "corpus count of x_i")),
+        (f"{p}-position", "loss and accuracy by position in the row",
+         _bars(plt, a["by_position"], "by position", "position in the row")),
+        (f"{p}-word-start", "loss and accuracy: word starts against sub-word pieces",
+         _bars(plt, a["by_word_start"], "word start vs sub-word", "")),
     ]
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     cal = a["calibration"]
@@ -334,7 +337,8 @@ def write_report(run_dirs, data=None, out="report.html", png=None) -> Path:
     # Data for other tools, not code: a browser runs no script of type application/json. "<\/" keeps "</script>"
     # inside a string from closing the block (and is still valid JSON).
     parts.append('<script type="application/json" id="report-data">' + json.dumps(payload).replace("</", "<\\/") + "</script>")
-    page = f'<!doctype html><html><head><meta charset="utf-8"><title>maskedlm report</title><style>{_STYLE}</style></head><body>{"".join(parts)}</body></html>\n'
+    head = f'<meta charset="utf-8"><title>maskedlm report</title><style>{_STYLE}</style>'
+    page = f'<!doctype html><html><head>{head}</head><body>{"".join(parts)}</body></html>\n'
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
