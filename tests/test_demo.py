@@ -28,6 +28,10 @@ def test_demo_short_run_reports_before_and_after(tmp_path, capsys, one_thread):
     assert s["before"]["tokens"] == s["after"]["tokens"] > 0  # the same fixed mask before and after
     assert s["tokens_per_s"] > 0 and s["steps"] > 0 and "tokens/s" in printed
     assert s["held_out"] == demo.split_works(demo.corpus_dir())[1].name
+    report = Path(s["report"])
+    assert f"report: {report}" in printed and report.is_file()
+    page = report.read_text()
+    assert 'id="fig-train-loss-tokens"' in page and 'id="fig-anatomy-0-frequency"' in page
     run_dir = Path(s["run_dir"])
     assert json.loads((run_dir / "demo.json").read_text())["after"] == s["after"]
     # fill-mask lines come from the held-out play, with the answer masked out of them

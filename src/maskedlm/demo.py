@@ -2,7 +2,8 @@
 
 Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on that play,
 trains a modern-mini (4 layers, hidden 256, pre-LN) for M minutes, evaluates again and fills masked words in held-out
-lines chosen at run time. It composes the library's own steps (tokenizer, prepare, train, evaluate, fill) only.
+lines chosen at run time, then writes the run's report. It composes the library's own steps (tokenizer, prepare,
+train, evaluate, fill, report) only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from maskedlm.evaluate import evaluate
 from maskedlm.files import atomic_write_text
 from maskedlm.inference import fill
 from maskedlm.model import MaskedLM
+from maskedlm.report import write_report
 from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from maskedlm.train import train
 
@@ -228,7 +230,11 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
         "steps": result["step"], "tokens": result["tokens"], "tokens_per_s": tokens_per_s,
         "before": before, "after": after, "fill": shown, "wall_s": time.perf_counter() - t_start,
     }
+    # The run's report, its anatomy taken on the held-out play (whose rows sit in that data dir's train split).
+    summary["report"] = str(write_report([run_dir], data=held_dir, out=run_dir / "report.html"))
+    summary["wall_s"] = time.perf_counter() - t_start
     atomic_write_text(run_dir / "demo.json", json.dumps(summary, indent=2))
-    print(f"\ndone in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
+    print(f"\nreport: {summary['report']} (open it in a browser)")
+    print(f"done in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
           f"  maskedlm fill {shlex.quote(str(run_dir))} {shlex.quote(shown[0]['line'] if shown else 'a line with one [MASK] in it')}")
     return summary
