@@ -1,4 +1,4 @@
-"""Masking strategies (issue 8): whole words on real tokenizers, SpanBERT spans, n-grams, predict vs corrupt rates,
+"""Masking strategies: whole words on real tokenizers, SpanBERT spans, n-grams, predict vs corrupt rates,
 rate schedules, unigram replacement, determinism for every strategy, and `maskedlm masks`."""
 
 import functools
@@ -452,7 +452,7 @@ def test_masks_text_shows_rows_as_words(data_dir, capsys):
 
 
 def test_masks_errors(data_dir, tmp_path):
-    from maskedlm.masking import masks_report
+    from maskedlm.masks import masks_report
 
     d, _, _ = data_dir
     with pytest.raises(UserError, match="masking.mask_rate"):
