@@ -369,19 +369,15 @@ _WEIGHTS_INDEX = "model.safetensors.index.json"
 _PROBE_TOLERANCE = 1e-4  # export self-check: fp32 logits of the same weights agree to ~1e-6; 1e-4 flags a wrong map
 
 
-def _not_found(path) -> UserError:
-    return UserError(
-        f"model {str(path)!r} does not exist; pass a run dir, a checkpoint dir or a local Hugging Face dir (maskedlm "
-        f"reads offline: for a Hub name, download it first, e.g. `huggingface-cli download {path} --local-dir DIR`, "
-        "and pass DIR)")
-
-
 def _resolve_hf_dir(hf_dir) -> Path:
     """The directory holding config.json + weights: HF_DIR itself, or a sentence-transformers folder's Transformer
     module (modules.json names its path, "" or "0_Transformer")."""
     p = Path(hf_dir)
     if not p.exists():
-        raise _not_found(hf_dir)
+        raise UserError(
+            f"{hf_dir} is not a local directory; maskedlm reads checkpoints offline from local directories only. "
+            f"If it is a Hugging Face Hub name, download it first (e.g. `huggingface-cli download {hf_dir} "
+            "--local-dir DIR`) and pass DIR")
     if not p.is_dir():
         raise UserError(f"{hf_dir} is a file; pass the Hugging Face checkpoint directory that holds config.json")
     modules = p / "modules.json"
@@ -475,7 +471,9 @@ def load_any_model(path, device="cpu", report=None):
     """
     p = Path(path)
     if not p.exists():
-        raise _not_found(path)
+        raise UserError(
+            f"model {str(path)!r} does not exist; pass a run dir, a checkpoint dir or a local Hugging Face dir (for a "
+            f"Hub name, download it first, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)")
     if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir()):
         return load_checkpoint_model(p, device=device)
     model, cfg, tok, info = _load_hf(p, device=device)
