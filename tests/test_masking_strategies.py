@@ -433,6 +433,7 @@ def test_masks_json_statistics(data_dir, capsys, unit):
     cfg = MaskingConfig(unit=unit)
     mb = mask_batch(ids, torch.arange(len(ids)), 0, cfg, SP, 10**4, flags=flags)
     assert stats["selected_tokens"] == int(mb.num_selected)
+    assert stats["mask_share"] == int(mb.corruption.to_mask.sum()) / int(mb.selection.mask.sum())  # its own decisions
     hist = stats["unit_length_histogram"]
     if unit == "token":
         assert hist == {"1": int(mb.num_selected)}
