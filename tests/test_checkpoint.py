@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from maskedlm import checkpoint as ckpt
+from maskedlm import files
 from maskedlm.config import load_config
 from maskedlm.errors import UserError
 from maskedlm.model import MaskedLM
@@ -46,7 +47,7 @@ def test_round_trip_and_keep_last_k(tmp_path):
     for pid, st in ref["state"].items():
         for name, t in st.items():
             assert torch.equal(ck.optimizer_state["state"][pid][name], t), (pid, name)
-    loaded, lcfg, tok = ckpt.load_model(tmp_path)
+    loaded, lcfg, tok = ckpt.load_checkpoint_model(tmp_path)
     assert lcfg == cfg and tok is None
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
@@ -82,7 +83,7 @@ def test_damaged_latest_falls_back_to_the_previous_on_resume(tmp_path, damage):
     # inference does not silently use older weights: the error names the checkpoint that does load
     if damage != "missing-optimizer":  # weights-only loading does not need optimizer.pt
         with pytest.raises(UserError, match="step_0000010 loads"):
-            ckpt.load_model(tmp_path)
+            ckpt.load_checkpoint_model(tmp_path)
 
 
 def test_kill_during_save_leaves_previous_loadable(tmp_path):
@@ -97,7 +98,7 @@ def test_kill_during_save_leaves_previous_loadable(tmp_path):
     (root / "step_0000030").mkdir()
     (root / "step_0000030" / "state.json").write_text('{"step": 30, "files"')
     assert ckpt.read_latest_name(root) == "step_0000010"
-    model2, _, _ = ckpt.load_model(tmp_path)
+    model2, _, _ = ckpt.load_checkpoint_model(tmp_path)
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in model.state_dict().items())
     ck = ckpt.load_for_resume(tmp_path, warn=lambda m: None)
     assert ck.state["step"] == 10
@@ -105,15 +106,18 @@ def test_kill_during_save_leaves_previous_loadable(tmp_path):
     assert not tmp.exists()
 
 
-def test_disk_full_during_save_raises_and_keeps_previous(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["_write_weights", "_write_optimizer", "files._write_text"])
+def test_disk_full_during_save_raises_and_keeps_previous(tmp_path, monkeypatch, writer):
     cfg, model, opt = _model_and_opt()
     _save(tmp_path, 10, model, opt, cfg)
 
-    def full(path, state):
+    def full(path, content):
         path.write_bytes(b"\x00" * 7)  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_optimizer", full)
+    # the writers of weights and optimizer state, and the one text writer (config.json, state.json) in files.py
+    module, name = (files, writer.split(".")[1]) if writer.startswith("files.") else (ckpt, writer)
+    monkeypatch.setattr(module, name, full)
     with pytest.raises(ckpt.CheckpointError) as e:
         _save(tmp_path, 20, model, opt, cfg)
     msg = str(e.value)
@@ -151,7 +155,7 @@ def _mark_ran():
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        ckpt.load_model(tmp_path / "nope")
+        ckpt.load_checkpoint_model(tmp_path / "nope")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoint yet"):
-        ckpt.load_model(tmp_path / "run")
+        ckpt.load_checkpoint_model(tmp_path / "run")

@@ -11,7 +11,8 @@ import torch
 
 from inference_data import WORDS, make_data, train_tiny, tiny_config
 from maskedlm.errors import UserError
-from maskedlm.inference import explain, fill, format_explain, format_fill, resolve_model, score
+from maskedlm.hf import load_any_model
+from maskedlm.inference import explain, fill, format_explain, format_fill, score
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +160,21 @@ def test_bad_text_is_a_user_error(trained, call, message):
         call(trained)
 
 
+def test_old_loader_names_still_import():
+    """train.py, evaluate.py and demo.py still import the loaders by their old names; they are the same functions."""
+    from maskedlm.checkpoint import load_checkpoint_model, load_model
+    from maskedlm.hf import load_hf_model
+    from maskedlm.inference import resolve_model
+
+    assert load_model is load_checkpoint_model
+    assert load_hf_model is load_any_model and resolve_model is load_any_model
+
+
 def test_missing_model_path(tmp_path, capsys):
     from maskedlm.cli import main
 
     with pytest.raises(UserError, match="does not exist"):
-        resolve_model(tmp_path / "nope")
+        load_any_model(tmp_path / "nope")
     with pytest.raises(UserError, match="does not exist"):
         fill(str(tmp_path / "nope"), "a [MASK]")
     with pytest.raises(SystemExit) as e:
@@ -192,11 +203,11 @@ def _same_fill(a, b, text="golf golf [MASK] golf"):
 def test_model_from_run_dir_checkpoint_dir_and_hugging_face_dir(tmp_path, run_dir, trained):
     from maskedlm.hf import export
 
-    _same_fill(trained, resolve_model(run_dir))
-    _same_fill(trained, resolve_model(run_dir / "checkpoints" / "step_0000400"))
+    _same_fill(trained, load_any_model(run_dir))
+    _same_fill(trained, load_any_model(run_dir / "checkpoints" / "step_0000400"))
     export(str(run_dir), out=tmp_path / "hf", verify=False)  # the transformers-side check is in test_hf.py
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "bert"
-    _same_fill(trained, resolve_model(tmp_path / "hf"))
+    _same_fill(trained, load_any_model(tmp_path / "hf"))
     _same_fill(trained, str(tmp_path / "hf"))  # every function takes the MODEL path too
 
 

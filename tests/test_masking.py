@@ -1,4 +1,4 @@
-"""Token-level masking (issue 3): exact counts, 80/10/10, specials, counter-based determinism, validation."""
+"""Token-level masking: exact counts, 80/10/10, specials, counter-based determinism, validation."""
 
 import math
 

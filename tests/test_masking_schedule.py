@@ -1,4 +1,4 @@
-"""Issue 8, rate schedules in a run: masking.rate_schedule_steps 0 takes the run's total steps (from train.max_steps
+"""Rate schedules in a run: masking.rate_schedule_steps 0 takes the run's total steps (from train.max_steps
 or train.max_tokens), the masks then follow that schedule, and a resume from a checkpoint is bit-identical."""
 
 import json

@@ -1,4 +1,4 @@
-"""Masking strategies (issue 8): whole words on real tokenizers, SpanBERT spans, n-grams, predict vs corrupt rates,
+"""Masking strategies: whole words on real tokenizers, SpanBERT spans, n-grams, predict vs corrupt rates,
 rate schedules, unigram replacement, determinism for every strategy, and `maskedlm masks`."""
 
 import functools
@@ -433,6 +433,7 @@ def test_masks_json_statistics(data_dir, capsys, unit):
     cfg = MaskingConfig(unit=unit)
     mb = mask_batch(ids, torch.arange(len(ids)), 0, cfg, SP, 10**4, flags=flags)
     assert stats["selected_tokens"] == int(mb.num_selected)
+    assert stats["mask_share"] == int(mb.corruption.to_mask.sum()) / int(mb.selection.mask.sum())  # its own decisions
     hist = stats["unit_length_histogram"]
     if unit == "token":
         assert hist == {"1": int(mb.num_selected)}
@@ -452,7 +453,7 @@ def test_masks_text_shows_rows_as_words(data_dir, capsys):
 
 
 def test_masks_errors(data_dir, tmp_path):
-    from maskedlm.masking import masks_report
+    from maskedlm.masks import masks_report
 
     d, _, _ = data_dir
     with pytest.raises(UserError, match="masking.mask_rate"):

@@ -1,9 +1,8 @@
-"""Checkpoints: atomic save, verified load, keep-last-K, and `load_model` for every command that takes a MODEL.
+"""Checkpoints: atomic save, verified load, keep-last-K, and the model of a run or checkpoint dir.
 
-A checkpoint is RUN_DIR/checkpoints/step_XXXXXXX/ with model.safetensors, config.json, tokenizer.json, state.json and
-optimizer.pt. It is written into a temporary directory and renamed; `latest` is replaced with os.replace; state.json
-records each file's size and sha256, so a truncated or corrupted checkpoint is detected instead of half-loaded.
-Nothing is unpickled: weights are safetensors, optimizer tensors load with weights_only=True.
+RUN_DIR/checkpoints/step_XXXXXXX/ holds model.safetensors, config.json, tokenizer.json, state.json and optimizer.pt;
+it is built in a temporary directory and renamed into place (files.py), and `latest` names the newest. state.json
+records each file's size and sha256, so damage is detected instead of half-loaded; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -20,10 +19,16 @@ from pathlib import Path
 
 import torch
 
+import maskedlm
+from maskedlm.config import config_from_dict
 from maskedlm.errors import UserError
+from maskedlm.files import atomic_write_text, fsync_path, replace_dir
+from maskedlm.model import MaskedLM
+from maskedlm.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER = "model.safetensors", "config.json", "tokenizer.json", "state.json", "optimizer.pt"
 STEP_RE = re.compile(r"^step_(\d+)$")
+_REPLACED_RE = re.compile(r"^\.step_\d+\.old-\d+$")  # a step dir that files.replace_dir had moved aside
 FORMAT_VERSION = 1
 
 
@@ -35,20 +40,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-# -- low-level writers (one place each, so tests can simulate a full disk) -------------------------------------------
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
+# -- low-level writers (one place each, so tests can simulate a full disk; text goes through files.py) ---------------
 def _write_weights(path: Path, tensors: dict) -> None:
     from safetensors.torch import save_file
 
@@ -57,24 +49,6 @@ def _write_weights(path: Path, tensors: dict) -> None:
 
 def _write_optimizer(path: Path, state: dict) -> None:
     torch.save(state, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name in the same directory, fsync, then os.replace: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_text(tmp, text)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _file_record(path: Path) -> dict:
@@ -89,8 +63,6 @@ def library_versions() -> dict:
     import numpy
     import safetensors
     import tokenizers
-
-    import maskedlm
 
     return {
         "maskedlm": maskedlm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
@@ -141,6 +113,7 @@ def save_checkpoint(
     ck_root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     final = ck_root / name
+    # Named .tmp-* (not files.temp_dir_beside's pattern): remove_stale_tmp and runs of earlier versions know this one.
     tmp = ck_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -150,25 +123,22 @@ def save_checkpoint(
         _write_weights(tmp / WEIGHTS, tensors)
         if optimizer is not None:
             _write_optimizer(tmp / OPTIMIZER, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
-        _write_text(tmp / CONFIG, json.dumps(config, indent=2))
+        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2))
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
         files = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
         full_state = {
             "format_version": FORMAT_VERSION, "step": step, **state, "versions": library_versions(), "files": files,
         }
-        _write_text(tmp / STATE, json.dumps(full_state, indent=2))
+        atomic_write_text(tmp / STATE, json.dumps(full_state, indent=2))
         for p in tmp.iterdir():
-            _fsync_path(p)
-        _fsync_path(tmp)
-        if final.exists():  # a resumed run reaching a step that a killed run had saved but not made `latest`
-            trash = ck_root / f".trash-{name}-{os.getpid()}"
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_path(ck_root)
+            fsync_path(p)
+        fsync_path(tmp)
+        # `final` exists when a resumed run reaches a step that a killed run had saved but not made `latest`
+        replace_dir(tmp, final)
+        fsync_path(ck_root)
         atomic_write_text(ck_root / "latest", name + "\n")
-        _fsync_path(ck_root)
+        fsync_path(ck_root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = read_latest_name(ck_root)
@@ -201,7 +171,7 @@ def remove_stale_tmp(ck_root: Path) -> None:
     """Temporary dirs left by a process killed during a save: never loaded, safe to delete."""
     if ck_root.is_dir():
         for p in ck_root.iterdir():
-            if p.name.startswith((".tmp-", ".trash-", ".latest.tmp-")):
+            if p.name.startswith((".tmp-", ".trash-", ".latest.tmp-")) or _REPLACED_RE.match(p.name):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -313,15 +283,13 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise UserError(f"{path} is neither a run dir nor a checkpoint dir (no {STATE}, no checkpoints/)")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from a run dir (its latest checkpoint) or a checkpoint dir.
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer or None) from a run dir (its latest checkpoint) or a
+    checkpoint dir: maskedlm's own format only; hf.load_any_model takes any MODEL path and calls this for ours.
 
     A damaged latest checkpoint is an error that names the previous, loadable one, rather than a silent fallback:
     inference should not quietly use older weights.
     """
-    from maskedlm.config import config_from_dict
-    from maskedlm.model import MaskedLM
-
     ck_dir = resolve_checkpoint_dir(path)
     try:
         ck = read_checkpoint(ck_dir, load_optimizer=False)
@@ -340,9 +308,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ck_dir}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.to(device).eval()
-    tokenizer = None
-    if (ck_dir / TOKENIZER).is_file():
-        from maskedlm.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(ck_dir / TOKENIZER)
+    tokenizer = load_tokenizer(ck_dir / TOKENIZER) if (ck_dir / TOKENIZER).is_file() else None
     return model, cfg, tokenizer
+
+
+load_model = load_checkpoint_model  # the old name: demo.py (and bench/quality.py) still call it

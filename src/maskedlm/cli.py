@@ -60,9 +60,10 @@ def _fill(a):
 
 
 def _explain(a):
-    from maskedlm.inference import explain, format_explain, resolve_model
+    from maskedlm.hf import load_any_model
+    from maskedlm.inference import explain, format_explain
 
-    loaded = resolve_model(a.model)
+    loaded = load_any_model(a.model)
     result = explain(loaded, a.text, mask=a.mask, seed=a.seed)
     print(json.dumps(result, indent=2) if a.json else format_explain(result, tokenizer=loaded[2]))
 
@@ -108,12 +109,13 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def _masks(a):
-    from maskedlm.masking import masks_report
+    from maskedlm.masks import masks_report
 
     print(masks_report(a.data, config=a.config, overrides=a.overrides, rows=a.rows, as_json=a.json, split=a.split,
                        step=a.step, epoch=a.epoch, max_rows=a.max_rows))
 
 
+# Long: every subcommand's options in one place, so `maskedlm COMMAND --help` and this file read the same.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

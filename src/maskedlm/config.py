@@ -47,8 +47,10 @@ class ModelConfig:
     doc_attention: bool = False  # block-diagonal attention from document starts (packed rows)
     # Decoder weight = input embeddings (BERT, ModernBERT): saves V×C parameters and is what HF checkpoints expect.
     tie_embeddings: bool = True
-    # modern only. 1 = every layer global (DESIGN decision 6). Released ModernBERT checkpoints use 3: layers 0, 3, 6, ...
-    # are global, the others see only a local window; importing them sets these three fields so their numerics hold.
+    # modern only. 1 = every layer global: on the 128-token rows `maskedlm prepare` makes by default a 128-token local
+    # window would save almost no compute, and all layers then share one attention path. Released ModernBERT
+    # checkpoints use 3: layers 0, 3, 6, ... are global, the others see only a local window; importing them sets these
+    # three fields so their numerics hold.
     global_attn_every_n_layers: int = 1
     local_attention_tokens: int = 128  # ModernBERT's local window: a local layer's token sees ±64 tokens
     local_rope_theta: float = 10000.0  # ModernBERT's RoPE base for local layers
@@ -197,7 +199,7 @@ class EvalConfig:
     max_rows: int = 0  # 0: the whole split
     micro_batch_rows: int = 64
     # The evaluation mask's unit, apart from masking.unit: token-level by default whatever a run trains with, so runs
-    # with different masking strategies are scored on the same positions (issue 8). word/span/ngram score how well a
+    # with different masking strategies are scored on the same positions. word/span/ngram score how well a
     # model fills whole units instead (then compare only runs evaluated with the same eval.* settings).
     unit: str = "token"
     # The shape of eval.unit=span / ngram units, the evaluation's own (masking.* may be ablated); published defaults as

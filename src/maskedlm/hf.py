@@ -15,8 +15,12 @@ from pathlib import Path
 
 import torch
 
-from maskedlm.config import ModelConfig
+from maskedlm.checkpoint import STATE, load_checkpoint_model, save_checkpoint
+from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
+from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
+from maskedlm.model import MaskedLM, padded_vocab_size
+from maskedlm.tokenizer import load_tokenizer, save_tokenizer, special_ids
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key maps. Each entry: (our key, HF key suffix). The q/k/v split (BERT) and vocabulary padding are handled apart.
@@ -132,6 +136,7 @@ def _normalise_hf_keys(sd: dict[str, torch.Tensor], family: str) -> dict[str, to
     return out
 
 
+# Long: one pass over every tensor family (mapped pairs, split q/k/v, padded vocabulary rows), each naming what is missing.
 def from_hf_state_dict(
     sd: dict[str, torch.Tensor], cfg: ModelConfig, allow_missing_head: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -141,8 +146,6 @@ def from_hf_state_dict(
     (BertModel, sentence-transformers, ModernBertModel) are left out of the result: the caller keeps its freshly
     initialised ones (see `missing_head_keys`). Unused HF tensors (pooler, NSP head) are ignored.
     """
-    from maskedlm.model import padded_vocab_size
-
     sd = _normalise_hf_keys(sd, cfg.family)
     V = int(cfg.vocab_size)
     Vp = padded_vocab_size(V, cfg.pad_vocab_multiple)
@@ -213,6 +216,7 @@ def missing_head_keys(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[
 # Configs
 
 
+# Long: one keyword per field of transformers' BertConfig / ModernBertConfig, listed flat so each is easy to check.
 def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
     """config.json content (also the kwargs of BertConfig / ModernBertConfig) for our ModelConfig.
 
@@ -287,6 +291,7 @@ def _expect(d: dict, key: str, allowed, default) -> None:
         raise UserError(f"unsupported Hugging Face config: {key}={value!r} (maskedlm supports {allowed!r})")
 
 
+# Long: the inverse of hf_config, field by field for both architectures, refusing what ModelConfig cannot express.
 def model_config_from_hf(d: dict) -> ModelConfig:
     """config.json of a BERT or ModernBERT checkpoint → ModelConfig; UserError for what we cannot represent."""
     model_type = d.get("model_type")
@@ -420,10 +425,6 @@ def _read_hf_weights(d) -> dict[str, torch.Tensor]:
 
 def _load_hf(hf_dir, device="cpu"):
     """(model, Config, tokenizer, info) where info names the source and the head tensors initialised fresh."""
-    from maskedlm.config import Config
-    from maskedlm.model import MaskedLM
-    from maskedlm.tokenizer import load_tokenizer, special_ids
-
     root = _resolve_hf_dir(hf_dir)
     try:
         hf_cfg = json.loads((root / "config.json").read_text())
@@ -460,35 +461,37 @@ def _load_hf(hf_dir, device="cpu"):
     return model.to(device).eval(), Config(model=mcfg), tok, info
 
 
-def load_hf_model(hf_dir, device="cpu", report=None):
-    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from a local Hugging Face BERT / ModernBERT dir
-    (BertModel, BertForMaskedLM, BertForPreTraining, sentence-transformers, ModernBertForMaskedLM/Model).
+def load_any_model(path, device="cpu", report=None):
+    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from any MODEL path: a maskedlm run dir (its latest
+    checkpoint) or checkpoint dir, or a local Hugging Face BERT / ModernBERT dir (BertModel, BertForMaskedLM,
+    BertForPreTraining, sentence-transformers, ModernBertForMaskedLM/Model). Every command that takes a MODEL uses it.
 
-    MLM-head tensors the checkpoint lacks are initialised (BERT init, seed 0) and reported by name through `report`
-    (stderr by default). A maskedlm run or checkpoint dir is also accepted and loaded as such.
+    MLM-head tensors a Hugging Face checkpoint lacks are initialised (BERT init, seed 0) and reported by name through
+    `report` (stderr by default).
     """
-    p = Path(hf_dir)
-    if p.is_dir() and ((p / "state.json").is_file() or (p / "checkpoints").is_dir()):
-        from maskedlm.checkpoint import load_model
-
-        return load_model(p, device=device)
-    model, cfg, tok, info = _load_hf(hf_dir, device=device)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(
+            f"model {str(path)!r} does not exist; pass a run dir, a checkpoint dir or a local Hugging Face dir (for a "
+            f"Hub name, download it first, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)")
+    if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir()):
+        return load_checkpoint_model(p, device=device)
+    model, cfg, tok, info = _load_hf(p, device=device)
     if info["initialised"]:
         say = report or (lambda m: print(m, file=sys.stderr))
-        say(f"note: {hf_dir} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
+        say(f"note: {path} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
     return model, cfg, tok
 
 
-def _prepare_out(out, overwrite: bool):
+load_hf_model = load_any_model  # the old name: train.py's _load_init still calls it
+
+
+def _prepare_out(out, overwrite: bool, tag: str):
     """A fresh temporary sibling of `out` to write into; UserError when `out` exists and overwrite is off."""
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return out, tmp
+    return out, temp_dir_beside(out, tag)
 
 
 def _readable(d: Path) -> None:
@@ -499,38 +502,8 @@ def _readable(d: Path) -> None:
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
-def _commit_out(tmp, out) -> None:
-    """Replace `out` by the finished `tmp` with renames, so a reader never sees a half-written directory."""
-    if out.exists():
-        trash = out.parent / f".trash-{out.name}-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
-    else:
-        os.rename(tmp, out)
-
-
-def _load_any(model_path, device="cpu"):
-    """A run dir, checkpoint dir or HF dir → (model, Config, tokenizer)."""
-    p = Path(model_path)
-    cfg_file = p / "config.json"
-    if p.is_dir() and cfg_file.is_file() and not (p / "state.json").is_file():
-        try:
-            is_hf = json.loads(cfg_file.read_text()).get("model_type") in ("bert", "modernbert")
-        except (ValueError, OSError, AttributeError):
-            is_hf = False
-        if is_hf:
-            model, cfg, tok, _ = _load_hf(p, device)
-            return model, cfg, tok
-    from maskedlm.checkpoint import load_model
-
-    return load_model(p, device=device)
-
-
 def _probe_ids(tok, vocab_size: int, max_positions: int) -> torch.Tensor:
     """Two probe rows: a sentence through the tokenizer and random ids, both framed by [CLS] ... [SEP]."""
-    from maskedlm.tokenizer import special_ids
-
     sp = special_ids(tok)
     T = min(24, max_positions)
     text_ids = tok.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).ids[: T - 2]
@@ -578,16 +551,14 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
 
     from safetensors.torch import save_file
 
-    from maskedlm.tokenizer import save_tokenizer, special_ids
-
-    net, cfg, tok = _load_any(model)
+    net, cfg, tok = load_any_model(model)
     if tok is None:
         raise UserError(f"{model} has no tokenizer.json; an export needs the tokenizer the model was trained with")
     mcfg = cfg.model if hasattr(cfg, "model") else cfg
     sp = special_ids(tok)
     if tok.get_vocab_size() > net.vocab_size:
         raise UserError(f"{model}: the tokenizer has {tok.get_vocab_size()} tokens but the model {net.vocab_size} rows")
-    out, tmp = _prepare_out(out, overwrite)
+    out, tmp = _prepare_out(out, overwrite, "export")
     try:
         hf_cfg = hf_config(mcfg, special=sp.as_dict())
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -608,7 +579,7 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
                 transformers = None
             if transformers is not None:
                 diff = verify_export(tmp, net, tok)
-        _commit_out(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -625,10 +596,8 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
     """A local HF BERT / ModernBERT dir → a maskedlm run dir (checkpoints/step_0000000, loadable as MODEL and by
     `train --init-from`). Head tensors the checkpoint lacks are initialised and named in the report."""
 
-    from maskedlm.checkpoint import atomic_write_text, save_checkpoint
-
     model, cfg, tok, info = _load_hf(hf_dir)
-    out, tmp = _prepare_out(out, overwrite)
+    out, tmp = _prepare_out(out, overwrite, "import")
     try:
         tok_file = tmp / "tokenizer.source.json"
         tok_file.write_text(tok.to_str())
@@ -638,7 +607,7 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
         tok_file.unlink()
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         _readable(tmp)
-        _commit_out(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

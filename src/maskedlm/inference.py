@@ -1,51 +1,33 @@
 """Use a trained model on one text: fill [MASK]s, explain the objective on one example, score a text.
 
 MODEL is a run dir (its latest checkpoint), a checkpoint dir, or a Hugging Face dir; every function also takes the
-(model, cfg, tokenizer) triple that resolve_model returns. All forwards run in fp32 under no_grad, sparse at the
+(model, cfg, tokenizer) triple that hf.load_any_model returns. All forwards run in fp32 under no_grad, sparse at the
 positions asked about; nothing here trains or changes the model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
 
+from maskedlm.config import MaskingConfig
 from maskedlm.errors import UserError
+from maskedlm.hf import load_any_model
+from maskedlm.hf import load_any_model as resolve_model  # noqa: F401 - the old name; evaluate.py still imports it
+from maskedlm.masking import Selection, corrupt
+from maskedlm.tokenizer import special_ids
 
-_HF_MODEL_TYPES = ("bert", "modernbert")
-_TOP_EXPLAIN = 5  # issue 4 item 5: the top-5 predictions at each position
+_TOP_EXPLAIN = 5  # the five likeliest tokens per position: enough to see what the model confuses, one line each
 _SCORE_BATCH_ROWS = 64  # pseudo-log-likelihood rows per forward: one row per scored token
-
-
-def resolve_model(model, device="cpu"):
-    """MODEL path → (MaskedLM, Config, tokenizers.Tokenizer). A dir whose config.json names model_type bert or
-    modernbert is read as Hugging Face; anything else as our run or checkpoint dir."""
-    path = Path(model)
-    if not path.exists():
-        raise UserError(f"model {str(model)!r} does not exist; pass a run dir, a checkpoint dir or a Hugging Face dir")
-    hf_config = path / "config.json"
-    if path.is_dir() and hf_config.is_file():
-        try:
-            model_type = json.loads(hf_config.read_text()).get("model_type")
-        except (ValueError, OSError, AttributeError):
-            model_type = None
-        if model_type in _HF_MODEL_TYPES:
-            from maskedlm.hf import load_hf_model
-
-            return load_hf_model(path, device=device)
-    from maskedlm.checkpoint import load_model
-
-    return load_model(path, device=device)
 
 
 def _loaded(model):
     """Accept a MODEL path or an already loaded (model, cfg, tokenizer) triple."""
     if isinstance(model, (str, Path)):
-        return resolve_model(model)
+        return load_any_model(model)
     if isinstance(model, tuple) and len(model) == 3:
         return model
     raise TypeError(f"expected a MODEL path or a (model, cfg, tokenizer) triple, got {type(model).__name__}")
@@ -89,8 +71,6 @@ def _token(tokenizer, i: int) -> str:
 
 def fill(model, text: str, top_k: int = 5) -> dict:
     """Top-k tokens with probabilities at each [MASK] of the text (the tokenizer's own mask string)."""
-    from maskedlm.tokenizer import special_ids
-
     model, cfg, tokenizer = _loaded(model)
     if int(top_k) < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
@@ -158,8 +138,6 @@ def explain(model, text: str, mask=(), seed: int = 0) -> dict:
     seed 0: every selected token becomes [MASK] (the clearest view of what the model predicts). Any other seed applies
     the training corruption (80/10/10 by default) via masking.corrupt, keyed by that seed, epoch 0 and row 0.
     """
-    from maskedlm.tokenizer import special_ids
-
     model, cfg, tokenizer = _loaded(model)
     if not mask:
         raise UserError("--mask needs at least one word or token index to put in A(x)")
@@ -171,9 +149,6 @@ def explain(model, text: str, mask=(), seed: int = 0) -> dict:
         for i in positions:
             corrupted[i] = special.mask
     else:
-        from maskedlm.config import MaskingConfig
-        from maskedlm.masking import Selection, corrupt
-
         x = torch.tensor([ids], dtype=torch.long)
         sel_mask = torch.zeros_like(x, dtype=torch.bool)
         sel_mask[0, positions] = True
@@ -237,8 +212,6 @@ def format_explain(result: dict, tokenizer=None) -> str:
 
 def score(model, text: str) -> dict:
     """Pseudo-log-likelihood: each non-special token masked in turn (one row per token, batched), Σ log p(x_i | x\\i)."""
-    from maskedlm.tokenizer import special_ids
-
     model, cfg, tokenizer = _loaded(model)
     special = special_ids(tokenizer)
     ids, _ = _encode(tokenizer, special, cfg, text)

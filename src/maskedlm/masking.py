@@ -2,8 +2,7 @@
 
 Pure, vectorised torch: every random decision is a counter-based hash of (seed, epoch, global row index, position,
 stream), so a row gets the same mask in any batch, on any worker or rank, after any restart; no global RNG is touched.
-Units: tokens, whole words, SpanBERT spans or n-grams of words. This module does not load data or run models
-(except `masks_report`, the `maskedlm masks` command, which reads a data dir to show what a configuration does).
+Units: tokens, whole words, SpanBERT spans or n-grams of words. Nothing here reads data or runs models (masks.py does).
 """
 
 from __future__ import annotations
@@ -117,6 +116,15 @@ class Selection:
 
 
 @dataclass
+class Corruption:
+    """x̄ and the per-token decisions that made it; the decisions are for statistics (`maskedlm masks`) and tests."""
+
+    input_ids: torch.Tensor  # (B, T) long: x̄
+    to_mask: torch.Tensor  # (B, T) bool: became [MASK]
+    to_random: torch.Tensor  # (B, T) bool: became a random token (which may happen to equal x_i)
+
+
+@dataclass
 class MaskedBatch:
     input_ids: torch.Tensor  # (B, T) long: x̄
     positions: torch.Tensor  # (B, K) long: A(x), padded with 0
@@ -124,6 +132,7 @@ class MaskedBatch:
     targets: torch.Tensor  # (B, K) long: x_i at A(x), -100 where not valid
     num_selected: torch.Tensor  # () long: |A(x)| in the batch (count of valid)
     selection: Selection | None = None
+    corruption: Corruption | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- rates
@@ -146,7 +155,7 @@ def rate_at(cfg: MaskingConfig, step: int = 0) -> float:
     return float(r1 + (r0 - r1) * 0.5 * (1.0 + math.cos(math.pi * t)))  # cosine
 
 
-def _rates(cfg: MaskingConfig, step: int) -> tuple[float, float]:
+def rates_at(cfg: MaskingConfig, step: int) -> tuple[float, float]:
     """(predict rate, corrupt rate) at `step`; 0 in the config means "= mask_rate" (or the scheduled rate)."""
     base = rate_at(cfg, step)
     return (cfg.predict_rate or base), (cfg.corrupt_rate or base)
@@ -212,12 +221,12 @@ def _special_tensor(special, device) -> torch.Tensor:
     return torch.tensor(sorted(set(int(i) for i in special.all())), dtype=torch.long, device=device)
 
 
-def _eligible(ids: torch.Tensor, special) -> torch.Tensor:
-    """Not a special token (padding is [PAD], a special token)."""
+def eligible(ids: torch.Tensor, special) -> torch.Tensor:
+    """Which tokens may be selected: (B, T) bool, not a special token (padding is [PAD], a special token)."""
     return ~torch.isin(ids, _special_tensor(special, ids.device))  # (B, T)
 
 
-def _unit_starts(elig: torch.Tensor, flags: torch.Tensor | None, unit: str) -> torch.Tensor:
+def unit_starts(elig: torch.Tensor, flags: torch.Tensor | None, unit: str) -> torch.Tensor:
     """Where a unit (token or word) starts; every ineligible token is a unit of its own, and so is what follows it."""
     if flags is None:
         raise UserError(f"masking.unit={unit!r} needs the word starts that `maskedlm prepare` stores (flags); none were given")
@@ -277,6 +286,8 @@ def _expected_total(probs: tuple[float, ...], n_max: int) -> torch.Tensor:
     return torch.tensor(F, dtype=torch.float64)
 
 
+# Long: lengths, budget, placement retries and coverage are one vectorised pipeline over the batch; split up, its (B, W)
+# intermediates would have to be passed between functions.
 def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, probs):
     """Non-overlapping runs of whole words with lengths drawn from `probs`, never across a document start.
 
@@ -365,6 +376,7 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     return selected, unit
 
 
+# Long: argument checks, the K check and the predicted/corrupted split are shared by every unit, so they stay together.
 def select_positions(
     ids: torch.Tensor,
     row_index: torch.Tensor,
@@ -394,12 +406,12 @@ def select_positions(
             f"k_max={K} is below the {config_k_max(cfg, T)} that masking.unit={cfg.unit!r} at rate up to "
             f"{_max_rate(cfg)} needs at seq_len {T}; pass masking.config_k_max(cfg, seq_len) or k_max=None"
         )
-    predict, corrupt_rate = _rates(cfg, step)
+    predict, corrupt_rate = rates_at(cfg, step)
     rate = max(predict, corrupt_rate)
     ids = ids.long()  # (B, T)
-    elig = _eligible(ids, special)  # (B, T)
+    elig = eligible(ids, special)  # (B, T)
     seed = int(cfg.seed)
-    starts = None if cfg.unit == "token" else _unit_starts(elig, flags, cfg.unit)  # (B, T)
+    starts = None if cfg.unit == "token" else unit_starts(elig, flags, cfg.unit)  # (B, T)
     pos = torch.arange(T, device=ids.device)  # (T,)
     if cfg.unit in ("token", "word"):
         selected, uid, first = _select_ranked(elig, starts, row_index, epoch, seed, rate, K)  # (B, T) ×3
@@ -495,7 +507,7 @@ def _corruption_plan(ids, target, row_index, epoch, cfg, special, vocab_size, to
     return to_mask, to_rand, replacement
 
 
-def corrupt(
+def corruption(
     ids: torch.Tensor,
     selection: Selection,
     row_index: torch.Tensor,
@@ -504,7 +516,7 @@ def corrupt(
     special,
     vocab_size: int,
     token_counts=None,
-) -> torch.Tensor:
+) -> Corruption:
     """x̄: of the corrupted positions (A(x) by default), mask_token_prob become [MASK], random_token_prob a random
     non-special token (uniform, or by corpus frequency: `token_counts` [V]), the rest stay x_i. Decided per token."""
     cfg.validate()
@@ -515,7 +527,12 @@ def corrupt(
         ids, target.to(ids.device), row_index, epoch, cfg, special, vocab_size, token_counts
     )  # (B, T) ×3
     out = torch.where(to_mask, torch.full_like(ids, int(special.mask)), ids)  # (B, T)
-    return torch.where(to_rand, replacement, out)  # (B, T)
+    return Corruption(input_ids=torch.where(to_rand, replacement, out), to_mask=to_mask, to_random=to_rand)
+
+
+def corrupt(ids, selection, row_index, epoch, cfg, special, vocab_size, token_counts=None) -> torch.Tensor:
+    """x̄ alone, (B, T) long: `corruption` without the per-token decisions (same arguments)."""
+    return corruption(ids, selection, row_index, epoch, cfg, special, vocab_size, token_counts).input_ids
 
 
 def mask_batch(
@@ -533,194 +550,9 @@ def mask_batch(
     """select_positions then corrupt: x̄, A(x) as padded positions, and the targets x_i (−100 where not valid)."""
     ids = ids.long()  # (B, T)
     sel = select_positions(ids, row_index, epoch, cfg, special, flags=flags, step=step, k_max=k_max)
-    x_bar = corrupt(ids, sel, row_index, epoch, cfg, special, vocab_size, token_counts=token_counts)  # (B, T)
+    cor = corruption(ids, sel, row_index, epoch, cfg, special, vocab_size, token_counts=token_counts)
     targets = torch.where(sel.valid, ids.gather(1, sel.positions), -100)  # (B, K)
     return MaskedBatch(
-        input_ids=x_bar, positions=sel.positions, valid=sel.valid, targets=targets,
-        num_selected=sel.valid.sum(), selection=sel,
+        input_ids=cor.input_ids, positions=sel.positions, valid=sel.valid, targets=targets,
+        num_selected=sel.valid.sum(), selection=sel, corruption=cor,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- `maskedlm masks`
-
-
-def _special_from_meta(meta: dict):
-    try:
-        from maskedlm.tokenizer import SpecialIds
-    except ImportError:  # pragma: no cover - the tokenizer module is part of the package
-        SpecialIds = None
-    sp = meta["special_ids"]
-    if SpecialIds is not None:
-        return SpecialIds(**{k: int(sp[k]) for k in ("pad", "unk", "cls", "sep", "mask")})
-    raise UserError("cannot build special token ids")  # pragma: no cover
-
-
-def _piece(tok, i: int) -> str:
-    """A token as text inside a word: WordPiece's ## and the BPE/Unigram word-boundary marks dropped."""
-    if tok is None:
-        return str(i)
-    t = tok.id_to_token(int(i))
-    if t is None:
-        return f"<{i}>"
-    if t.startswith("##"):
-        return t[2:]
-    return t.lstrip("Ġ▁") or t
-
-
-def _word_text(tok, ids: list[int]) -> str:
-    """A whole word as the tokenizer writes it (bytes of byte-level BPE reassembled), else its pieces joined."""
-    if tok is not None:
-        text = tok.decode(ids, skip_special_tokens=False).strip()
-        if text:
-            return text
-    return "".join(_piece(tok, i) for i in ids)
-
-
-def _render_row(tok, x, x_bar, predicted, corrupted, starts) -> tuple[str, str]:
-    """x with A(x) marked ⟦…⟧ and x̄ with random replacements marked «…», both as words."""
-    words_x, words_xb = [], []
-    bounds = [t for t in range(len(x)) if starts[t] or t == 0] + [len(x)]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        sel = [bool(predicted[t]) for t in range(a, b)]
-        if all(sel):
-            words_x.append("⟦" + _word_text(tok, x[a:b]) + "⟧")
-        elif not any(sel):
-            words_x.append(_word_text(tok, x[a:b]))
-        else:
-            words_x.append("".join(f"⟦{_piece(tok, x[t])}⟧" if predicted[t] else _piece(tok, x[t]) for t in range(a, b)))
-        if x_bar[a:b] == x[a:b]:
-            words_xb.append(_word_text(tok, x[a:b]))
-        else:
-            pieces = []
-            for t in range(a, b):
-                p = _piece(tok, x_bar[t])
-                random = corrupted[t] and x_bar[t] != x[t] and p not in ("[MASK]", "<mask>")
-                pieces.append(f"«{p}»" if random else p)
-            words_xb.append("".join(pieces))
-    return " ".join(words_x), " ".join(words_xb)
-
-
-def masks_report(data, config=None, overrides=(), rows=3, as_json=False, split="train", step=0, epoch=0, max_rows=0) -> str:
-    """What a masking configuration does to a prepared split: a few rows as x and x̄ with A(x) marked, and statistics
-    over the split (or its first `max_rows` rows): selected share, [MASK]/random/kept shares, unit lengths, specials.
-
-    `overrides` are `masking.key=value` (a bare `key=value` means masking.key); `config` a preset or TOML file.
-    """
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
-    from maskedlm.config import load_config
-    from maskedlm.data.shards import load_meta, open_split
-
-    meta = load_meta(data)
-    overrides = [o if "." in str(o).split("=", 1)[0] else f"masking.{o}" for o in (overrides or ())]
-    cfg = load_config(config, overrides).masking
-    special = _special_from_meta(meta)
-    vocab_size = int(meta["vocab_size"])
-    store = open_split(data, split)
-    T = int(store.seq_len)
-    n_rows = len(store) if int(max_rows) <= 0 else min(len(store), int(max_rows))
-    if n_rows == 0:
-        raise UserError(f"the {split} split of {data} has no rows; pick another split (--split)")
-    counts = None
-    if cfg.random_token_dist == "unigram":
-        path = Path(data) / "token_counts.npy"
-        if not path.is_file():
-            raise UserError(f"{path} not found: masking.random_token_dist=unigram needs it; prepare the data again")
-        counts = np.load(path, allow_pickle=False)
-    tok = None
-    if (Path(data) / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(Path(data) / "tokenizer.json"))
-    K = config_k_max(cfg, T)
-    predict, corrupt_rate = _rates(cfg, step)
-
-    tot = dict(eligible=0, predicted=0, corrupted=0, masked=0, random=0, special=0, max_row=0)
-    hist: dict[int, int] = {}
-    shown = []
-    chunk = 2048
-    for start in range(0, n_rows, chunk):
-        index = np.arange(start, min(n_rows, start + chunk), dtype=np.int64)
-        ids_np, flags_np = store.rows(index)
-        ids = torch.from_numpy(ids_np)  # (B, T)
-        flags = torch.from_numpy(flags_np)  # (B, T)
-        row_index = torch.from_numpy(index)  # (B,)
-        sel = select_positions(ids, row_index, epoch, cfg, special, flags=flags, step=step, k_max=K)
-        target = sel.corrupt_mask if sel.corrupt_mask is not None else sel.mask  # (B, T)
-        to_mask, to_rand, repl = _corruption_plan(ids, target, row_index, epoch, cfg, special, vocab_size, counts)
-        x_bar = torch.where(to_rand, repl, torch.where(to_mask, int(special.mask), ids))  # (B, T)
-        elig = _eligible(ids, special)  # (B, T)
-        tot["eligible"] += int(elig.sum())
-        tot["predicted"] += int(sel.mask.sum())
-        tot["corrupted"] += int(target.sum())
-        tot["masked"] += int(to_mask.sum())
-        tot["random"] += int(to_rand.sum())
-        tot["special"] += int(((sel.mask | target) & ~elig).sum())
-        tot["max_row"] = max(tot["max_row"], int(sel.mask.sum(1).max()))
-        # unit lengths: tokens for token/word units, words for spans and n-grams
-        starts = _unit_starts(elig, flags, "word")  # (B, T)
-        unit = sel.unit_id  # (B, T)
-        inside = unit >= 0  # (B, T)
-        key = (torch.arange(len(index)).unsqueeze(1) * (T + 1) + unit + 1)[inside]  # one key per (row, unit)
-        weight = (starts[inside] if cfg.unit in ("span", "ngram") else torch.ones_like(key, dtype=torch.bool)).long()
-        if key.numel():
-            _, inverse = torch.unique(key, return_inverse=True)
-            lengths = torch.zeros(int(inverse.max()) + 1, dtype=torch.long).scatter_add(0, inverse, weight)
-            for length, c in zip(*torch.unique(lengths, return_counts=True)):
-                hist[int(length)] = hist.get(int(length), 0) + int(c)
-        for r in range(min(len(index), int(rows) - len(shown))):
-            fx, fxb = _render_row(
-                tok, ids[r].tolist(), x_bar[r].tolist(), sel.mask[r].tolist(), target[r].tolist(), starts[r].tolist()
-            )
-            shown.append((int(index[r]), fx, fxb))
-
-    corrupted = max(tot["corrupted"], 1)
-    stats = {
-        "split": split,
-        "rows": n_rows,
-        "eligible_tokens": tot["eligible"],
-        "selected_tokens": tot["predicted"],
-        "selected_share": tot["predicted"] / max(tot["eligible"], 1),
-        "corrupted_share": tot["corrupted"] / max(tot["eligible"], 1),
-        "mask_share": tot["masked"] / corrupted,
-        "random_share": tot["random"] / corrupted,
-        "kept_share": (tot["corrupted"] - tot["masked"] - tot["random"]) / corrupted,
-        "special_selected": tot["special"],
-        "unit": cfg.unit,
-        "unit_length_in": "words" if cfg.unit in ("span", "ngram") else "tokens",
-        "unit_length_histogram": {str(k): hist[k] for k in sorted(hist)},
-        "expected_unit_length_probs": unit_length_probs(cfg) if cfg.unit in ("span", "ngram") else None,
-        "predict_rate": predict,
-        "corrupt_rate": corrupt_rate,
-        "step": int(step),
-        "epoch": int(epoch),
-        "k_max": K,
-        "max_selected_in_a_row": tot["max_row"],
-    }
-    if as_json:
-        return json.dumps(stats, indent=2)
-    lines = [
-        f"masking: unit={cfg.unit}, predict {predict:.3f}, corrupt {corrupt_rate:.3f} "
-        f"([MASK] {cfg.mask_token_prob:g} / random {cfg.random_token_prob:g} ({cfg.random_token_dist}) / kept "
-        f"{1 - cfg.mask_token_prob - cfg.random_token_prob:g}), seed {cfg.seed}, step {step}, epoch {epoch}, K {K}",
-        "x: ⟦…⟧ marks A(x), the predicted positions; x̄: what the encoder sees ([MASK], «random token», or unchanged)",
-        "",
-    ]
-    for r, fx, fxb in shown:
-        lines += [f"row {r}", f"  x : {fx}", f"  x̄ : {fxb}", ""]
-    n_units = sum(hist.values())
-    hist_text = "  ".join(f"{k}: {100.0 * v / max(n_units, 1):.1f}%" for k, v in sorted(hist.items())[:12])
-    lines += [
-        f"statistics over {n_rows} rows of {split} ({tot['eligible']} eligible tokens):",
-        f"  selected (A(x)):        {100 * stats['selected_share']:.2f}% of eligible tokens (rate {predict:.3f})",
-        f"  corrupted:              {100 * stats['corrupted_share']:.2f}% (rate {corrupt_rate:.3f})",
-        f"  of corrupted: [MASK] {100 * stats['mask_share']:.1f}%, random {100 * stats['random_share']:.1f}%, "
-        f"kept {100 * stats['kept_share']:.1f}%",
-        f"  special tokens selected: {tot['special']} (must be 0)",
-        f"  unit lengths ({stats['unit_length_in']}), {n_units} units: {hist_text}",
-        f"  most selected in one row: {tot['max_row']} (K = {K})",
-    ]
-    return "\n".join(lines)

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from maskedlm.files import atomic_write_text
+
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -30,9 +32,7 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
             continue
         if rec.get("step", 0) <= max_step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _terminal_columns() -> int:

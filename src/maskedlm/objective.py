@@ -1,8 +1,8 @@
 """The MLM objective: Σ_{i∈A(x)} −log p_{θ,ω}(x_i | x̄), taken at the selected positions A(x) only.
 
 Targets carry -100 outside A(x) (and at padded slots of the sparse [B, K] layout); those entries add nothing and get
-exactly zero gradient. −log p is computed in fp32 even under bf16 autocast. Normalisation by the global count of A(x)
-in the optimizer step is the caller's number (DESIGN decision 4); this module does no communication.
+exactly zero gradient. −log p is computed in fp32 even under bf16 autocast. The caller passes the normaliser, the
+global count of A(x) in the optimizer step, so micro-batches and ranks add up to the step's loss without averaging twice.
 """
 
 from __future__ import annotations
