@@ -212,7 +212,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.hf_precision = a.hf_precision or ("fp32" if a.family == "bert" else "bf16")
 
-    from maskedlm.checkpoint import load_model
+    from maskedlm.checkpoint import load_checkpoint_model
     from maskedlm.data.shards import load_meta, open_split
     from maskedlm.evaluate import evaluate
     from maskedlm.hf import from_hf_state_dict
@@ -234,7 +234,7 @@ def main(argv=None):
     special = SpecialIds(**{k: int(v) for k, v in meta["special_ids"].items()})
     vocab = int(meta["vocab_size"])
     val = open_split(data, "val")
-    model, run_cfg, _ = load_model(run_dir)
+    model, run_cfg, _ = load_checkpoint_model(run_dir)
     ev_ours = evaluate(model, val, run_cfg.eval, special, vocab)
     as_ours = MaskedLM(cfg.model)
     as_ours.load_state_dict(from_hf_state_dict({k: v.cpu() for k, v in hf_model.state_dict().items()}, cfg.model))

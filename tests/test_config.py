@@ -5,7 +5,12 @@ import json
 import pytest
 
 from maskedlm.config import (
-    Config, config_diff, config_from_dict, config_hash, load_config, preset_names,
+    Config,
+    config_diff,
+    config_from_dict,
+    config_hash,
+    load_config,
+    preset_names,
 )
 from maskedlm.errors import UserError
 

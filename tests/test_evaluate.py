@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from inference_data import make_data, train_tiny
-from maskedlm.checkpoint import load_model
+
+from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.config import EvalConfig, MaskingConfig
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate, evaluate_model
@@ -38,7 +38,7 @@ def _special(tok):
 
 def _reference(model, store, ecfg: EvalConfig, special, vocab_size: int) -> tuple[float, float, int]:
     """Σ −log p / count with F.cross_entropy over dense (B, T, V) logits and -100 labels, the whole split at once."""
-    from maskedlm.masking import select_positions, corrupt
+    from maskedlm.masking import corrupt, select_positions
 
     n = len(store) if not ecfg.max_rows else min(len(store), ecfg.max_rows)
     index = np.arange(n, dtype=np.int64)
@@ -112,13 +112,13 @@ def run(tmp_path_factory, data):
 
 
 def test_cli_eval_prints_the_metrics_of_the_run(run, data, capsys):
-    from maskedlm.checkpoint import load_model
+    from maskedlm.checkpoint import load_checkpoint_model
     from maskedlm.cli import main
     from maskedlm.data.shards import open_split
 
     main(["eval", str(run), "--data", str(data)])
     printed = json.loads(capsys.readouterr().out)
-    net, cfg, tok = load_model(run)
+    net, cfg, tok = load_checkpoint_model(run)
     direct = evaluate(net, open_split(data, "val"), cfg.eval, _special(tok), cfg.model.vocab_size)
     for k in ("loss", "accuracy", "perplexity", "tokens", "rows"):
         assert printed[k] == direct[k]
@@ -249,7 +249,7 @@ def test_default_eval_mask_is_token_level_whatever_the_run_trains_with(word_run,
     from maskedlm.data.shards import open_split
 
     data, out = word_run
-    net, cfg, tok = load_model(out)
+    net, cfg, tok = load_checkpoint_model(out)
     assert cfg.masking.unit == "word" and cfg.eval.unit == "token"
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
     store = open_split(data, "val")
@@ -269,7 +269,7 @@ def test_eval_unit_word_gives_whole_word_masks(word_run, monkeypatch):
     from maskedlm.data.shards import FLAG_WORD_START, open_split
 
     data, out = word_run
-    net, cfg, tok = load_model(out)
+    net, cfg, tok = load_checkpoint_model(out)
     store = open_split(data, "val")
     ecfg = EvalConfig(unit="word", micro_batch_rows=5, mask_rate=0.2, seed=7)
     seen = _record_masks(monkeypatch)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from inference_data import WORDS, make_data, tiny_config, train_tiny
 
-from inference_data import WORDS, make_data, train_tiny, tiny_config
 from maskedlm.errors import UserError
 from maskedlm.hf import load_any_model
 from maskedlm.inference import explain, fill, format_explain, format_fill, score
@@ -158,16 +158,6 @@ def test_score_is_a_pseudo_log_likelihood(trained):
 def test_bad_text_is_a_user_error(trained, call, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call(trained)
-
-
-def test_old_loader_names_still_import():
-    """train.py, evaluate.py and demo.py still import the loaders by their old names; they are the same functions."""
-    from maskedlm.checkpoint import load_checkpoint_model, load_model
-    from maskedlm.hf import load_hf_model
-    from maskedlm.inference import resolve_model
-
-    assert load_model is load_checkpoint_model
-    assert load_hf_model is load_any_model and resolve_model is load_any_model
 
 
 def test_missing_model_path(tmp_path, capsys):

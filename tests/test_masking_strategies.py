@@ -466,8 +466,8 @@ def test_masks_errors(data_dir, tmp_path):
 def test_masks_on_data_from_prepare(tmp_path, capsys, kind):
     """End to end with the real tokenizer trainer and prepare: their word starts give whole-word and span masks."""
     from maskedlm.cli import main
-    from maskedlm.data.shards import load_meta, open_split
     from maskedlm.data.prepare import prepare
+    from maskedlm.data.shards import load_meta, open_split
     from maskedlm.tokenizer import train_tokenizer as train_ours
 
     corpus = tmp_path / "corpus.txt"

@@ -79,7 +79,7 @@ def reference_stream(tok, docs: list[str]):
     """Ids and flags of the packed stream, from the tokenizer's own encodings: docs joined by [SEP]."""
     sp = special_ids(tok)
     ids, flags = [], []
-    for i, enc in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
+    for enc in tok.encode_batch(docs, add_special_tokens=False):
         if not enc.ids:
             continue
         if ids:

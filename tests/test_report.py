@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskedlm.checkpoint import load_model
+from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
@@ -121,7 +121,7 @@ def test_anatomy_adds_up_to_the_evaluation_of_the_latest_checkpoint(runs, tmp_pa
     assert {"anatomy-0-frequency", "anatomy-0-position", "anatomy-0-word-start", "anatomy-0-calibration",
             "anatomy-0-p-gold"} <= set(page.figures)
     an = page.payload["runs"][0]["anatomy"]
-    model, cfg, _ = load_model(a)
+    model, cfg, _ = load_checkpoint_model(a)
     d = open_data_dir(data)
     ev = evaluate(model, d.open("val"), cfg.eval, d.special, d.vocab_size)  # what `maskedlm eval` computes
     assert an["positions"] == ev["tokens"] and an["checkpoint_step"] == 24

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maskedlm.checkpoint import load_model, read_checkpoint
+from maskedlm.checkpoint import load_checkpoint_model, read_checkpoint
 from maskedlm.errors import UserError
 from maskedlm.train import train
 
@@ -64,8 +64,8 @@ def test_tiny_model_learns_the_clusters(data, tmp_path, capsys):
     assert sum(r["loss"] for r in recs[-20:]) / 20 < sum(r["loss"] for r in recs[:20]) / 20 - 0.8
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 45
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
-    # The saved model is the trained one: the same evaluation from load_model gives the same number.
-    model, cfg, tok = load_model(out)
+    # The saved model is the trained one: the same evaluation from load_checkpoint_model gives the same number.
+    model, cfg, tok = load_checkpoint_model(out)
     meta = json.loads((Path(data) / "meta.json").read_text())
     again = evaluate(model, open_split(data, "val"), cfg.eval, SpecialIds(**meta["special_ids"]), 45)
     assert again["loss"] == res["eval"]["loss"]

@@ -136,7 +136,7 @@ _EVAL_WORKER = """
 import json, sys
 from pathlib import Path
 from maskedlm import distributed as dist
-from maskedlm.checkpoint import load_model
+from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.config import EvalConfig
 from maskedlm.data.shards import open_split
 from maskedlm.evaluate import evaluate
@@ -144,7 +144,7 @@ from maskedlm.tokenizer import special_ids
 
 run, data, out, parallel, settings = sys.argv[1:6]
 dist.init("cpu", timeout_minutes=1)  # a regression that unpairs collectives fails, not hangs
-net, cfg, tok = load_model(run)
+net, cfg, tok = load_checkpoint_model(run)
 model = dist.wrap_model(net, "fsdp2") if parallel == "fsdp2" else net  # as train.py passes it (FSDP2 shards in place)
 store = open_split(data, "val")
 read, rows = [], store.rows

@@ -51,7 +51,7 @@ def test_ranks_split_each_global_batch_disjointly():
     two = [RowLoader(FakeStore(64), 16, 4, seed=1, rank=r, world_size=2) for r in range(2)]
     for _ in range(7):
         whole = _rows(one.next_step())
-        parts = [_rows(l.next_step()) for l in two]
+        parts = [_rows(loader.next_step()) for loader in two]
         assert parts[0] + parts[1] == whole
         assert len(parts[0]) == 8 and not set(parts[0]) & set(parts[1])
 

@@ -312,4 +312,3 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
     return model, cfg, tokenizer
 
 
-load_model = load_checkpoint_model  # the old name: demo.py (and bench/quality.py) still call it

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from maskedlm.checkpoint import load_model
 from maskedlm.config import load_config
 from maskedlm.data.prepare import prepare
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
 from maskedlm.files import atomic_write_text
+from maskedlm.hf import load_any_model
 from maskedlm.inference import fill
 from maskedlm.model import MaskedLM
 from maskedlm.report import write_report
@@ -217,7 +217,7 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     print(f"trained {result['step']:,} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f} s: "
           f"{tokens_per_s:,.0f} tokens/s")
 
-    model, run_cfg, run_tok = load_model(run_dir, device=device)
+    model, run_cfg, run_tok = load_any_model(run_dir, device=device)
     after = evaluate(model, held, ecfg, special, vocab_size, device=device)
     print(_metrics_line("held-out play, untrained", before))
     print(_metrics_line(f"held-out play, after {result['elapsed_s']:.0f} s of training", after))

@@ -20,7 +20,7 @@ from maskedlm import masking
 from maskedlm.config import EvalConfig, load_config
 from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, DataDir, open_data_dir
 from maskedlm.errors import UserError
-from maskedlm.inference import resolve_model
+from maskedlm.hf import load_any_model
 from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
 from maskedlm.tokenizer import special_ids, tokenizer_hash
 
@@ -179,7 +179,7 @@ def evaluate_model(model_path, data, split: str = "val", overrides=(), device: s
 
 def _evaluate_model(model_path, data, split: str, overrides, device) -> dict:
     data_dir = open_data_dir(data)
-    model, cfg, tokenizer = resolve_model(model_path)
+    model, cfg, tokenizer = load_any_model(model_path)
     check_compatible(cfg.model, tokenizer, data_dir)
     ecfg = _eval_overrides(cfg, overrides)
     special = special_ids(tokenizer)

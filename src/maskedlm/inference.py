@@ -16,7 +16,6 @@ import torch
 from maskedlm.config import MaskingConfig
 from maskedlm.errors import UserError
 from maskedlm.hf import load_any_model
-from maskedlm.hf import load_any_model as resolve_model  # noqa: F401 - the old name; evaluate.py still imports it
 from maskedlm.masking import Selection, corrupt
 from maskedlm.tokenizer import special_ids
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from maskedlm.checkpoint import load_model, read_latest_name
+from maskedlm.checkpoint import read_latest_name
 from maskedlm.config import flat_config, load_config
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import check_compatible, evaluate, score_positions
 from maskedlm.files import atomic_write_text
+from maskedlm.hf import load_any_model
 
 CALIBRATION_BINS = 10  # equal-width confidence bins of the reliability diagram and the ECE (Guo et al. 2017 use 15)
 POSITION_BINS = 8
@@ -122,7 +123,7 @@ def anatomy(run: Run, data, tokenizer_text=None) -> dict:
     """What the latest checkpoint of `run` gets right on `data`'s evaluation mask (its val split, else train): loss
     and accuracy by gold-token frequency, by position in the row, by word start vs sub-word; calibration; p(gold)."""
     d = open_data_dir(data)
-    model, cfg, tok = load_model(run.path)
+    model, cfg, tok = load_any_model(run.path)
     check_compatible(cfg.model, tok, d)
     split = "val" if d.rows("val") > 0 else "train"
     store = d.open(split)

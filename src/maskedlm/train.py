@@ -30,7 +30,7 @@ from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import check_compatible, evaluate
 from maskedlm.files import atomic_write_text
-from maskedlm.hf import load_hf_model
+from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM
@@ -511,7 +511,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     if init_from is not None and has_run:
         print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
     elif init_from is not None:
-        init_model, full_cfg, init_tok = load_hf_model(init_from)
+        init_model, full_cfg, init_tok = load_any_model(init_from)
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
