@@ -154,3 +154,20 @@ def test_not_a_run_dir_is_one_line(tmp_path):
     with pytest.raises(UserError, match="not a maskedlm run dir"):
         write_report([tmp_path], out=tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_cli_writes_a_report_and_replaces_only_a_report(runs, tmp_path, capsys):
+    from maskedlm.cli import main
+
+    _, a, _ = runs
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my own notes</html>")
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(a), "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not a maskedlm report" in err
+    assert mine.read_text() == "<html>my own notes</html>"  # untouched
+    out = tmp_path / "r.html"
+    for _ in range(2):  # a report is replaced by a new one
+        main(["report", str(a), "--out", str(out)])
+        assert f"wrote {out}" in capsys.readouterr().out and "train-loss-tokens" in out.read_text()

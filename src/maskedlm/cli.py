@@ -108,6 +108,12 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._inside = False
 
 
+def _report(a):
+    from maskedlm.report import write_report
+
+    print(f"wrote {write_report(a.runs, data=a.data, out=a.out, png=a.png)}")
+
+
 def _masks(a):
     from maskedlm.masks import masks_report
 
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain (or continue pretraining) an encoder")
     t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("--config", default=None,
-                   help="a TOML file or a preset name from src/maskedlm/configs/ (default: bert-mini; with --resume, the run's own)")
+                   help="a TOML file or a preset name from src/maskedlm/configs/ (default: modern-mini; with --resume, the run's own)")
     t.add_argument("--data", required=True, metavar="DATA_DIR")
     t.add_argument("--out", required=True, metavar="RUN_DIR")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
@@ -215,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-rows", type=int, default=0, help="statistics over the first N rows (0: the whole split)")
     t.add_argument("overrides", nargs="*", metavar="masking.key=value")
     t.set_defaults(fn=_masks)
+
+    t = sub.add_parser("report", help="a self-contained HTML report: curves of one or more runs, the objective's anatomy")
+    t.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    t.add_argument("--data", default=None, metavar="DATA_DIR",
+                   help="also show the anatomy of each run's latest checkpoint on this data's evaluation mask")
+    t.add_argument("--out", default="report.html", metavar="FILE", help="the page to write (default: report.html)")
+    t.add_argument("--png", default=None, metavar="DIR", help="also write every figure as a PNG into DIR")
+    t.set_defaults(fn=_report)
     return p
 
 

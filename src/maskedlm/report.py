@@ -300,6 +300,7 @@ def config_differences(runs: list[Run]) -> list[dict]:
     return [{"key": k, **{r.label: json.dumps(r.config.get(k)) for r in runs}} for k in keys]
 
 
+_TITLE = "<title>maskedlm report</title>"  # also how an existing file is recognised as a report that may be replaced
 _STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;"
           "margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
           "figure{display:inline-block;margin:0.5em}figcaption{font-size:12px;color:#555}code{font-size:12px}")
@@ -309,6 +310,9 @@ def write_report(run_dirs, data=None, out="report.html", png=None) -> Path:
     """Write the report of `run_dirs` (with the anatomy on `data` when given) to `out`; PNGs into `png` if given."""
     if not run_dirs:
         raise UserError("report needs at least one RUN_DIR")
+    out = Path(out)
+    if out.is_dir() or (out.exists() and _TITLE not in out.read_text(errors="replace")[:2000]):
+        raise UserError(f"{out} exists and is not a maskedlm report; choose another --out (a report is only ever replaced by a report)")
     runs = [read_run(p) for p in run_dirs]
     if len({r.label for r in runs}) < len(runs):
         for r in runs:
@@ -338,9 +342,8 @@ def write_report(run_dirs, data=None, out="report.html", png=None) -> Path:
     # Data for other tools, not code: a browser runs no script of type application/json. "<\/" keeps "</script>"
     # inside a string from closing the block (and is still valid JSON).
     parts.append('<script type="application/json" id="report-data">' + json.dumps(payload).replace("</", "<\\/") + "</script>")
-    head = f'<meta charset="utf-8"><title>maskedlm report</title><style>{_STYLE}</style>'
+    head = f'<meta charset="utf-8">{_TITLE}<style>{_STYLE}</style>'
     page = f'<!doctype html><html><head>{head}</head><body>{"".join(parts)}</body></html>\n'
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     if png is not None:
