@@ -295,3 +295,19 @@ def test_resuming_a_finished_run_changes_nothing(data, tmp_path):
     res = train(None, data, run, resume=True)
     assert res["step"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints" / "step_0000003").iterdir()} == before
+
+
+@pytest.mark.parametrize("budget, shown", [(["train.max_steps=6"], ["6/6 [", "step/s"]),
+                                           (["train.max_tokens=3000"], ["3.07k/3.07k [", "tok/s"]),
+                                           (["train.max_minutes=0.02"], ["/0.02 min ["])])
+def test_on_a_terminal_one_bar_counts_the_budget_in_its_own_unit(data, tmp_path, capsys, monkeypatch, budget, shown):
+    """6 steps; 3000 tokens → 6 steps of 512 = 3072 tokens; 1.2 s. No plain step lines while the bar shows."""
+    import maskedlm.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_terminal_columns", lambda: 80)
+    train("tiny", data, tmp_path / "run", [*budget, "train.log_every_steps=1", "eval.every_steps=0", "checkpoint.every_steps=0"])
+    captured = capsys.readouterr()
+    last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert all(w in last for w in shown) and "loss=" in last and "tok_s=" in last, last
+    assert "<" in last  # tqdm's elapsed<remaining: the ETA
+    assert "step 1: loss" not in captured.out

@@ -9,7 +9,10 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from maskedlm.files import atomic_write_text
 
@@ -42,18 +45,28 @@ def _terminal_columns() -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What the progress bar counts towards: the unit the run's budget is given in ("step", "tok" or "min") and its
+    total, so the bar's fraction and ETA are those of the budget that ends the run."""
+
+    unit: str
+    total: float | None
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int | None, start_step: int = 0, progress: bool | None = None):
+    def __init__(self, run_dir: str | Path, budget: Budget, start: float = 0.0, progress: bool | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)
-        from tqdm.auto import tqdm
-
         # A bar on terminals only; elsewhere (CI, logs, a pty without a size) the loop prints a line every
         # log_every_steps instead.
         if progress is None:
             progress = _terminal_columns() > 0
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
-                        file=sys.stderr)
+        fmt = None
+        if budget.unit == "min":  # fractional minutes: tqdm's default shows whole numbers
+            fmt = "{l_bar}{bar}| {n:.2f}/{total:.2f} min [{elapsed}<{remaining}{postfix}]"
+        self.bar = tqdm(total=budget.total, initial=start, disable=not progress, unit=budget.unit,
+                        unit_scale=budget.unit == "tok", dynamic_ncols=True, file=sys.stderr, bar_format=fmt)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -75,9 +88,10 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind"):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
-    def progress(self, steps: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def progress(self, done: float, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Move the bar to `done` (in the budget's unit) and show the latest numbers beside it."""
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        self.bar.update(steps)
+        self.bar.update(done - self.bar.n)
 
     def write(self, text: str) -> None:
         """A line above the bar (tqdm.write keeps the bar intact)."""

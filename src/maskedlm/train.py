@@ -32,7 +32,7 @@ from maskedlm.evaluate import check_compatible, evaluate
 from maskedlm.files import atomic_write_text
 from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
-from maskedlm.metrics import MetricsLogger, NullLogger, truncate_jsonl
+from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM
 from maskedlm.optim import Schedule, build_optimizer, set_lr
 
@@ -322,15 +322,30 @@ class Trainer:
             rec["skipped"] = True
         self.logger.log(rec)
         self._last_record = rec
-        every = self.cfg.train.log_every_steps
-        if r.step % every == 0:
-            self.logger.progress(every, rec["loss"], rec["lr"], tok_s)
+        self.logger.progress(self._done(r.step, rec["elapsed_s"]), rec["loss"], rec["lr"], tok_s)
+        if r.step % self.cfg.train.log_every_steps == 0:
             if not self.logger.bar_visible:
                 dist.print0(f"step {r.step}: loss {rec['loss']:.4f}, masked_acc {rec['masked_acc']:.3f}, "
                             f"lr {rec['lr']:.2e}, grad_norm {norm:.3f}, {tok_s:,.0f} tok/s")
             start, tokens = now, 0
         self._window = (start, tokens)
         return rec
+
+    def budget(self) -> Budget:
+        """The budget that ends the run, in its own unit: minutes when only time is set, tokens when train.max_tokens
+        is the step budget that binds, else steps. The progress bar counts in it."""
+        t = self.cfg.train
+        if self.max_steps is None:
+            return Budget("min", t.max_minutes if self.max_seconds else None)
+        if t.max_tokens and self.max_steps == math.ceil(t.max_tokens / self.tokens_per_step):
+            return Budget("tok", self.max_steps * self.tokens_per_step)
+        return Budget("step", self.max_steps)
+
+    def _done(self, step: int, elapsed_s: float) -> float:
+        unit = self.budget().unit
+        if unit == "min":  # the last step ends a little past the budget; the bar stops at 100%
+            return min(elapsed_s / 60.0, self.cfg.train.max_minutes)
+        return step * self.tokens_per_step if unit == "tok" else step
 
     def _read_pending(self, keep: int = 0) -> None:
         """Read all but the newest `keep` queued steps; stop the run after train.max_bad_steps bad steps in a row."""
@@ -542,7 +557,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
     trainer = Trainer(cfg, model, data, out)
-    trainer.logger = dist.on_main(MetricsLogger, out, trainer.max_steps, start_step=start, wait=False) or NullLogger()
+    done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
+    trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
     if ck is not None:
         trainer.load_state_dict(ck.state, ck.optimizer_state)
         dist.print0(f"resuming from {ck.path} (step {trainer.step})")
