@@ -47,8 +47,7 @@ def _eval(a):
     from maskedlm.evaluate import evaluate_model
 
     result = evaluate_model(a.model, data=a.data, split=a.split, overrides=a.overrides)
-    if dist.env_world()[0] == 0:  # under torchrun every rank has the same numbers; one prints them
-        print(json.dumps(result, indent=2))
+    dist.print0(json.dumps(result, indent=2))  # under torchrun every rank has the same numbers; one prints them
     dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 

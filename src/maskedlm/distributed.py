@@ -82,7 +82,8 @@ def is_main() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    if _INFO.is_main:
+    """print on rank 0 only; torchrun's RANK decides also before `init` and after `shutdown`."""
+    if _INFO.is_main and env_world()[0] == 0:
         print(*args, **kwargs, flush=True)
 
 
