@@ -115,29 +115,31 @@ def test_report_of_two_runs_has_every_curve_and_their_final_numbers(runs, tmp_pa
 
 
 def test_anatomy_adds_up_to_the_evaluation_of_the_latest_checkpoint(runs, tmp_path):
-    data, a, _ = runs
-    out = write_report([a], data=data, out=tmp_path / "r.html")
+    data, a, b = runs
+    out = write_report([a, b], data=data, out=tmp_path / "r.html", png=tmp_path / "png")
     page = _Page(out.read_text())
-    assert {"anatomy-0-frequency", "anatomy-0-position", "anatomy-0-word-start", "anatomy-0-calibration",
-            "anatomy-0-p-gold"} <= set(page.figures)
-    an = page.payload["runs"][0]["anatomy"]
-    model, cfg, _ = load_checkpoint_model(a)
+    figures = {"anatomy-frequency", "anatomy-position", "anatomy-word-start", "anatomy-calibration", "anatomy-p-gold"}
+    assert figures <= set(page.figures) and figures <= {p.stem for p in (tmp_path / "png").glob("*.png")}
     d = open_data_dir(data)
-    ev = evaluate(model, d.open("val"), cfg.eval, d.special, d.vocab_size)  # what `maskedlm eval` computes
-    assert an["positions"] == ev["tokens"] and an["checkpoint_step"] == 24
-    for table in ("by_frequency", "by_position", "by_word_start"):
-        rows = an[table]
-        assert sum(r["positions"] for r in rows) == ev["tokens"], table
-        mean = sum(r["loss"] * r["positions"] for r in rows) / ev["tokens"]
-        acc = sum(r["accuracy"] * r["positions"] for r in rows) / ev["tokens"]
-        assert mean == pytest.approx(ev["loss"], rel=1e-5) and acc == pytest.approx(ev["accuracy"], abs=1e-9), table
-    assert sum(r["positions"] for r in an["calibration"]) == ev["tokens"]
-    assert sum(an["p_gold_histogram"]) == ev["tokens"]
-    wrong = round((1 - ev["accuracy"]) * ev["tokens"])
-    assert an["confusions"] and all(c["gold"] != c["predicted"] for c in an["confusions"])
-    assert sum(c["count"] for c in an["confusions"]) <= wrong
-    # the HTML table shows the same buckets
-    assert len(page.tables["anatomy-0-by_frequency"]) == len(an["by_frequency"]) + 1
+    for i, run in enumerate((a, b)):  # both runs, on the same data and evaluation mask
+        an = page.payload["runs"][i]["anatomy"]
+        model, cfg, _ = load_checkpoint_model(run)
+        ev = evaluate(model, d.open("val"), cfg.eval, d.special, d.vocab_size)  # what `maskedlm eval` computes
+        assert an["positions"] == ev["tokens"] and an["checkpoint_step"] == 24
+        for table in ("by_frequency", "by_position", "by_word_start"):
+            rows = an[table]
+            assert sum(r["positions"] for r in rows) == ev["tokens"], table
+            mean = sum(r["loss"] * r["positions"] for r in rows) / ev["tokens"]
+            acc = sum(r["accuracy"] * r["positions"] for r in rows) / ev["tokens"]
+            assert mean == pytest.approx(ev["loss"], rel=1e-5) and acc == pytest.approx(ev["accuracy"], abs=1e-9), table
+        assert sum(r["positions"] for r in an["calibration"]) == ev["tokens"]
+        assert sum(an["p_gold_histogram"]) == ev["tokens"]
+        wrong = round((1 - ev["accuracy"]) * ev["tokens"])
+        assert an["confusions"] and all(c["gold"] != c["predicted"] for c in an["confusions"])
+        assert sum(c["count"] for c in an["confusions"]) <= wrong
+        # the HTML table shows the same buckets
+        assert len(page.tables[f"anatomy-{i}-by_frequency"]) == len(an["by_frequency"]) + 1
+    assert page.payload["runs"][0]["anatomy"]["loss"] != page.payload["runs"][1]["anatomy"]["loss"]
 
 
 def test_calibration_and_smoothing_by_hand():

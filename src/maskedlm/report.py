@@ -214,50 +214,68 @@ def curve_figures(plt, runs: list[Run]) -> list[tuple[str, str, object]]:
     return out
 
 
-def _bars(plt, rows: list[dict], title: str, xlabel: str):
+def _grouped(plt, runs: list[Run], table: str, title: str, xlabel: str):
+    """Loss as bars (one per run in each bucket) and accuracy as points on a second axis, runs side by side."""
+    names = []
+    for r in runs:  # the union of the buckets the runs have, in order
+        names += [row["bucket"] for row in r.anatomy[table] if row["bucket"] not in names]
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    names = [r["bucket"] for r in rows]
-    ax.bar(names, [r["loss"] for r in rows], color="C0")
-    ax.set_ylabel("loss (nats)", color="C0")
     ax2 = ax.twinx()
-    ax2.plot(names, [r["accuracy"] for r in rows], "o-", color="C1")
-    ax2.set_ylabel("accuracy", color="C1")
+    width = 0.8 / len(runs)
+    x = np.arange(len(names))
+    for i, r in enumerate(runs):
+        rows = {row["bucket"]: row for row in r.anatomy[table]}
+        off = x - 0.4 + width * (i + 0.5)
+        ax.bar(off, [rows[n]["loss"] if n in rows else math.nan for n in names], width, color=f"C{i % 10}",
+               alpha=0.6, label=f"{r.label}: loss")
+        ax2.plot(off, [rows[n]["accuracy"] if n in rows else math.nan for n in names], "o", color=f"C{i % 10}",
+                 markeredgecolor="black", label=f"{r.label}: accuracy")
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set_ylabel("loss (nats), bars")
+    ax2.set_ylabel("accuracy, points")
     ax2.set_ylim(0, 1)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 
 
-def anatomy_figures(plt, run_index: int, a: dict) -> list[tuple[str, str, object]]:
-    p = f"anatomy-{run_index}"
+def anatomy_figures(plt, runs: list[Run]) -> list[tuple[str, str, object]]:
+    """The anatomy of every run on shared axes: buckets, calibration, p(gold)."""
     out = [
-        (f"{p}-frequency", "loss and accuracy by the gold token's corpus count",
-         _bars(plt, a["by_frequency"], "by gold-token frequency", "corpus count of x_i")),
-        (f"{p}-position", "loss and accuracy by position in the row",
-         _bars(plt, a["by_position"], "by position", "position in the row")),
-        (f"{p}-word-start", "loss and accuracy: word starts against sub-word pieces",
-         _bars(plt, a["by_word_start"], "word start vs sub-word", "")),
+        ("anatomy-frequency", "loss and accuracy by the gold token's corpus count",
+         _grouped(plt, runs, "by_frequency", "by gold-token frequency", "corpus count of x_i")),
+        ("anatomy-position", "loss and accuracy by position in the row",
+         _grouped(plt, runs, "by_position", "by position", "position in the row")),
+        ("anatomy-word-start", "loss and accuracy: word starts against sub-word pieces",
+         _grouped(plt, runs, "by_word_start", "word start vs sub-word", "")),
     ]
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
-    cal = a["calibration"]
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
-    ax.plot([c["confidence"] for c in cal], [c["accuracy"] for c in cal], "o-", color="C2")
+    for i, r in enumerate(runs):
+        cal = r.anatomy["calibration"]
+        ax.plot([c["confidence"] for c in cal], [c["accuracy"] for c in cal], "o-", color=f"C{i % 10}",
+                label=f"{r.label} (ECE {r.anatomy['ece']:.3f})")
     ax.set_xlabel("top-1 confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {a['ece']:.3f})")
+    ax.set_title("reliability")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    out.append((f"{p}-calibration", "calibration: top-1 confidence against accuracy", fig))
+    out.append(("anatomy-calibration", "calibration: top-1 confidence against accuracy", fig))
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.bar(np.linspace(0.025, 0.975, 20), a["p_gold_histogram"], width=0.05, color="C4")
+    edges = np.linspace(0.0, 1.0, 21)
+    for i, r in enumerate(runs):
+        share = np.asarray(r.anatomy["p_gold_histogram"], dtype=np.float64) / max(r.anatomy["positions"], 1)
+        ax.stairs(share, edges, color=f"C{i % 10}", linewidth=1.5, label=r.label)
     ax.set_xlabel("p(x_i | x̄)")
-    ax.set_ylabel("positions")
+    ax.set_ylabel("share of positions")
     ax.set_title("histogram of p(gold)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    out.append((f"{p}-p-gold", "histogram of the probability given to the gold token", fig))
+    out.append(("anatomy-p-gold", "histogram of the probability given to the gold token", fig))
     return out
 
 
@@ -334,9 +352,9 @@ def write_report(run_dirs, data=None, out="report.html", png=None) -> Path:
             parts.append(f"<p>loss {a['loss']:.4f} nats, accuracy {a['accuracy']:.4f}, ECE {a['ece']:.4f}</p>")
             for name in ("by_frequency", "by_position", "by_word_start", "calibration", "confusions"):
                 parts.append(f"<h3>{name.replace('_', ' ')}</h3>" + _table(f"anatomy-{i}-{name}", a[name]))
-            figs = anatomy_figures(plt, i, a)
-            anatomy_figs += figs
-            parts += [_figure(fid, cap, fig) for fid, cap, fig in figs]
+        anatomy_figs = anatomy_figures(plt, runs)
+        parts.append("<h2>Anatomy compared</h2>")
+        parts += [_figure(fid, cap, fig) for fid, cap, fig in anatomy_figs]
     payload = {"runs": [{"path": str(r.path), "label": r.label, "final": final_numbers(r), "anatomy": r.anatomy} for r in runs],
                "figures": [fid for fid, _, _ in figures + anatomy_figs]}
     # Data for other tools, not code: a browser runs no script of type application/json. "<\/" keeps "</script>"
