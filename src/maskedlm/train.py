@@ -8,6 +8,7 @@ for one CPU and N torchrun processes: only distributed.py knows about ranks.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import shlex
@@ -147,8 +148,6 @@ def reuse_host_memory() -> bool:
     ~0.2 s of system time per step at bench/throughput.py's default shape, gone with this setting (bench/RESULTS.md),
     for ~10% more peak memory. Returns False where it does not apply (not glibc).
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
