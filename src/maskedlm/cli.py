@@ -7,6 +7,7 @@ becomes a one-line `maskedlm: error: ...` on stderr and exit status 2; Ctrl-C ex
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -18,7 +19,7 @@ def _tokenizer_train(a):
 
     path = train_tokenizer(
         inputs=a.input, vocab_size=a.vocab_size, kind=a.kind, out=a.out, lowercase=a.lowercase,
-        input_format=a.format, text_field=a.text_field,
+        input_format=a.format, text_field=a.text_field, overwrite=a.overwrite,
     )
     print(f"wrote {path}")
 
@@ -52,10 +53,19 @@ def _eval(a):
     dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 
+def _text(text: str) -> str:
+    """TEXT as the shell passed it: bytes that are not UTF-8 arrive as lone surrogates, which the tokenizer
+    rejects; they become U+FFFD, as prepare reads a corpus, and the user is told."""
+    clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if clean != text:
+        print("maskedlm: note: TEXT is not valid UTF-8; the bad bytes were read as U+FFFD", file=sys.stderr)
+    return clean
+
+
 def _fill(a):
     from maskedlm.inference import fill, format_fill
 
-    result = fill(a.model, a.text, top_k=a.top_k)
+    result = fill(a.model, _text(a.text), top_k=a.top_k)
     print(json.dumps(result, indent=2) if a.json else format_fill(result))
 
 
@@ -64,14 +74,14 @@ def _explain(a):
     from maskedlm.inference import explain, format_explain
 
     loaded = load_any_model(a.model)
-    result = explain(loaded, a.text, mask=a.mask, seed=a.seed)
+    result = explain(loaded, _text(a.text), mask=a.mask, seed=a.seed)
     print(json.dumps(result, indent=2) if a.json else format_explain(result, tokenizer=loaded[2]))
 
 
 def _score(a):
     from maskedlm.inference import score
 
-    print(json.dumps(score(a.model, a.text), indent=2))
+    print(json.dumps(score(a.model, _text(a.text)), indent=2))
 
 
 def _demo(a):
@@ -92,7 +102,15 @@ def _import(a):
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as the one line every other bad input gets (its default prints the usage first)."""
+
+    def error(self, message):
+        print(f"maskedlm: error: {self.prog.removeprefix('maskedlm ')}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _IntermixedParser(_Parser):
     """`maskedlm train --data D a.b=1 --out R c.d=2`: overrides may come before, between or after options (argparse alone stops
     collecting positionals at the first option, bpo-14191)."""
 
@@ -123,7 +141,7 @@ def _masks(a):
 
 # Long: every subcommand's options in one place, so `maskedlm COMMAND --help` and this file read the same.
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
+    p = _Parser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer")
@@ -136,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lowercase", action="store_true")
     t.add_argument("--format", choices=["text", "jsonl"], default=None, help="default: jsonl for *.jsonl[.gz], else text")
     t.add_argument("--text-field", default="text")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     t.set_defaults(fn=_tokenizer_train)
 
     t = sub.add_parser("prepare", help="tokenize a corpus into packed rows (train/ and val/ shards + meta.json)")
@@ -238,6 +257,14 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except UserError as e:
         print(f"maskedlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # Every writer builds in a temporary file or directory and removes it on error, so the old output stands.
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"maskedlm: error: no space left on the device{where}; nothing was replaced; free space and run again",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("maskedlm: interrupted", file=sys.stderr)
