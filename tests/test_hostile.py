@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -301,3 +302,83 @@ def test_stale_prepare_temp_dirs_are_removed(world, tmp_path):
     main(["prepare", "--input", str(world / "corpus"), "--tokenizer", str(world / "tok"), "--seq-len", "32", "--out",
           str(tmp_path / "data"), "--doc-per", "line", "--workers", "1"])
     assert not stale.exists() and (tmp_path / "data" / "meta.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------- slow ones
+def _maskedlm(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "maskedlm", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_two_trains_on_one_run_dir(world, tmp_path):
+    """2: a second writer is refused while the first holds the run dir (one line naming its pid); the first run
+    ends intact, and resumes."""
+    import time
+
+    run = tmp_path / "run"
+    long = [*TRAIN, "train.max_steps=100000000", "train.max_minutes=0.4", "checkpoint.every_steps=50"]
+    first = _maskedlm("train", "--data", str(world / "data"), "--out", str(run), *long)
+    deadline = time.time() + 120
+    while not (run / "config.json").is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    # the same config with --resume passes every check up to the lock; a fresh start is refused before it
+    second = _maskedlm("train", "--data", str(world / "data"), "--out", str(run), "--resume", *long)
+    third = _maskedlm("train", "--data", str(world / "data"), "--out", str(run), *TRAIN, "train.seed=1")
+    for p, message in ((second, f"in use by another maskedlm process (pid {first.pid})"), (third, "already holds a run")):
+        _, err = p.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], err
+    assert first.poll() is None  # the refusals came while the first run was still training
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 0
+    last = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "step" in json.loads(line)]
+    assert steps == sorted(steps) and steps[-1] == last  # one run's records, in order, up to its checkpoint
+    again = _maskedlm("train", "--data", str(world / "data"), "--out", str(run), "--resume", *long[:-2],
+                      f"train.max_steps={last + 2}", "checkpoint.every_steps=50")
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last + 2:07d}"
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_save(world, tmp_path, capsys, one_thread):
+    """7: the run dir on a tmpfs too small for the next checkpoint: one line, the temporary folder removed, the
+    previous checkpoint intact, and a resume elsewhere is bit-identical to a run that never hit the full disk."""
+    reference = _copy(world / "run", tmp_path / "reference")
+    _ok(["train", "--data", str(world / "data"), "--out", str(reference), "--resume", *TRAIN, "train.max_steps=4"])
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    used = sum(p.stat().st_size for p in (world / "run").rglob("*") if p.is_file())
+    ck = sum(p.stat().st_size for p in (world / "run" / "checkpoints" / "step_0000002").iterdir())
+    size_kib = (used + ck // 2) // 1024 + 64 + 4 * len(list((world / "run").rglob("*")))  # a page per file too
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root or CAP_SYS_ADMIN")
+    try:
+        run = _copy(world / "run", mnt / "run")
+        before = {p: h for p, h in _snapshot(run).items() if "step_0000002" in p.parts}
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--data", str(world / "data"), "--out", str(run), "--resume", *TRAIN, "train.max_steps=4"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert e.value.code == 2 and len(err) == 1, err
+        assert "no space left on the device" in err[0] and "the previous checkpoint step_0000002 is intact" in err[0], err
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+        assert {p: h for p, h in _snapshot(run).items() if "step_0000002" in p.parts} == before
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+        moved = _copy(run, tmp_path / "moved")
+        held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert not [h for h in held if h.startswith(str(mnt))]  # no descriptor left open on the full disk
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: a failed assertion above may hold a file
+    _ok(["train", "--data", str(world / "data"), "--out", str(moved), "--resume", *TRAIN, "train.max_steps=4"])
+    a = (reference / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
+    b = (moved / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
+    assert a == b

@@ -8,6 +8,7 @@ records each file's size and sha256, so damage is detected instead of half-loade
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +50,10 @@ def _write_weights(path: Path, tensors: dict) -> None:
 
 
 def _write_optimizer(path: Path, state: dict) -> None:
-    torch.save(state, path)
+    # Our own file object: on a failed write (a full disk) the descriptor closes here, not when the exception's
+    # frames are collected; an open file would keep the disk's space and its mount busy.
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _file_record(path: Path) -> dict:
@@ -147,10 +151,13 @@ def save_checkpoint(
         atomic_write_text(ck_root / "latest", name + "\n")
         fsync_path(ck_root)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors wrap a full disk in their own types
+        # torch.save reports a full disk as "PytorchStreamWriter failed writing file ...": ask the disk itself
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(ck_root).free < (1 << 20)
         shutil.rmtree(tmp, ignore_errors=True)
         prev = read_latest_name(ck_root)
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
         why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        why = "no space left on the device" if full else why
         raise CheckpointError(
             f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then continue with --resume"
         ) from None
