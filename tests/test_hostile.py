@@ -216,6 +216,17 @@ def test_non_utf8_text_is_read_with_replacement(world, capsys):
         assert "Traceback" not in err and "not valid UTF-8" in err, err
 
 
+def test_text_from_stdin(world, capsys, monkeypatch):
+    """10: TEXT `-` is read from standard input, for texts longer than the OS's argument limit."""
+    import io
+
+    main(["fill", str(world / "run"), "golf golf [MASK] golf", "--json"])
+    direct = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"golf golf [MASK] golf")))
+    main(["fill", str(world / "run"), "-", "--json"])
+    assert json.loads(capsys.readouterr().out) == direct
+
+
 def test_full_disk_is_one_line(world, tmp_path, capsys, monkeypatch):
     """7: ENOSPC while writing a tokenizer, and a safetensors error while saving a checkpoint: one line each, the
     temporary files removed, the previous output intact."""
@@ -368,7 +379,7 @@ def test_full_disk_during_a_checkpoint_save(world, tmp_path, capsys, one_thread)
             main(["train", "--data", str(world / "data"), "--out", str(run), "--resume", *TRAIN, "train.max_steps=4"])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert e.value.code == 2 and len(err) == 1, err
-        assert "no space left on the device" in err[0] and "the previous checkpoint step_0000002 is intact" in err[0], err
+        assert "No space left on device" in err[0] and "the previous checkpoint step_0000002 is intact" in err[0], err
         assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
         assert {p: h for p, h in _snapshot(run).items() if "step_0000002" in p.parts} == before
         assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"

@@ -157,7 +157,7 @@ def save_checkpoint(
         prev = read_latest_name(ck_root)
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
         why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-        why = "no space left on the device" if full else why
+        why = os.strerror(errno.ENOSPC) if full else why
         raise CheckpointError(
             f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then continue with --resume"
         ) from None

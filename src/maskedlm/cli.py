@@ -1,7 +1,8 @@
 """The `maskedlm` command line: parses arguments and dispatches to the Python API; no logic lives here.
 
 Each subcommand imports its module lazily (so `maskedlm --help` stays fast) and calls one function. A UserError
-becomes a one-line `maskedlm: error: ...` on stderr and exit status 2; Ctrl-C exits with 130.
+becomes a one-line `maskedlm: error: ...` on stderr and exit status 2. In train a first Ctrl-C or SIGTERM saves a
+checkpoint and exits 0 (the run is intact and resumable); a second Ctrl-C, or one in any other command, exits 130.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def _eval(a):
 
 
 def _text(text: str) -> str:
-    """TEXT as the shell passed it: bytes that are not UTF-8 arrive as lone surrogates, which the tokenizer
-    rejects; they become U+FFFD, as prepare reads a corpus, and the user is told."""
-    clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """TEXT as the shell passed it, or standard input for `-` (a text longer than the OS's argument limit). Bytes
+    that are not UTF-8 (lone surrogates in argv) become U+FFFD, as prepare reads a corpus, and the user is told."""
+    raw = sys.stdin.buffer.read() if text == "-" else text.encode("utf-8", "surrogateescape")
+    clean = raw.decode("utf-8", "replace")
+    text = text if text != "-" else raw.decode("utf-8", "surrogateescape")
     if clean != text:
         print("maskedlm: note: TEXT is not valid UTF-8; the bad bytes were read as U+FFFD", file=sys.stderr)
     return clean
@@ -192,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("fill", help="top-k tokens at each [MASK]")
     t.add_argument("model", metavar="MODEL")
-    t.add_argument("text")
+    t.add_argument("text", help="the text with [MASK]; - reads it from standard input")
     t.add_argument("--top-k", type=int, default=5)
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_fill)
 
     t = sub.add_parser("explain", help="the objective's view of one example: x, A(x), x̄, −log p per position")
     t.add_argument("model", metavar="MODEL")
-    t.add_argument("text")
+    t.add_argument("text", help="- reads it from standard input")
     t.add_argument("--mask", nargs="+", required=True, metavar="WORD_OR_INDEX")
     t.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 corruption (default: every selected token becomes [MASK])")
     t.add_argument("--json", action="store_true")
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("score", help="pseudo-log-likelihood of a text (each token masked in turn)")
     t.add_argument("model", metavar="MODEL")
-    t.add_argument("text")
+    t.add_argument("text", help="- reads it from standard input")
     t.set_defaults(fn=_score)
 
     t = sub.add_parser("demo", help="the embedded default run on Shakespeare's works")
