@@ -49,7 +49,8 @@ def _ok(argv):
 
 
 def _snapshot(root: Path) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    """sha256 of every file under `root`; directories as "dir", so an empty folder left behind shows too."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
 
 
 def _copy(src: Path, dst: Path) -> Path:

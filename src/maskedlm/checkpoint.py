@@ -56,6 +56,17 @@ def _write_optimizer(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
+def _refuse_non_finite(model_state: dict, ck_root: Path, step: int) -> None:
+    """A diverged model is not saved: `latest` would point at weights that nothing can continue from."""
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        prev = read_latest_name(ck_root)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        others = " and others" if len(bad) > 1 else ""
+        raise CheckpointError(f"not saving step {step}: the weights are not finite ({bad[0]}{others}); {kept}; "
+                              "lower optim.lr and continue with --resume")
+
+
 def _file_record(path: Path) -> dict:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -117,12 +128,7 @@ def save_checkpoint(
     ck_root = Path(run_dir) / "checkpoints"
     name = step_dir_name(step)
     model_state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # a diverged model: saving it would make `latest` point at weights nothing can continue from
-        prev = read_latest_name(ck_root)
-        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-        raise CheckpointError(f"not saving step {step}: the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
-                              f"{kept}; lower optim.lr and continue with --resume")
+    _refuse_non_finite(model_state, ck_root, step)
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / name
     # Named .tmp-* (not files.temp_dir_beside's pattern): remove_stale_tmp and runs of earlier versions know this one.

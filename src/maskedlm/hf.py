@@ -611,7 +611,7 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
     """A local HF BERT / ModernBERT dir → a maskedlm run dir (checkpoints/step_0000000, loadable as MODEL and by
     `train --init-from`). Head tensors the checkpoint lacks are initialised and named in the report."""
 
-    _prepare_out(out, overwrite, "import", [hf_dir], _is_run_dir)  # refuse before reading gigabytes of weights
+    check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=_is_run_dir, what="a run")  # before reading weights
     model, cfg, tok, info = _load_hf(hf_dir)
     out, tmp = _prepare_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _is_run_dir)
     try:

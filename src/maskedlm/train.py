@@ -508,6 +508,16 @@ def _has_run(out: Path) -> bool:
     return (out / "config.json").exists() or (out / "checkpoints").exists()
 
 
+def _take_run_dir(out: Path, resume: bool):
+    """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir."""
+    lock = dist.on_main(lock_dir, out)
+    if not resume and _has_run(out):  # another run took `out` between the first check and the lock
+        if lock is not None:
+            lock.release()
+        raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
+    return lock
+
+
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -551,11 +561,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         dist.print0(f"note: nothing to resume in {out}; starting a new run")
 
     dist.barrier()  # every rank has checked RUN_DIR (has_run) before rank 0 writes into it
-    lock = dist.on_main(lock_dir, out)  # one writer per run dir; creates it
-    if not resume and _has_run(out):  # another run took `out` between the first check and the lock
-        if lock is not None:
-            lock.release()
-        raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
+    lock = _take_run_dir(out, resume)
     start = int(ck.state["step"]) if ck is not None else 0
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
