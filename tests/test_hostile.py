@@ -100,12 +100,16 @@ def _state_list(w, t):
     return run
 
 
-def _hf_wrong_width(w, t):
+def _hf_config(w, t, **change):
     d = _copy(w / "hf", t / "hf2")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["hidden_size"] *= 2
+    cfg.update(change)
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+def _hf_wrong_width(w, t):
+    return _hf_config(w, t, hidden_size=128)
 
 
 # id: (argv builder (world, case dir), part of the one error line)
@@ -145,6 +149,8 @@ CASES = {
                                    "model.hidden=10000000", "model.heads=1", "model.intermediate=4"], "needs about"),
     "6 layers 1e5": (lambda w, t: ["train", "--data", str(w / "data"), "--out", str(t / "new"), *TRAIN,
                                    "model.layers=10000000"], "needs about"),
+    "6 import config of 10M hidden": (lambda w, t: ["import", str(_hf_config(w, t, hidden_size=10_000_000)), "--out",
+                                                    str(t / "imp")], "needs about"),
     "6 config against weights": (lambda w, t: ["import", str(_hf_wrong_width(w, t)), "--out", str(t / "imp")],
                                  "the weights do not fit the config"),
     # 9: one line for every malformed input
@@ -304,6 +310,25 @@ def test_resume_falls_back_past_a_state_json_that_is_a_list(world, tmp_path, cap
     got = load_for_resume(run, warn=lambda m: print(m, file=sys.stderr))
     assert got.path.name == "step_0000002"
     assert "skipping damaged checkpoint" in capsys.readouterr().err
+
+
+def test_prepare_workers_are_capped(world, tmp_path, capsys, monkeypatch):
+    """10: --workers 1000 does not start 1000 processes: at most 4 per core, and the user is told."""
+    from maskedlm.data import prepare as prep
+
+    seen = []
+    real = prep._encoded_batches
+
+    def spy(pieces, tok, workers, batch_chars):
+        seen.append(workers)
+        return real(pieces, tok, 1, batch_chars)  # the work itself in-process: the test is about the number
+
+    monkeypatch.setattr(prep, "_encoded_batches", spy)
+    monkeypatch.setattr(prep, "_cores", lambda: 2)
+    main(["prepare", "--input", str(world / "corpus"), "--tokenizer", str(world / "tok"), "--seq-len", "32", "--out",
+          str(tmp_path / "data"), "--doc-per", "line", "--workers", "1000"])
+    assert seen == [8]
+    assert "--workers 1000 is more than 4 per core; using 8" in capsys.readouterr().err
 
 
 def test_stale_prepare_temp_dirs_are_removed(world, tmp_path):

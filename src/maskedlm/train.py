@@ -557,9 +557,11 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     if cfg.train.reuse_host_memory and info.device.type == "cpu":
         reuse_host_memory()
+    # Refuse what cannot fit before allocating: the model is built in host memory, and on CPU its gradients and two
+    # AdamW moments live there too (on a GPU they do not, and FSDP2 shards them).
+    plan_model(cfg.model, copies=4 if info.device.type == "cpu" else 1)
     # θ, ω: a private-generator init, then the global RNG (dropout) seeded for this run; rank 0 of N draws as a
     # single process would, the others differ.
-    plan_model(cfg.model, copies=4)  # weights, gradients, two AdamW moments: refuse what cannot fit before allocating
     model = MaskedLM(cfg.model)
     model.init_weights(cfg.train.seed)
     if init_model is not None:
