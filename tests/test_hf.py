@@ -321,8 +321,15 @@ def test_export_refuses_existing_out_without_overwrite(tmp_path):
     with pytest.raises(UserError, match="overwrite"):
         export(run, out)
     assert (out / "keep.txt").is_file()
-    export(run, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite replaces only an export maskedlm wrote: a folder of someone's files stays as it is
+    with pytest.raises(UserError, match="holds no export; refusing"):
+        export(run, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "x" and not (out / "model.safetensors").exists()
+    mine = tmp_path / "hf2"
+    export(run, mine)
+    (mine / "stale.txt").write_text("from an earlier export")
+    export(run, mine, overwrite=True)
+    assert not (mine / "stale.txt").exists() and (mine / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or replaced dir left
 
 

@@ -8,6 +8,7 @@ records each file's size and sha256, so damage is detected instead of half-loade
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -18,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import maskedlm
 from maskedlm.config import config_from_dict
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, fsync_path, replace_dir
-from maskedlm.model import MaskedLM
+from maskedlm.model import MaskedLM, plan_model
 from maskedlm.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER = "model.safetensors", "config.json", "tokenizer.json", "state.json", "optimizer.pt"
@@ -48,7 +50,21 @@ def _write_weights(path: Path, tensors: dict) -> None:
 
 
 def _write_optimizer(path: Path, state: dict) -> None:
-    torch.save(state, path)
+    # Our own file object: on a failed write (a full disk) the descriptor closes here, not when the exception's
+    # frames are collected; an open file would keep the disk's space and its mount busy.
+    with open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def _refuse_non_finite(model_state: dict, ck_root: Path, step: int) -> None:
+    """A diverged model is not saved: `latest` would point at weights that nothing can continue from."""
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        prev = read_latest_name(ck_root)
+        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        others = " and others" if len(bad) > 1 else ""
+        raise CheckpointError(f"not saving step {step}: the weights are not finite ({bad[0]}{others}); {kept}; "
+                              "lower optim.lr and continue with --resume")
 
 
 def _file_record(path: Path) -> dict:
@@ -110,15 +126,16 @@ def save_checkpoint(
     previous checkpoint and `latest` are untouched.
     """
     ck_root = Path(run_dir) / "checkpoints"
-    ck_root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
+    model_state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    _refuse_non_finite(model_state, ck_root, step)
+    ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / name
     # Named .tmp-* (not files.temp_dir_beside's pattern): remove_stale_tmp and runs of earlier versions know this one.
     tmp = ck_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model_state = model.state_dict() if isinstance(model, torch.nn.Module) else model
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
         _write_weights(tmp / WEIGHTS, tensors)
         if optimizer is not None:
@@ -139,14 +156,17 @@ def save_checkpoint(
         fsync_path(ck_root)
         atomic_write_text(ck_root / "latest", name + "\n")
         fsync_path(ck_root)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors wrap a full disk in their own types
+        # torch.save reports a full disk as "PytorchStreamWriter failed writing file ...": ask the disk itself
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(ck_root).free < (1 << 20)
         shutil.rmtree(tmp, ignore_errors=True)
         prev = read_latest_name(ck_root)
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        why = os.strerror(errno.ENOSPC) if full else why
         raise CheckpointError(
-            f"could not save checkpoint {name} in {ck_root}: {e.strerror or e}; {kept}. Free disk space, then continue "
-            "with --resume"
-        ) from e
+            f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then continue with --resume"
+        ) from None
     prune(ck_root, keep)
     return final
 
@@ -204,7 +224,9 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
         raise CheckpointError(f"checkpoint {path} has no {STATE} (a save was interrupted?)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({e})") from None
-    files = state.get("files", {})
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path}: {STATE} is not a maskedlm checkpoint state (damaged?)")
+    files = state["files"]
     for name in (WEIGHTS, CONFIG) + ((OPTIMIZER,) if load_optimizer else ()):
         if name not in files or not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}")
@@ -303,6 +325,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
             raise CheckpointError(f"{e}; the previous checkpoint {p} loads: pass it as MODEL") from None
         raise
     cfg = config_from_dict(ck.config)
+    plan_model(cfg.model, weights=ck.model_state, source=str(ck_dir))
     model = MaskedLM(cfg.model)
     missing, unexpected = model.load_state_dict(ck.model_state, strict=False)
     if missing or unexpected:

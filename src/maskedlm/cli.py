@@ -1,12 +1,14 @@
 """The `maskedlm` command line: parses arguments and dispatches to the Python API; no logic lives here.
 
 Each subcommand imports its module lazily (so `maskedlm --help` stays fast) and calls one function. A UserError
-becomes a one-line `maskedlm: error: ...` on stderr and exit status 2; Ctrl-C exits with 130.
+becomes a one-line `maskedlm: error: ...` on stderr and exit status 2. In train a first Ctrl-C or SIGTERM saves a
+checkpoint and exits 0 (the run is intact and resumable); a second Ctrl-C, or one in any other command, exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -18,7 +20,7 @@ def _tokenizer_train(a):
 
     path = train_tokenizer(
         inputs=a.input, vocab_size=a.vocab_size, kind=a.kind, out=a.out, lowercase=a.lowercase,
-        input_format=a.format, text_field=a.text_field,
+        input_format=a.format, text_field=a.text_field, overwrite=a.overwrite,
     )
     print(f"wrote {path}")
 
@@ -51,10 +53,21 @@ def _eval(a):
     dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 
+def _text(text: str) -> str:
+    """TEXT as the shell passed it, or standard input for `-` (a text longer than the OS's argument limit). Bytes
+    that are not UTF-8 (lone surrogates in argv) become U+FFFD, as prepare reads a corpus, and the user is told."""
+    raw = sys.stdin.buffer.read() if text == "-" else text.encode("utf-8", "surrogateescape")
+    clean = raw.decode("utf-8", "replace")
+    text = text if text != "-" else raw.decode("utf-8", "surrogateescape")
+    if clean != text:
+        print("maskedlm: note: TEXT is not valid UTF-8; the bad bytes were read as U+FFFD", file=sys.stderr)
+    return clean
+
+
 def _fill(a):
     from maskedlm.inference import fill, format_fill
 
-    result = fill(a.model, a.text, top_k=a.top_k)
+    result = fill(a.model, _text(a.text), top_k=a.top_k)
     print(json.dumps(result, indent=2) if a.json else format_fill(result))
 
 
@@ -63,14 +76,14 @@ def _explain(a):
     from maskedlm.inference import explain, format_explain
 
     loaded = load_any_model(a.model)
-    result = explain(loaded, a.text, mask=a.mask, seed=a.seed)
+    result = explain(loaded, _text(a.text), mask=a.mask, seed=a.seed)
     print(json.dumps(result, indent=2) if a.json else format_explain(result, tokenizer=loaded[2]))
 
 
 def _score(a):
     from maskedlm.inference import score
 
-    print(json.dumps(score(a.model, a.text), indent=2))
+    print(json.dumps(score(a.model, _text(a.text)), indent=2))
 
 
 def _demo(a):
@@ -91,7 +104,15 @@ def _import(a):
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as the one line every other bad input gets (its default prints the usage first)."""
+
+    def error(self, message):
+        print(f"maskedlm: error: {self.prog.removeprefix('maskedlm ')}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _IntermixedParser(_Parser):
     """`maskedlm train --data D a.b=1 --out R c.d=2`: overrides may come before, between or after options (argparse alone stops
     collecting positionals at the first option, bpo-14191)."""
 
@@ -122,7 +143,7 @@ def _masks(a):
 
 # Long: every subcommand's options in one place, so `maskedlm COMMAND --help` and this file read the same.
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
+    p = _Parser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tok = sub.add_parser("tokenizer", help="train a tokenizer")
@@ -135,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lowercase", action="store_true")
     t.add_argument("--format", choices=["text", "jsonl"], default=None, help="default: jsonl for *.jsonl[.gz], else text")
     t.add_argument("--text-field", default="text")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     t.set_defaults(fn=_tokenizer_train)
 
     t = sub.add_parser("prepare", help="tokenize a corpus into packed rows (train/ and val/ shards + meta.json)")
@@ -172,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("fill", help="top-k tokens at each [MASK]")
     t.add_argument("model", metavar="MODEL")
-    t.add_argument("text")
+    t.add_argument("text", help="the text with [MASK]; - reads it from standard input")
     t.add_argument("--top-k", type=int, default=5)
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_fill)
 
     t = sub.add_parser("explain", help="the objective's view of one example: x, A(x), x̄, −log p per position")
     t.add_argument("model", metavar="MODEL")
-    t.add_argument("text")
+    t.add_argument("text", help="- reads it from standard input")
     t.add_argument("--mask", nargs="+", required=True, metavar="WORD_OR_INDEX")
     t.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 corruption (default: every selected token becomes [MASK])")
     t.add_argument("--json", action="store_true")
@@ -187,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("score", help="pseudo-log-likelihood of a text (each token masked in turn)")
     t.add_argument("model", metavar="MODEL")
-    t.add_argument("text")
+    t.add_argument("text", help="- reads it from standard input")
     t.set_defaults(fn=_score)
 
     t = sub.add_parser("demo", help="the embedded default run on Shakespeare's works")
@@ -237,6 +259,14 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except UserError as e:
         print(f"maskedlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # Every writer builds in a temporary file or directory and removes it on error, so the old output stands.
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"maskedlm: error: no space left on the device{where}; nothing was replaced; free space and run again",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("maskedlm: interrupted", file=sys.stderr)

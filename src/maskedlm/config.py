@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,24 @@ from maskedlm.errors import UserError
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
+
+
+SEED_LIMIT = 2**63  # seeds go through torch and the counter-based hash as int64; larger ones would wrap silently
+
+
+def _check_seed(key: str, seed) -> None:
+    _check(isinstance(seed, int) and 0 <= seed < SEED_LIMIT, f"{key} must be an integer in [0, 2^63), got {seed!r}")
+
+
+def _check_finite(cfg) -> None:
+    """Every float of every section (tuples included) is a finite number."""
+    for section in fields(cfg):
+        table = getattr(cfg, section.name)
+        for f in fields(table):
+            value = getattr(table, f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float):
+                    _check(math.isfinite(v), f"{section.name}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -67,6 +86,8 @@ class ModelConfig:
         _check(self.global_attn_every_n_layers >= 1, f"model.global_attn_every_n_layers must be >= 1, got {self.global_attn_every_n_layers}")
         _check(self.family == "modern" or self.global_attn_every_n_layers == 1,
                f"model.global_attn_every_n_layers is for the modern family (bert layers are all global), got {self.global_attn_every_n_layers}")
+        for k in ("layer_norm_eps", "initializer_range", "rope_theta", "local_rope_theta"):
+            _check(getattr(self, k) > 0, f"model.{k} must be > 0, got {getattr(self, k)}")
         _check(self.local_attention_tokens >= 2, f"model.local_attention_tokens must be >= 2, got {self.local_attention_tokens}")
 
 
@@ -106,7 +127,7 @@ class MaskingConfig:
             self.mask_token_prob + self.random_token_prob <= 1.0 + 1e-9,
             f"masking.mask_token_prob + masking.random_token_prob must be <= 1, got {self.mask_token_prob + self.random_token_prob:g}",
         )
-        _check(isinstance(self.seed, int), f"masking.seed must be an integer, got {self.seed!r}")
+        _check_seed("masking.seed", self.seed)
         units = ("token", "word", "span", "ngram")
         _check(self.unit in units, f"masking.unit must be one of {', '.join(units)}, got {self.unit!r}")
         for k in ("predict_rate", "corrupt_rate", "rate_start", "rate_end"):
@@ -146,6 +167,7 @@ class OptimConfig:
     def validate(self) -> None:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         _check(self.schedule in ("linear", "cosine", "constant", "wsd"), f"optim.schedule must be linear, cosine, constant or wsd, got {self.schedule!r}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -176,6 +198,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _check_seed("train.seed", self.seed)
         _check(self.max_tokens >= 0, f"train.max_tokens must be >= 0, got {self.max_tokens}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
         _check(self.global_batch_rows > 0, f"train.global_batch_rows must be > 0, got {self.global_batch_rows}")
@@ -211,7 +234,7 @@ class EvalConfig:
     def validate(self) -> None:
         _check(self.every_steps >= 0, f"eval.every_steps must be >= 0, got {self.every_steps}")
         _check(0.0 < self.mask_rate < 1.0, f"eval.mask_rate must be in (0, 1), got {self.mask_rate}")
-        _check(isinstance(self.seed, int), f"eval.seed must be an integer, got {self.seed!r}")
+        _check_seed("eval.seed", self.seed)
         _check(self.max_rows >= 0, f"eval.max_rows must be >= 0, got {self.max_rows}")
         _check(self.micro_batch_rows > 0, f"eval.micro_batch_rows must be > 0, got {self.micro_batch_rows}")
         units = ("token", "word", "span", "ngram")
@@ -248,6 +271,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> "Config":
+        _check_finite(self)  # first: NaN passes every `a <= x <= b` test below by comparing False both ways
         for f in fields(self):
             getattr(self, f.name).validate()
         return self
@@ -269,6 +293,13 @@ RESUME_FREE_KEYS = frozenset({
     "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows",
     "checkpoint.every_steps", "checkpoint.keep",
 })
+
+
+# Keys a --resume may change with a printed note: the optimizer's schedule (peak LR, warmup, where and how it ends).
+# Lowering optim.lr and resuming from the last good checkpoint is the standard recovery from a divergence, and a
+# longer budget continues a finished run.
+RESUME_NOTED_KEYS = frozenset({"optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.decay_fraction",
+                               "train.max_steps", "train.max_tokens", "train.max_minutes"})
 
 
 def preset_names() -> list[str]:

@@ -111,7 +111,7 @@ def _build_data(cache: Path, train_files: list[Path], held_out: Path, mode: _Mod
         return train_dir, held_dir
     t0 = time.perf_counter()
     # The tokenizer sees the training works only: the held-out play is text the whole pipeline has never seen.
-    train_tokenizer([str(f) for f in train_files], mode.vocab_size, "wordpiece", tok_dir)
+    train_tokenizer([str(f) for f in train_files], mode.vocab_size, "wordpiece", tok_dir, overwrite=True)
     print(f"tokenizer: WordPiece, {mode.vocab_size:,} tokens, trained in {time.perf_counter() - t0:.1f} s")
     # prepare's own val split is random by document; to hold out one whole play, it runs twice with val_fraction 0:
     # the training works into one data dir, the held-out play into another (its rows sit in that dir's train/ split).

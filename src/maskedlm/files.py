@@ -1,16 +1,19 @@
 """Writing files so that a reader, a crash or a full disk never leaves a half-written one behind.
 
-Every file and directory maskedlm writes goes through here: write under a temporary name beside the target, fsync,
-then rename over it (a rename within one directory is atomic on POSIX). This module knows nothing about what is
-written; callers pass text, bytes or a function that fills a path.
+Every file and directory maskedlm writes goes through here: write a temporary sibling, fsync, rename over the target
+(atomic on POSIX). Callers pass text, bytes or a function that fills a path. Here too: where an output may go (never
+over an input or a directory someone else wrote) and the one-writer-per-directory lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from maskedlm.errors import UserError
 
 
 def fsync_path(path: Path) -> None:
@@ -60,6 +63,7 @@ def temp_dir_beside(out, tag: str) -> Path:
     """A fresh, empty hidden directory next to `out` to build a whole output in before `replace_dir`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out, tag)
     tmp = out.parent / f".{out.name}.{tag}-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -89,3 +93,100 @@ def replace_dir(tmp, out) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+# -- where an output may go ------------------------------------------------------------------------------------------
+def _inside(a: Path, b: Path) -> bool:
+    """`a` is `b` or lies somewhere below it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_out(out, *, inputs=(), overwrite: bool = False, ours: Callable[[Path], bool] | None = None,
+              what: str = "output") -> Path:
+    """UserError unless `out` may become a whole output directory; returns it as a Path.
+
+    `out` may not be, contain or lie inside an input (writing there would read our own output back, or delete what
+    was read); it may not be a file or lie under one. An existing non-empty directory is replaced only with
+    `overwrite` and only when `ours(out)` recognises it by the marker files this tool writes: anything else is the
+    user's, never ours to delete.
+    """
+    out = Path(out)
+    real = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue  # a glob or a name that does not exist: its matches are passed separately
+        inp = Path(item).resolve()
+        if _inside(real, inp) or _inside(inp, real):
+            rel = "is" if real == inp else ("lies inside" if _inside(real, inp) else "contains")
+            raise UserError(f"--out {out} {rel} the input {item}; choose an --out outside every input")
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == out else f"lies under {parent}, which is"
+            raise UserError(f"--out {out} {where} a file, not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if ours is None or not ours(out):
+            noun = what.removeprefix("an ").removeprefix("a ")
+            raise UserError(f"--out {out} exists, is not empty and holds no {noun}; refusing to replace it (--overwrite "
+                            "replaces only what maskedlm wrote); choose a new --out")
+        if not overwrite:
+            raise UserError(f"{out} already holds {what}; pass --overwrite to replace it, or choose a new --out")
+    return out
+
+
+def remove_stale_temp_dirs(out, tag: str) -> None:
+    """Delete `temp_dir_beside` folders of `out` left by processes that no longer run (a kill -9 mid-write)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}.{tag}-tmp-"
+    for p in out.parent.iterdir():
+        pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process with that id
+    return True
+
+
+# -- one writer per directory ----------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+def lock_dir(d) -> "DirLock":
+    """An exclusive advisory lock on directory `d` (created if missing), held until `release()` or process exit.
+
+    fcntl.flock on d/.lock: the kernel drops it when the process dies, so a kill -9 never leaves a directory stuck.
+    A second holder is refused with UserError naming the first one's pid (written into the lock file).
+    """
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{d} is in use by another maskedlm process (pid {holder}); wait for it to end, "
+                        "or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return DirLock(fd)
+
+
+class DirLock:
+    """A held `lock_dir` lock; `release()` (or the process ending) lets the next writer in."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+import maskedlm
 from maskedlm.checkpoint import STATE, load_checkpoint_model, save_checkpoint
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
-from maskedlm.model import MaskedLM, padded_vocab_size
+from maskedlm.files import atomic_write_text, check_out, replace_dir, temp_dir_beside
+from maskedlm.model import MaskedLM, padded_vocab_size, plan_model
 from maskedlm.tokenizer import load_tokenizer, save_tokenizer, special_ids
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,6 +438,7 @@ def _load_hf(hf_dir, device="cpu"):
     missing_head = missing_head_keys(hf_sd, mcfg)
     ours = from_hf_state_dict(hf_sd, mcfg, allow_missing_head=True)
 
+    plan_model(mcfg, weights=ours, source=str(root))  # sizes and shapes checked before anything is allocated
     model = MaskedLM(mcfg)
     model.init_weights(0)  # fresh head tensors (when absent) are the same on every import
     try:
@@ -485,11 +487,22 @@ def load_any_model(path, device="cpu", report=None):
 
 
 
-def _prepare_out(out, overwrite: bool, tag: str):
-    """A fresh temporary sibling of `out` to write into; UserError when `out` exists and overwrite is off."""
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+EXPORT_MARKER = ".maskedlm-export"  # written into every export, so --overwrite knows the directory is one of ours
+
+
+def _is_export(d: Path) -> bool:
+    return (d / EXPORT_MARKER).is_file()
+
+
+def _is_run_dir(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "checkpoints").is_dir()
+
+
+def _prepare_out(out, overwrite: bool, tag: str, inputs, ours):
+    """A fresh temporary sibling of `out` to write into, after files.check_out: not an input, and an existing
+    directory only with overwrite and only when `ours` recognises it."""
+    paths = [p for p in inputs if isinstance(p, (str, os.PathLike))]
+    out = check_out(out, inputs=paths, overwrite=overwrite, ours=ours, what="an export" if tag == "export" else "a run")
     return out, temp_dir_beside(out, tag)
 
 
@@ -559,7 +572,7 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
     sp = special_ids(tok)
     if tok.get_vocab_size() > net.vocab_size:
         raise UserError(f"{model}: the tokenizer has {tok.get_vocab_size()} tokens but the model {net.vocab_size} rows")
-    out, tmp = _prepare_out(out, overwrite, "export")
+    out, tmp = _prepare_out(out, overwrite, "export", [model], _is_export)
     try:
         hf_cfg = hf_config(mcfg, special=sp.as_dict())
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -571,6 +584,7 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
         tcfg["model_max_length"] = int(mcfg.max_positions)  # so pipelines truncate to what the model can see
         tcfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
         (tmp / "special_ids.json").unlink(missing_ok=True)  # ours, not transformers'
+        atomic_write_text(tmp / EXPORT_MARKER, json.dumps({"maskedlm": maskedlm.__version__}) + "\n")
         _readable(tmp)
         diff = None
         if verify:
@@ -597,8 +611,9 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
     """A local HF BERT / ModernBERT dir → a maskedlm run dir (checkpoints/step_0000000, loadable as MODEL and by
     `train --init-from`). Head tensors the checkpoint lacks are initialised and named in the report."""
 
+    check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=_is_run_dir, what="a run")  # before reading weights
     model, cfg, tok, info = _load_hf(hf_dir)
-    out, tmp = _prepare_out(out, overwrite, "import")
+    out, tmp = _prepare_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _is_run_dir)
     try:
         tok_file = tmp / "tokenizer.source.json"
         tok_file.write_text(tok.to_str())

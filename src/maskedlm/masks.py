@@ -115,6 +115,9 @@ def masks_report(data, config=None, overrides=(), rows=3, as_json=False, split="
 
     `overrides` are `masking.key=value` (a bare `key=value` means masking.key); `config` a preset or TOML file.
     """
+    for name, value in (("--rows", rows), ("--step", step), ("--epoch", epoch), ("--max-rows", max_rows)):
+        if int(value) < 0:
+            raise UserError(f"{name} must be >= 0, got {value}")
     dd = open_data_dir(data)
     overrides = [o if "." in str(o).split("=", 1)[0] else f"masking.{o}" for o in (overrides or ())]
     cfg = load_config(config, overrides).masking

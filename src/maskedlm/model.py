@@ -8,10 +8,14 @@ positions A(x) it is given (sparse prediction); the dense path is for inference.
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from maskedlm.errors import UserError
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -327,3 +331,34 @@ class MaskedLM(nn.Module):
         omega = sum(p.numel() for p in self.head.parameters()) - pad * (1 + (C if self.head.decoder is not None else 0))
         padding = pad * (C + 1 + (C if self.head.decoder is not None else 0))
         return dict(theta=theta, omega=omega, padding=padding, padded_vocab_rows=pad)
+
+
+def _meta_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of MaskedLM(cfg), built on the meta device: no memory is allocated."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in MaskedLM(cfg).state_dict().items()}
+
+
+def parameter_count(cfg) -> int:
+    """The model's parameter count from its config, without building it (two one- and two-layer meta models: a
+    config of 100,000 layers would take minutes to build even on the meta device)."""
+    one, two = (sum(math.prod(s) for s in _meta_shapes(replace(cfg, layers=n)).values()) for n in (1, 2))
+    return one + (int(cfg.layers) - 1) * (two - one)
+
+
+def plan_model(cfg, weights: dict | None = None, copies: int = 1, source: str = "") -> None:
+    """UserError, before any memory is allocated, when the fp32 parameters (× `copies`: training adds gradients and
+    two AdamW moments) cannot fit in this machine's memory, or when `weights` have other shapes than `cfg` gives."""
+    need = 4 * copies * parameter_count(cfg)
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if have and need > have:
+        what = "its parameters" + (", gradients and optimizer state" if copies > 1 else "")
+        raise UserError(f"{source or 'the model'}: hidden {cfg.hidden}, {cfg.layers} layers, vocabulary "
+                        f"{cfg.vocab_size:,} needs about {need / 2**30:.1f} GiB for {what}; this machine has "
+                        f"{have / 2**30:.1f} GiB; choose smaller model.* sizes")
+    if weights is None:
+        return
+    for k, shape in _meta_shapes(cfg).items():
+        if k in weights and tuple(weights[k].shape) != shape:
+            raise UserError(f"{source or 'the model'}: the weights do not fit the config: {k} is "
+                            f"{tuple(weights[k].shape)} in the weights, {shape} by the config")

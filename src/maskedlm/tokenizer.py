@@ -15,12 +15,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from maskedlm.data.corpus import iter_corpus_texts
+from maskedlm.data.corpus import iter_corpus_texts, resolve_inputs
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text
+from maskedlm.files import atomic_write_text, check_out
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 KINDS = ("wordpiece", "bpe", "unigram")
+# 4× the largest vocabularies in use (Gemma's 256k); beyond it the trainer's pair tables need tens of GB and die
+# in Rust without a message.
+MAX_VOCAB_SIZE = 1 << 20
 # Alternative spellings accepted when loading someone else's tokenizer (RoBERTa / ModernBERT-style first).
 _SPELLINGS = {
     "pad": ("[PAD]", "<pad>"),
@@ -127,14 +130,21 @@ def save_tokenizer(tok: Tokenizer, out: str | Path, lowercase: bool | None = Non
 
 def train_tokenizer(
     inputs, vocab_size: int, kind: str, out, lowercase: bool = False, input_format: str | None = None,
-    text_field: str = "text",
+    text_field: str = "text", overwrite: bool = False,
 ) -> Path:
-    """Train a `kind` tokenizer of `vocab_size` tokens on the documents of `inputs`; returns out/tokenizer.json."""
+    """Train a `kind` tokenizer of `vocab_size` tokens on the documents of `inputs`; returns out/tokenizer.json.
+    An existing tokenizer in `out` is replaced only with `overwrite`; any other non-empty `out` is refused."""
     kind = str(kind).lower()
+    if int(vocab_size) > MAX_VOCAB_SIZE:
+        raise UserError(f"vocab_size {vocab_size} is larger than maskedlm trains ({MAX_VOCAB_SIZE:,}); the tokenizer "
+                        "trainer would need tens of GB; choose a smaller --vocab-size")
     if int(vocab_size) < len(SPECIAL_TOKENS) + 1:
         raise UserError(f"vocab_size must be > {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}")
     if kind == "bpe" and int(vocab_size) < 256 + len(SPECIAL_TOKENS) + 1:
         raise UserError(f"vocab_size for byte-level bpe must be > {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}")
+    named = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    check_out(out, inputs=[*named, *resolve_inputs(named)], overwrite=overwrite, ours=is_tokenizer_dir,
+              what="a tokenizer")
     tok, trainer = _build(kind, lowercase, int(vocab_size))
     trainer.show_progress = sys.stderr.isatty()  # no bar noise in logs and tests
     stats: dict = {}
@@ -146,6 +156,11 @@ def train_tokenizer(
         raise UserError("the tokenizer learned no tokens beyond the special ones; give it more text")
     tok.post_processor = _post_processor(tok)
     return save_tokenizer(tok, out, lowercase=lowercase)
+
+
+def is_tokenizer_dir(d: Path) -> bool:
+    """A directory `save_tokenizer` wrote (special_ids.json is ours alone)."""
+    return (Path(d) / "tokenizer.json").is_file() and (Path(d) / "special_ids.json").is_file()
 
 
 def _from_vocab_txt(vocab: Path, lowercase: bool) -> Tokenizer:

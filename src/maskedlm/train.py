@@ -25,16 +25,16 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
-from maskedlm.config import Config, config_diff, config_hash, flat_config, load_config
+from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
 from maskedlm.data.loader import RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import check_compatible, evaluate
-from maskedlm.files import atomic_write_text
+from maskedlm.files import atomic_write_text, check_out, lock_dir
 from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
-from maskedlm.model import MaskedLM
+from maskedlm.model import MaskedLM, plan_model
 from maskedlm.optim import Schedule, build_optimizer, set_lr
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
@@ -120,7 +120,12 @@ def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
 def _check_same_config(stored: Config | None, cfg: Config, out: Path) -> None:
     if stored is None:
         return
-    diff = config_diff(stored, cfg)
+    diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
+    noted = [k for k in config_diff(stored, cfg) if k in RESUME_NOTED_KEYS]
+    if noted and not diff:
+        fs, fc = flat_config(stored), flat_config(cfg)
+        dist.print0("note: --resume with a changed optimizer schedule: "
+                    + ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in noted))
     if diff:
         fs, fc = flat_config(stored), flat_config(cfg)
         shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
@@ -163,7 +168,7 @@ def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint |
     if ck is None:
         dist.print0(f"note: {out} has no checkpoint yet; starting the run from step 0")
         return None
-    differ = config_diff(load_config(ck.config), cfg)
+    differ = config_diff(load_config(ck.config), cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
     if differ:
         raise UserError(f"checkpoint {ck.path} was written by a different config ({', '.join(differ)} differ); "
                         "resume with the same config or start a new --out")
@@ -224,6 +229,7 @@ class Trainer:
         self.loader = self._build_loader() if data is not None else None
         self.val_store = self._open_val() if data is not None else None
         self.logger = logger if logger is not None else NullLogger()
+        self.lock = None  # the run dir's files.lock_dir lock, held by train() on rank 0
 
         self.step = 0  # optimizer steps taken
         self.skipped = 0  # steps whose update was skipped, over the whole run
@@ -512,13 +518,40 @@ def _record_command(out: Path) -> None:
     atomic_write_text(path, before + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
 
 
+def _has_run(out: Path) -> bool:
+    return (out / "config.json").exists() or (out / "checkpoints").exists()
+
+
+def _try_lock(out: Path):
+    """(the lock, None), or (None, why) when another process holds `out`: a refusal every rank can hear."""
+    try:
+        return lock_dir(out), None
+    except UserError as e:
+        return None, str(e)
+
+
+def _take_run_dir(out: Path, resume: bool):
+    """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir. The refusal
+    is shared, so under torchrun no rank waits for a rank 0 that has gone."""
+    lock, why = dist.on_main(_try_lock, out, wait=False) or (None, None)
+    why = next((w for w in dist.all_gather_object(why) if w), None)
+    if why:
+        raise UserError(why)
+    if not resume and _has_run(out):  # another run took `out` between the first check and the lock
+        if lock is not None:
+            lock.release()
+        raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
+    return lock
+
+
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
     if data is None or out is None:
         raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
     data, out = open_data_dir(data), Path(out)
-    has_run = (out / "config.json").exists() or (out / "checkpoints").exists()
+    check_out(out, inputs=[data.path, init_from], overwrite=True, ours=lambda d: True, what="a run")  # not an input
+    has_run = _has_run(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
     init_model = init_cfg = init_tok = None
@@ -531,10 +564,16 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
     _check_same_config(stored, cfg, out)
     check_compatible(cfg.model, init_tok, data)  # the data must fit the model: vocabulary, positions, tokenizer
+    data.open("train")  # its shards' ids checked against the vocabulary before anything is written
+    if cfg.masking.random_token_dist == "unigram":
+        data.token_counts("masking.random_token_dist='unigram'")
 
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     if cfg.train.reuse_host_memory and info.device.type == "cpu":
         reuse_host_memory()
+    # Refuse what cannot fit before allocating: the model is built in host memory, and on CPU its gradients and two
+    # AdamW moments live there too (on a GPU they do not, and FSDP2 shards them).
+    plan_model(cfg.model, copies=4 if info.device.type == "cpu" else 1)
     # θ, ω: a private-generator init, then the global RNG (dropout) seeded for this run; rank 0 of N draws as a
     # single process would, the others differ.
     model = MaskedLM(cfg.model)
@@ -550,12 +589,13 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         dist.print0(f"note: nothing to resume in {out}; starting a new run")
 
     dist.barrier()  # every rank has checked RUN_DIR (has_run) before rank 0 writes into it
-    out.mkdir(parents=True, exist_ok=True)
+    lock = _take_run_dir(out, resume)
     start = int(ck.state["step"]) if ck is not None else 0
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
     trainer = Trainer(cfg, model, data, out)
+    trainer.lock = lock
     done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
     trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
     if ck is not None:
@@ -568,6 +608,11 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
 def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
     """Train per `config` (preset name, TOML path, Config or dict; modern-mini by default) on DATA_DIR into RUN_DIR;
     returns the final numbers: the last step's record, the last evaluation and the checkpoint."""
-    result = _start_run(config, data, out, overrides, resume, init_from).fit()
+    trainer = _start_run(config, data, out, overrides, resume, init_from)
+    try:
+        result = trainer.fit()
+    finally:
+        if trainer.lock is not None:  # rank 0 holds the run dir's lock, the other ranks None
+            trainer.lock.release()
     dist.shutdown()
     return result

@@ -59,6 +59,8 @@ def resolve_inputs(inputs) -> list[Path]:
                 found += [mp] if mp.is_file() else sorted(q for q in mp.rglob("*") if q.is_file())
             if not found:
                 raise UserError(f"input pattern matches no files: {item}")
+        elif p.exists():  # a FIFO, socket or device: no size, and reading it twice (tokenizer, prepare) cannot work
+            raise UserError(f"input {item} is not a regular file or directory; copy it into a file first")
         else:
             raise UserError(f"input path does not exist: {item}")
         files += found
@@ -201,6 +203,9 @@ def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: 
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix the line or use --format text") from None
+            except RecursionError:  # json's parser recurses once per nesting level
+                raise UserError(f"{path}:{line_no}: a JSON document nested too deep to read; fix the line or use "
+                                "--format text") from None
             stats["records"] += 1
             text = rec.get(text_field) if isinstance(rec, dict) else None
             if not isinstance(text, str):

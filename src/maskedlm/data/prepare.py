@@ -25,7 +25,7 @@ from tqdm import tqdm
 from maskedlm.data import shards as fmt
 from maskedlm.data.corpus import check_options, iter_pieces, new_stats, report_input, resolve_inputs, warn
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
+from maskedlm.files import atomic_write_text, check_out, replace_dir, temp_dir_beside
 from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
 
 SEQ_LEN_MIN, SEQ_LEN_MAX = 8, 8192
@@ -360,24 +360,23 @@ def _is_prepared(p: Path) -> bool:
     return (p / "meta.json").exists() or (p / "train").exists() or (p / "val").exists()
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """UserError unless `out` may become the data dir: new, empty, or prepared data with overwrite.
+def _check_out(out: Path, overwrite: bool, inputs) -> None:
+    """UserError unless `out` may become the data dir: new, empty, or prepared data with overwrite; never an input,
+    inside one or around one (a second run would tokenize its own shards as text)."""
+    check_out(out, inputs=inputs, overwrite=overwrite, ours=_is_prepared, what="prepared data")
 
-    A non-empty dir without prepared data is refused even with overwrite: it is someone's files, not ours to delete."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose a new DATA_DIR")
-    if out.is_dir():
-        if _is_prepared(out):
-            if not overwrite:
-                raise UserError(f"{out} already holds prepared data; pass --overwrite to replace it, or choose a new --out")
-        elif any(out.iterdir()):
-            raise UserError(f"{out} exists, is not empty and holds no prepared data; refusing to replace it; choose a new --out")
+
+MAX_WORKERS_PER_CORE = 4  # tokenizing is CPU-bound: more processes only add memory and fork time
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _auto_workers() -> int:
     """Worker processes for --workers 0: one per core but one for the reader; on 1-2 cores none, since the
     tokenizer's own threads in this process did better there than processes that contend with the reader."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     return 1 if cores <= 2 else cores - 1
 
 
@@ -397,14 +396,19 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     if int(workers) < 0:
         raise UserError(f"workers must be >= 0 (0: one per core), got {workers}")
     workers = int(workers) or _auto_workers()
+    if workers > MAX_WORKERS_PER_CORE * _cores():
+        warn(f"--workers {workers} is more than {MAX_WORKERS_PER_CORE} per core; using {MAX_WORKERS_PER_CORE * _cores()}")
+        workers = MAX_WORKERS_PER_CORE * _cores()
     check_options(input_format, doc_per)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     sp = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = fmt.id_dtype(vocab_size)
     files = resolve_inputs(inputs)
+    named = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    inputs_seen = [*named, *files, tokenizer if not isinstance(tokenizer, Tokenizer) else None]
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, inputs_seen)
 
     tmp = temp_dir_beside(out, "prepare")
     try:
@@ -412,7 +416,7 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
                              doc_per, workers, seed, progress, tokenizer_hash(tok))
         meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-        _check_out(out, overwrite)  # again: --out may have changed while the corpus was read
+        _check_out(out, overwrite, inputs_seen)  # again: --out may have changed while the corpus was read
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -183,10 +183,10 @@ class RowStore:
         self.dir = Path(split_dir)
         if not self.dir.is_dir():
             raise _not_prepared(self.dir.parent, f"no {self.dir.name}/ split")
-        names = seq_len = None
+        names = seq_len = vocab = None
         try:  # meta.json names the shards; fall back to what is on disk for a bare split dir
             data = open_data_dir(self.dir.parent)
-            names, seq_len = data.shard_names(self.dir.name), data.seq_len
+            names, seq_len, vocab = data.shard_names(self.dir.name), data.seq_len, data.vocab_size
         except UserError:
             pass
         if names is None:
@@ -200,6 +200,10 @@ class RowStore:
                 raise UserError(f"cannot read shard {self.dir / name}: {e}; prepare the data again") from None
             if ids.ndim != 2 or ids.shape != flags.shape:
                 raise UserError(f"shard {self.dir / name} has ids {ids.shape} and flags {flags.shape}; prepare the data again")
+            # Once per open (one pass over the file): an id past the vocabulary would index outside the embeddings.
+            if vocab is not None and ids.size and _max_id(self.dir / f"{name}.ids.npy", ids) >= vocab:
+                raise UserError(f"shard {self.dir / name} holds token id {_max_id(self.dir / f'{name}.ids.npy', ids)}, beyond the vocabulary of "
+                                f"{vocab} in meta.json; prepare the data again")
             self._ids.append(ids)
             self._flags.append(flags)
         if seq_len is None:
@@ -230,6 +234,17 @@ class RowStore:
             out_ids[sel] = self._ids[s][local]
             out_flags[sel] = self._flags[s][local]
         return out_ids, out_flags
+
+
+_MAX_IDS: dict[tuple, int] = {}  # (path, size, mtime): the shard's largest id, so a file is scanned once per process
+
+
+def _max_id(path: Path, ids: np.ndarray) -> int:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _MAX_IDS:
+        _MAX_IDS[key] = int(ids.max())
+    return _MAX_IDS[key]
 
 
 def open_split(data_dir, split: str) -> RowStore:
