@@ -1,0 +1,115 @@
+"""Parquet, zstd and saved-Arrow (datasets save_to_disk) inputs against the same documents given as JSON Lines.
+
+The reference is the JSON Lines path prepare already had: the other formats must give byte-identical shards, token
+counts and tokenizer copies, and the same counts of skipped records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from maskedlm.data import prepare as prep
+from maskedlm.tokenizer import train_tokenizer
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+zstandard = pytest.importorskip("zstandard")
+
+from test_prepare import make_docs  # noqa: E402
+
+# Records the readers must skip and count: null, empty and whitespace-only text (JSON also: a missing key).
+BAD = [None, "", "   \n "]
+
+
+def _records(docs):
+    recs = list(docs)
+    for i, b in enumerate(BAD):
+        recs.insert(7 + 11 * i, b)
+    return recs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpora")
+    docs = make_docs(300, seed=21, max_words=80)
+    tok = train_tokenizer([str(_jsonl(d / "train.jsonl", docs))], 300, "wordpiece", d / "tok", lowercase=True).parent
+    return d, docs, tok
+
+
+def _jsonl(path: Path, recs) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "text": r}) + "\n" for i, r in enumerate(recs)), encoding="utf-8")
+    return path
+
+
+def _zst(path: Path, data: bytes) -> Path:
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    return path
+
+
+def _same_data_dir(a: Path, b: Path, *, files_differ=False) -> None:
+    for f in sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "meta.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert sorted(p.relative_to(a) for p in a.rglob("*")) == sorted(p.relative_to(b) for p in b.rglob("*"))
+    ma, mb = (json.loads((x / "meta.json").read_text()) for x in (a, b))
+    for m in (ma, mb):  # what names or measures the input files themselves, not the data
+        for k in ("sources", "input_bytes", "files")[: 3 if files_differ else 2]:
+            m.pop(k)
+    assert ma == mb
+
+
+def _prepare(inputs, tok, out, **kw):
+    return prep.prepare([str(x) for x in inputs], tok, 32, out, val_fraction=0.1, workers=1, **kw)
+
+
+def test_parquet_zstd_and_arrow_match_jsonl(tmp_path, setup):
+    d, docs, tok = setup
+    recs = _records(docs)
+    ref_meta = _prepare([_jsonl(tmp_path / "c.jsonl", recs)], tok, tmp_path / "ref")
+    assert ref_meta["jsonl_missing_text_field"] == 1 and ref_meta["empty_text_records"] == 2
+    assert ref_meta["documents"] == len(docs)
+
+    # Parquet: small row groups, so streaming crosses many of them; a second column the reader must not need.
+    table = pa.table({"id": list(range(len(recs))), "text": pa.array(recs, pa.string())})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=37)
+    meta = _prepare([tmp_path / "c.parquet"], tok, tmp_path / "pq")
+    _same_data_dir(tmp_path / "ref", tmp_path / "pq")
+    assert meta["jsonl_records"] == len(recs) and meta["jsonl_missing_text_field"] == 1
+    assert meta["empty_text_records"] == 2
+
+    # zstd JSON Lines, read as a stream.
+    raw = (tmp_path / "c.jsonl").read_bytes()
+    _prepare([_zst(tmp_path / "c.jsonl.zst", raw)], tok, tmp_path / "zst")
+    _same_data_dir(tmp_path / "ref", tmp_path / "zst")
+
+    # A datasets save_to_disk directory, two Arrow files, read without importing datasets.
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": recs, "id": list(range(len(recs)))}).save_to_disk(
+        str(tmp_path / "saved"), num_shards=2)
+    assert len(list((tmp_path / "saved").glob("*.arrow"))) == 2
+    _prepare([tmp_path / "saved"], tok, tmp_path / "arrow")
+    _same_data_dir(tmp_path / "ref", tmp_path / "arrow", files_differ=True)
+
+
+def test_zstd_text_matches_plain_text(tmp_path, setup):
+    _, docs, tok = setup
+    text = ("\n\n".join(docs) + "\n").encode()
+    (tmp_path / "c.txt").write_bytes(text)
+    _prepare([tmp_path / "c.txt"], tok, tmp_path / "ref")
+    _prepare([_zst(tmp_path / "c.txt.zst", text)], tok, tmp_path / "zst")
+    _same_data_dir(tmp_path / "ref", tmp_path / "zst")
+
+
+def test_table_without_the_text_column_is_refused(tmp_path, setup, capsys):
+    from maskedlm.cli import main
+
+    _, docs, tok = setup
+    pq.write_table(pa.table({"body": docs[:5]}), tmp_path / "c.parquet")
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--input", str(tmp_path / "c.parquet"), "--tokenizer", str(tok), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["maskedlm: error: none of the 5 records has a string field 'text' (fields seen: body); "
+                   "pass --text-field NAME"]
+    assert not (tmp_path / "o").exists()
