@@ -24,13 +24,28 @@ def _tokenizer_train(a):
 
 
 def _prepare(a):
-    from maskedlm.data.prepare import prepare
+    from maskedlm import distributed as dist
+    from maskedlm.data.prepare import merge, prepare
 
-    prepare(
-        inputs=a.input, tokenizer=a.tokenizer, seq_len=a.seq_len, out=a.out, val_fraction=a.val_fraction,
-        input_format=a.format, text_field=a.text_field, doc_per=a.doc_per, workers=a.workers, seed=a.seed,
-        overwrite=a.overwrite,
-    )
+    if a.merge:
+        if a.input or a.tokenizer or a.out or a.shard:
+            raise UserError("--merge OUT PART_DIR... takes no --input, --tokenizer, --out or --shard")
+        merge(a.merge[1:], a.merge[0], overwrite=a.overwrite)
+        return
+    if not (a.input and a.tokenizer and a.out):
+        raise UserError("prepare needs --input, --tokenizer and --out (or --merge OUT PART_DIR...)")
+    options = dict(val_fraction=a.val_fraction, input_format=a.format, text_field=a.text_field, doc_per=a.doc_per,
+                   workers=a.workers, seed=a.seed)
+    if dist.env_world()[1] > 1:  # under torchrun: every rank prepares a part, rank 0 merges them
+        if a.shard:
+            raise UserError("--shard and torchrun both split the input; use one of them")
+        from maskedlm.data.distprepare import prepare_distributed
+
+        prepare_distributed(a.input, a.tokenizer, a.seq_len, a.out, overwrite=a.overwrite, **options)
+        dist.end_process(0)  # no interpreter finalization, where gloo's threads can abort the process
+        return
+    prepare(inputs=a.input, tokenizer=a.tokenizer, seq_len=a.seq_len, out=a.out, overwrite=a.overwrite,
+            shard=a.shard, **options)
 
 
 def _train(a):
@@ -139,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_tokenizer_train)
 
     t = sub.add_parser("prepare", help="tokenize a corpus into packed rows (train/ and val/ shards + meta.json)")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH")
-    t.add_argument("--tokenizer", required=True, metavar="DIR", help="a maskedlm or Hugging Face tokenizer directory, or a tokenizer.json")
+    t.add_argument("--input", nargs="+", metavar="PATH",
+                   help="files, directories, globs: text, JSON Lines, .gz/.zst, Parquet, datasets save_to_disk dirs")
+    t.add_argument("--tokenizer", metavar="DIR", help="a maskedlm or Hugging Face tokenizer directory, or a tokenizer.json")
     t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--out", required=True, metavar="DATA_DIR")
+    t.add_argument("--out", metavar="DATA_DIR")
+    t.add_argument("--shard", default=None, metavar="I/N", help="prepare only part I of N of the input files (join with --merge)")
+    t.add_argument("--merge", nargs="+", default=None, metavar="OUT PART_DIR",
+                   help="join the parts made with --shard into OUT, linking their shards instead of copying")
     t.add_argument("--val-fraction", type=float, default=0.01)
     t.add_argument("--format", choices=["text", "jsonl"], default=None)
     t.add_argument("--text-field", default="text")
