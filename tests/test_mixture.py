@@ -82,3 +82,79 @@ def test_mask_keys_differ_by_source_and_epoch():
     loader = MixLoader(stores, [1, 1], 10, 10, seed=0)
     keys = np.concatenate([loader.next_step().micro[0].row_index.numpy() for _ in range(4)])
     assert len(set(keys.tolist())) == 40  # 4 epochs of 10 rows: no two rows share a mask key
+
+
+# ------------------------------------------------------------------------------------------ training on a mixture
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_data import make_data
+
+    d = tmp_path_factory.mktemp("mix")
+    return (make_data(d / "a", rows=128, val_rows=32, seed=1), make_data(d / "b", rows=40, val_rows=16, seed=2),
+            make_data(d / "other", rows=64, val_rows=16, words=44, seed=3))
+
+
+def _records(run):
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_on_a_mixture_logs_shares_evaluates_per_source_and_resumes(tmp_path, two_sources):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from maskedlm.train import train
+
+    a, b, _ = two_sources
+    args = ["train.max_steps=30", "checkpoint.every_steps=10", "checkpoint.keep=5", "train.log_every_steps=1000",
+            "eval.every_steps=15", "train.precision=fp32", "data.weights=[0.7,0.3]"]
+    full = tmp_path / "full"
+    train("tiny", [a, b], full, args)
+    recs = _records(full)
+    steps = [r for r in recs if r.get("kind") != "eval"]
+    last = steps[-1]["source_tokens"]
+    assert sum(last) == steps[-1]["tokens"] and abs(last[0] / sum(last) - 0.7) < 0.02
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    per = evals[-1]["val_sources"]
+    assert len(per) == 2 and per[0]["rows"] == 32 and per[1]["rows"] == 16
+    assert evals[-1]["val_loss"] == pytest.approx(0.7 * per[0]["loss"] + 0.3 * per[1]["loss"], rel=1e-12)
+
+    # Killed after the save at step 10 and resumed: the same rows, so bit-identical weights and the same records.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for d in ("step_0000020", "step_0000030"):
+        shutil.rmtree(cut / "checkpoints" / d)
+    (cut / "checkpoints" / "latest").write_text("step_0000010\n")
+    train(None, [a, b], cut, resume=True)
+    ck = "checkpoints/step_0000030/model.safetensors"
+    wa, wb = load_file(str(full / ck)), load_file(str(cut / ck))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    timing = ("tokens_per_s", "elapsed_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _records(cut)] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in recs]
+
+
+def test_mixture_refuses_other_tokenizers_and_wrong_weights(tmp_path, two_sources, capsys):
+    from maskedlm.cli import main
+
+    a, b, other = two_sources
+    cases = ((["--data", str(other)], "differ in tokenizer"),
+             (["--data", str(b), "data.weights=[0.5,0.3,0.2]"], "data.weights has 3 values for 2"))
+    for extra, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--config", "tiny", "--data", str(a), *extra, "--out", str(tmp_path / "run"),
+                  "train.max_steps=1"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+        assert not (tmp_path / "run").exists()

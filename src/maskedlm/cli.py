@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("--config", default=None,
                    help="a TOML file or a preset name from src/maskedlm/configs/ (default: modern-mini; with --resume, the run's own)")
-    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--data", required=True, action="append", metavar="DATA_DIR",
+                   help="prepared data; several --data make a mixture (shares: data.weights=[...], default by size)")
     t.add_argument("--out", required=True, metavar="RUN_DIR")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
     t.add_argument("--init-from", default=None, metavar="HF_DIR", help="start from a Hugging Face BERT/ModernBERT checkpoint")
