@@ -107,6 +107,14 @@ def _import(a):
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
+class _Repeatable(argparse.Action):
+    """An option given once is its value; given again, the list of its values (`--data A --data B`: a mixture)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        have = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if have is None else [*(have if isinstance(have, list) else [have]), values])
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """`maskedlm train --data D a.b=1 --out R c.d=2`: overrides may come before, between or after options (argparse alone stops
     collecting positionals at the first option, bpo-14191)."""
@@ -175,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("--config", default=None,
                    help="a TOML file or a preset name from src/maskedlm/configs/ (default: modern-mini; with --resume, the run's own)")
-    t.add_argument("--data", required=True, action="append", metavar="DATA_DIR",
+    t.add_argument("--data", required=True, action=_Repeatable, metavar="DATA_DIR",
                    help="prepared data; several --data make a mixture (shares: data.weights=[...], default by size)")
     t.add_argument("--out", required=True, metavar="RUN_DIR")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
