@@ -128,6 +128,12 @@ def test_train_on_a_mixture_logs_shares_evaluates_per_source_and_resumes(tmp_pat
     per = evals[-1]["val_sources"]
     assert len(per) == 2 and per[0]["rows"] == 32 and per[1]["rows"] == 16
     assert evals[-1]["val_loss"] == pytest.approx(0.7 * per[0]["loss"] + 0.3 * per[1]["loss"], rel=1e-12)
+    # `maskedlm eval` with the same two --data gives the numbers training logged, per source and in total.
+    from maskedlm.evaluate import evaluate_model
+
+    again = evaluate_model(full, [a, b])
+    assert again["weights"] == pytest.approx([0.7, 0.3]) and again["loss"] == evals[-1]["val_loss"]
+    assert [r["loss"] for r in again["sources"]] == [r["loss"] for r in per]
 
     # Killed after the save at step 10 and resumed: the same rows, so bit-identical weights and the same records.
     cut = tmp_path / "cut"

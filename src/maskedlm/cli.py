@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("eval", help="masked loss, accuracy and perplexity at a fixed evaluation mask")
     t.__class__ = _IntermixedParser
     t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
-    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--data", required=True, action=_Repeatable, metavar="DATA_DIR",
+                   help="several --data: each one's numbers and their total weighted as the run's mixture")
     t.add_argument("--split", choices=["val", "train", "all"], default="val")
     t.add_argument("overrides", nargs="*", metavar="eval.key=value")
     t.set_defaults(fn=_eval)

@@ -26,7 +26,7 @@ from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
 from maskedlm.config import Config, config_diff, config_hash, flat_config, load_config
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
-from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_sources
+from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
 from maskedlm.evaluate import check_compatible, evaluate
 from maskedlm.files import atomic_write_text
@@ -133,14 +133,6 @@ def _rate_text(cfg: Config, schedule_from: str | None) -> str:
     filled = f" (from {schedule_from})" if schedule_from else ""
     return (f"rate {m.rate_schedule} {m.rate_start or m.mask_rate:g} → {m.rate_end or m.mask_rate:g} over "
             f"{m.rate_schedule_steps:,} steps{filled}")
-
-
-def mixture_weights(cfg: Config, sources: list[DataDir]) -> list[float]:
-    """data.weights normalised, or each source's share of the train tokens when none are given."""
-    w = list(cfg.data.weights) or [float(d.tokens("train")) for d in sources]
-    if len(w) != len(sources):
-        raise UserError(f"data.weights has {len(w)} values for {len(sources)} --data sources; give one per source")
-    return [x / sum(w) for x in w]
 
 
 def _fmt(n: int) -> str:
@@ -272,7 +264,7 @@ class Trainer:
                          world_size=info.world_size, transform=make_masks, prefetch_steps=prefetch)
 
     def mixture_weights(self) -> list[float]:
-        return mixture_weights(self.cfg, self.sources)
+        return mixture_weights(self.cfg.data.weights, self.sources)
 
     def _open_val(self):
         if self.cfg.eval.every_steps <= 0:
@@ -562,7 +554,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
     _check_same_config(stored, cfg, out)
-    mixture_weights(cfg, sources)  # a weight per source, checked before anything is written
+    mixture_weights(cfg.data.weights, sources)  # a weight per source, checked before anything is written
     check_compatible(cfg.model, init_tok, data)  # the data must fit the model: vocabulary, positions, tokenizer
 
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)

@@ -125,6 +125,14 @@ def open_sources(paths) -> list[DataDir]:
     return dirs
 
 
+def mixture_weights(weights, sources: list[DataDir]) -> list[float]:
+    """A mixture's shares (data.weights) normalised, or each source's share of the train tokens when none are given."""
+    w = [float(x) for x in weights] or [float(d.tokens("train")) for d in sources]
+    if len(w) != len(sources):
+        raise UserError(f"data.weights has {len(w)} values for {len(sources)} --data sources; give one per source")
+    return [x / sum(w) for x in w]
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
