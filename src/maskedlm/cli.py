@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from maskedlm.errors import UserError
@@ -24,7 +25,6 @@ def _tokenizer_train(a):
 
 
 def _prepare(a):
-    from maskedlm import distributed as dist
     from maskedlm.data.prepare import merge, prepare
 
     if a.merge:
@@ -36,9 +36,12 @@ def _prepare(a):
         raise UserError("prepare needs --input, --tokenizer and --out (or --merge OUT PART_DIR...)")
     options = dict(val_fraction=a.val_fraction, input_format=a.format, text_field=a.text_field, doc_per=a.doc_per,
                    workers=a.workers, seed=a.seed)
-    if dist.env_world()[1] > 1:  # under torchrun: every rank prepares a part, rank 0 merges them
+    # Started by torchrun with several processes: every rank prepares a part, rank 0 merges them. Read from the
+    # environment here, since importing torch (distributed.py) would add ~250 MB to every plain prepare.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if a.shard:
             raise UserError("--shard and torchrun both split the input; use one of them")
+        from maskedlm import distributed as dist
         from maskedlm.data.distprepare import prepare_distributed
 
         prepare_distributed(a.input, a.tokenizer, a.seq_len, a.out, overwrite=a.overwrite, **options)

@@ -191,7 +191,8 @@ def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
     size = path.stat().st_size
     try:
         if kind == "parquet":
-            pf = pa.parquet.ParquetFile(path)
+            # pre_buffer would read whole column chunks (a row group) ahead; buffered reads of 1 MB hold a page or two.
+            pf = pa.parquet.ParquetFile(path, pre_buffer=False, buffer_size=READ_BYTES)
             names, total = pf.schema_arrow.names, pf.metadata.num_rows
             # Row group by row group, only the text column, TABLE_BATCH_ROWS at a time: memory stays bounded.
             batches = pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[text_field] if text_field in names else [])
