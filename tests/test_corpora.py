@@ -120,3 +120,34 @@ def test_table_without_the_text_column_is_refused(tmp_path, setup, capsys):
     assert err == ["maskedlm: error: none of the 5 records has a string field 'text' (fields seen: body); "
                    "pass --text-field NAME"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_500mb_parquet_peak_memory(tmp_path, setup):
+    """A ~500 MB corpus in Parquet (row groups of 2,000 documents) prepared with a peak RSS under 200 MB: the text
+    column is streamed, never a whole file or row group of it."""
+    import subprocess
+    import sys
+
+    from maskedlm.data.shards import load_meta
+
+    _, docs, tok = setup
+    schema = pa.schema([("text", pa.string()), ("id", pa.int64())])
+    size, i = 0, 0
+    with pq.ParquetWriter(tmp_path / "big.parquet", schema) as w:
+        while size < 500_000_000:
+            block = [" ".join(docs[(i + k) % len(docs)] for k in range(20)) for i in range(i, i + 2000)]
+            size += sum(map(len, block))
+            w.write_table(pa.table({"text": block, "id": list(range(i, i + 2000))}, schema=schema))
+            i += 2000
+    # VmHWM of the child's own address space, as in test_prepare.py's 50 MB line test (ru_maxrss would carry
+    # pytest's peak over the exec).
+    code = ("import json\n"
+            "from maskedlm.data.prepare import prepare\n"
+            f"prepare([{str(tmp_path / 'big.parquet')!r}], {str(tok)!r}, 128, {str(tmp_path / 'data')!r}, "
+            "val_fraction=0.001, workers=1)\n"
+            "print([int(s.split()[1]) for s in open('/proc/self/status') if s.startswith('VmHWM:')][0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    assert load_meta(tmp_path / "data")["documents"] == i
+    peak_kb = int(proc.stdout.strip().splitlines()[-1])
+    assert peak_kb < 200_000, f"peak RSS {peak_kb} kB"
