@@ -98,6 +98,12 @@ def test_parquet_zstd_and_arrow_match_jsonl(tmp_path, setup):
     _prepare([tmp_path / "saved"], tok, tmp_path / "arrow")
     _same_data_dir(tmp_path / "ref2", tmp_path / "arrow")
 
+    # A saved DatasetDict (a dir per split, dataset_dict.json on top): the splits' Arrow files, no metadata as text.
+    datasets.DatasetDict({"a": datasets.Dataset.from_dict({"text": recs[:first]}),
+                          "b": datasets.Dataset.from_dict({"text": recs[first:]})}).save_to_disk(str(tmp_path / "dd"))
+    _prepare([tmp_path / "dd"], tok, tmp_path / "dd_data")
+    _same_data_dir(tmp_path / "ref2", tmp_path / "dd_data")
+
 
 def test_zstd_text_matches_plain_text(tmp_path, setup):
     _, docs, tok = setup

@@ -101,6 +101,8 @@ def _dir_files(p: Path) -> list[Path]:
             if missing:
                 raise UserError(f"saved dataset {d} lacks {missing[0].name}, listed in its state.json")
             names = [n for n in names if n not in _SAVED_DATASET_META]
+        elif "dataset_dict.json" in names:  # a saved DatasetDict: its splits are saved datasets in the subdirs
+            names = [n for n in names if n != "dataset_dict.json"]
         out += [Path(d) / n for n in names if not n.startswith(".") and (Path(d) / n).is_file()]
     return sorted(out)
 
