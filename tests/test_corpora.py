@@ -78,6 +78,13 @@ def test_parquet_zstd_and_arrow_match_jsonl(tmp_path, setup):
     assert meta["jsonl_records"] == len(recs) and meta["jsonl_missing_text_field"] == 1
     assert meta["empty_text_records"] == 2
 
+    # An Arrow file in the random-access format (pyarrow's own), record batches of 50 rows.
+    with pa.ipc.new_file(str(tmp_path / "c.arrow"), table.schema) as w:
+        for b in table.to_batches(max_chunksize=50):
+            w.write_batch(b)
+    _prepare([tmp_path / "c.arrow"], tok, tmp_path / "ipc")
+    _same_data_dir(tmp_path / "ref", tmp_path / "ipc")
+
     # zstd JSON Lines, read as a stream.
     raw = (tmp_path / "c.jsonl").read_bytes()
     _prepare([_zst(tmp_path / "c.jsonl.zst", raw)], tok, tmp_path / "zst")

@@ -191,6 +191,7 @@ def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
     Parquet file or an Arrow file; stats["bytes_done"] follows the share of rows read."""
     pa = _pyarrow(path)
     size = path.stat().st_size
+    source = None
     try:
         if kind == "parquet":
             # pre_buffer would read whole column chunks (a row group) ahead; buffered reads of 1 MB hold a page or two.
@@ -199,12 +200,14 @@ def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
             # Row group by row group, only the text column, TABLE_BATCH_ROWS at a time: memory stays bounded.
             batches = pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[text_field] if text_field in names else [])
         else:
-            source = pa.memory_map(str(path))  # datasets writes the IPC stream format; plain Arrow files also read
+            # Read, not memory-mapped: a mapped file counts toward RSS as it is read. datasets writes the IPC stream
+            # format (batches of 1,000 rows); the random-access file format is read too.
+            source = pa.OSFile(str(path))
             try:
                 reader = pa.ipc.open_stream(source)
             except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(source)
-                reader = iter(reader.get_batch(i) for i in range(reader.num_record_batches))
+                whole = pa.ipc.open_file(source)
+                reader = (whole.get_batch(i) for i in range(whole.num_record_batches))
             names = reader.schema.names if hasattr(reader, "schema") else None
             batches, total = reader, None
         done = 0
@@ -222,6 +225,9 @@ def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
             stats["bytes_done"] += size
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+    finally:
+        if source is not None:
+            source.close()
 
 
 def _table_pieces(path: Path, kind: str, text_field: str, chunk_chars: int, stats: dict):
