@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="train a tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     t = tok_sub.add_parser("train", help="train a WordPiece, BPE or Unigram tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories (recursive) or globs; .gz is read transparently")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files, directories (recursive) or globs: text, JSON Lines, .gz/.zst, Parquet, datasets save_to_disk dirs")
     t.add_argument("--vocab-size", type=int, default=30522)
     t.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], default="wordpiece")
     t.add_argument("--out", required=True, metavar="DIR")
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--out", metavar="DATA_DIR")
     t.add_argument("--shard", default=None, metavar="I/N", help="prepare only part I of N of the input files (join with --merge)")
-    t.add_argument("--merge", nargs="+", default=None, metavar="OUT PART_DIR",
-                   help="join the parts made with --shard into OUT, linking their shards instead of copying")
+    t.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="--merge OUT PART_DIR...: join the parts made with --shard into OUT, linking their shards")
     t.add_argument("--val-fraction", type=float, default=0.01)
     t.add_argument("--format", choices=["text", "jsonl"], default=None)
     t.add_argument("--text-field", default="text")
