@@ -2,7 +2,9 @@
 
 Both pack 128-token rows from the same file (Shakespeare's works repeated to each size, a document per line) with one
 WordPiece tokenizer, each in a child process; peak memory is wait4's ru_maxrss (the largest single process) and the
-RSS sum over the child's tree (workers too). Run: python bench/prepare.py --sizes-mb 50 200 (files under --work).
+RSS sum over the child's tree (workers too). `--formats text parquet` also gives both the same lines as a Parquet
+file (a row per line; datasets reads it with load_dataset("parquet")). Run: python bench/prepare.py --sizes-mb 50 200
+(files under --work).
 """
 
 from __future__ import annotations
@@ -46,6 +48,27 @@ def make_corpus(path: Path, size_mb: float) -> Path:
     return path
 
 
+def make_parquet(corpus: Path) -> Path:
+    """The corpus's lines as a Parquet file with a "text" column, a row group per 10,000 lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = corpus.with_suffix(".parquet")
+    if path.exists() and path.stat().st_mtime >= corpus.stat().st_mtime:
+        return path
+    schema = pa.schema([("text", pa.string())])
+    with open(corpus, encoding="utf-8") as f, pq.ParquetWriter(path, schema) as w:
+        lines = []
+        for line in f:
+            lines.append(line.rstrip("\n"))
+            if len(lines) == 10_000:
+                w.write_table(pa.table({"text": lines}, schema=schema))
+                lines = []
+        if lines:
+            w.write_table(pa.table({"text": lines}, schema=schema))
+    return path
+
+
 # -------------------------------------------------------------------------------------------- child processes
 
 def child_maskedlm(a) -> dict:
@@ -71,7 +94,8 @@ def child_hf(a) -> dict:
 
     c, t = time.process_time(), time.perf_counter()
     tok = PreTrainedTokenizerFast.from_pretrained(a.tokenizer)
-    raw = load_dataset("text", data_files={"train": [a.input]}, cache_dir=a.out)
+    raw = load_dataset("parquet" if a.input.endswith(".parquet") else "text", data_files={"train": [a.input]},
+                       cache_dir=a.out)
 
     def tokenize(batch):
         return tok(batch["text"], return_special_tokens_mask=True)
@@ -156,6 +180,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0], help="maskedlm --workers values to run (0: one per core)")
     p.add_argument("--num-proc", type=int, default=None, help="datasets map num_proc (run_mlm's default: None)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--formats", nargs="+", choices=["text", "parquet"], default=["text"],
+                   help="the corpus as a text file and/or as Parquet (the same lines)")
     p.add_argument("--child", choices=["maskedlm", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
@@ -174,11 +200,13 @@ def main() -> None:
 
         train_tokenizer([str(f) for f in shakespeare_files()], a.vocab_size, "wordpiece", tok_dir, lowercase=True)
     print(f"# cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
-    print(f"{'size MB':>8} {'pipeline':<22} {'time s':>8} {'cpu s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} {'maxrss MB':>10} {'tree RSS MB':>11}")
+    print(f"{'size MB':>8} {'format':<8} {'pipeline':<22} {'time s':>8} {'cpu s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} "
+          f"{'maxrss MB':>10} {'tree RSS MB':>11}")
     results = []
-    for size in a.sizes_mb:
+    for size, fmt in [(s, f) for s in a.sizes_mb for f in a.formats]:
         corpus = make_corpus(work / f"corpus_{size:g}MB.txt", size)
-        mb = corpus.stat().st_size / 1e6
+        mb = corpus.stat().st_size / 1e6  # text MB either way, so the two formats' MB/s compare
+        corpus = make_parquet(corpus) if fmt == "parquet" else corpus
         common = ["--input", str(corpus), "--tokenizer", str(tok_dir), "--seq-len", str(a.seq_len)]
         runs = []
         for w in a.workers:
@@ -193,9 +221,9 @@ def main() -> None:
             runs.append((f"datasets num_proc={a.num_proc}", run_child("hf", [*common, "--out", str(out), *extra], work / f"hf_{size:g}.log")))
             shutil.rmtree(out, ignore_errors=True)
         for name, r in runs:
-            print(f"{mb:8.1f} {name:<22} {r['seconds']:8.1f} {r['cpu']:8.1f} {mb / r['seconds']:7.2f} {r['tokens'] / r['seconds'] / 1e6:7.3f} "
+            print(f"{mb:8.1f} {fmt:<8} {name:<22} {r['seconds']:8.1f} {r['cpu']:8.1f} {mb / r['seconds']:7.2f} {r['tokens'] / r['seconds'] / 1e6:7.3f} "
                   f"{r['rows']:9d} {r['maxrss_mb']:10.0f} {r['tree_rss_mb']:11.0f}", flush=True)
-            results.append({"size_mb": mb, "pipeline": name, **r})
+            results.append({"size_mb": mb, "format": fmt, "pipeline": name, **r})
         if not a.skip_hf:
             hf = runs[-1][1]
             for name, r in runs[:-1]:

@@ -195,3 +195,24 @@ def test_sharded_evaluation_in_two_processes_equals_one_process(tmp_path, parall
     # with 5 micro-batches, rank 1 runs its 2 and a dropped forward on micro-batch 0, so FSDP2's gathers pair up
     first, second = (reads[1] for reads in got[2]["rows_read"])
     assert sorted(set(first + second)) == list(range(23)) and len(first) == 13 and second[-5:] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_mixture_on_two_processes_equals_one_process(tmp_path):
+    """Every rank draws its share of the same global mixture batch: 2 gloo processes reach 1 process's weights,
+    source_tokens and per-source evaluation."""
+    a = make_data(tmp_path / "a", rows=96, val_rows=16, seq_len=32, seed=1)
+    b = make_data(tmp_path / "b", rows=24, val_rows=8, seq_len=32, seed=2)
+    args = ["--config", "tiny", "--data", str(a), "--data", str(b), "train.max_steps=6", "checkpoint.every_steps=3",
+            "data.weights=[0.6,0.4]", *COMMON]
+    _run([*args, "--out", str(tmp_path / "one")])
+    _run([*args, "--out", str(tmp_path / "two")], nproc=2)
+    w1, w2 = _weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
+    recs = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")]
+    assert [r.get("source_tokens") for r in recs[0]] == [r.get("source_tokens") for r in recs[1]]
+    ev1, ev2 = _evals(tmp_path / "one"), _evals(tmp_path / "two")
+    for e1, e2 in zip(ev1, ev2):
+        assert [s["rows"] for s in e2["val_sources"]] == [s["rows"] for s in e1["val_sources"]] == [16, 8]
+        assert e2["val_loss"] == pytest.approx(e1["val_loss"], rel=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 
 from maskedlm.errors import UserError
@@ -26,13 +27,30 @@ def _tokenizer_train(a):
 
 
 def _prepare(a):
-    from maskedlm.data.prepare import prepare
+    from maskedlm.data.prepare import merge, prepare
 
-    prepare(
-        inputs=a.input, tokenizer=a.tokenizer, seq_len=a.seq_len, out=a.out, val_fraction=a.val_fraction,
-        input_format=a.format, text_field=a.text_field, doc_per=a.doc_per, workers=a.workers, seed=a.seed,
-        overwrite=a.overwrite,
-    )
+    if a.merge:
+        if a.input or a.tokenizer or a.out or a.shard:
+            raise UserError("--merge OUT PART_DIR... takes no --input, --tokenizer, --out or --shard")
+        merge(a.merge[1:], a.merge[0], overwrite=a.overwrite)
+        return
+    if not (a.input and a.tokenizer and a.out):
+        raise UserError("prepare needs --input, --tokenizer and --out (or --merge OUT PART_DIR...)")
+    options = dict(val_fraction=a.val_fraction, input_format=a.format, text_field=a.text_field, doc_per=a.doc_per,
+                   workers=a.workers, seed=a.seed)
+    # Started by torchrun with several processes: every rank prepares a part, rank 0 merges them. Read from the
+    # environment here, since importing torch (distributed.py) would add ~225 MB of RSS to every plain prepare.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if a.shard:
+            raise UserError("--shard and torchrun both split the input; use one of them")
+        from maskedlm import distributed as dist
+        from maskedlm.data.distprepare import prepare_distributed
+
+        prepare_distributed(a.input, a.tokenizer, a.seq_len, a.out, overwrite=a.overwrite, **options)
+        dist.end_process(0)  # no interpreter finalization, where gloo's threads can abort the process
+        return
+    prepare(inputs=a.input, tokenizer=a.tokenizer, seq_len=a.seq_len, out=a.out, overwrite=a.overwrite,
+            shard=a.shard, **options)
 
 
 def _train(a):
@@ -112,6 +130,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Repeatable(argparse.Action):
+    """An option given once is its value; given again, the list of its values (`--data A --data B`: a mixture)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        have = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if have is None else [*(have if isinstance(have, list) else [have]), values])
+
+
 class _IntermixedParser(_Parser):
     """`maskedlm train --data D a.b=1 --out R c.d=2`: overrides may come before, between or after options (argparse alone stops
     collecting positionals at the first option, bpo-14191)."""
@@ -149,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="train a tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     t = tok_sub.add_parser("train", help="train a WordPiece, BPE or Unigram tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories (recursive) or globs; .gz is read transparently")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files, directories (recursive) or globs: text, JSON Lines, .gz/.zst, Parquet, datasets save_to_disk dirs")
     t.add_argument("--vocab-size", type=int, default=30522)
     t.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], default="wordpiece")
     t.add_argument("--out", required=True, metavar="DIR")
@@ -160,10 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_tokenizer_train)
 
     t = sub.add_parser("prepare", help="tokenize a corpus into packed rows (train/ and val/ shards + meta.json)")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH")
-    t.add_argument("--tokenizer", required=True, metavar="DIR", help="a maskedlm or Hugging Face tokenizer directory, or a tokenizer.json")
+    t.add_argument("--input", nargs="+", metavar="PATH",
+                   help="files, directories, globs: text, JSON Lines, .gz/.zst, Parquet, datasets save_to_disk dirs")
+    t.add_argument("--tokenizer", metavar="DIR", help="a maskedlm or Hugging Face tokenizer directory, or a tokenizer.json")
     t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--out", required=True, metavar="DATA_DIR")
+    t.add_argument("--out", metavar="DATA_DIR")
+    t.add_argument("--shard", default=None, metavar="I/N", help="prepare only part I of N of the input files (join with --merge)")
+    t.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="--merge OUT PART_DIR...: join the parts made with --shard into OUT, linking their shards")
     t.add_argument("--val-fraction", type=float, default=0.01)
     t.add_argument("--format", choices=["text", "jsonl"], default=None)
     t.add_argument("--text-field", default="text")
@@ -177,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("--config", default=None,
                    help="a TOML file or a preset name from src/maskedlm/configs/ (default: modern-mini; with --resume, the run's own)")
-    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--data", required=True, action=_Repeatable, metavar="DATA_DIR",
+                   help="prepared data; several --data make a mixture (shares: data.weights=[...], default by size)")
     t.add_argument("--out", required=True, metavar="RUN_DIR")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
     t.add_argument("--init-from", default=None, metavar="HF_DIR", help="start from a Hugging Face BERT/ModernBERT checkpoint")
@@ -187,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("eval", help="masked loss, accuracy and perplexity at a fixed evaluation mask")
     t.__class__ = _IntermixedParser
     t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
-    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--data", required=True, action=_Repeatable, metavar="DATA_DIR",
+                   help="several --data: each one's numbers and their total weighted as the run's mixture")
     t.add_argument("--split", choices=["val", "train", "all"], default="val")
     t.add_argument("overrides", nargs="*", metavar="eval.key=value")
     t.set_defaults(fn=_eval)

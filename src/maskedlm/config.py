@@ -262,6 +262,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class DataConfig:
+    # Shares of a mixture of several --data sources, by tokens, in --data order. Empty: each source's share of the
+    # train tokens of all of them (a plain concatenation's proportions), so no source is up- or down-weighted unasked.
+    weights: tuple[float, ...] = ()
+
+    def validate(self) -> None:
+        _check(all(w > 0 and math.isfinite(w) for w in self.weights),
+               f"data.weights must be positive numbers, got {list(self.weights)}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -269,6 +280,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> "Config":
         _check_finite(self)  # first: NaN passes every `a <= x <= b` test below by comparing False both ways
@@ -346,6 +358,12 @@ def _coerce(key: str, value, typ):
         if isinstance(value, str):
             return value
         raise UserError(f"{key} must be a string, got {value!r}")
+    if origin is tuple and get_args(typ)[1:] == (Ellipsis,):  # any number of values: "0.7,0.3" or [0.7, 0.3]
+        if isinstance(value, str):
+            value = [_parse_scalar(v.strip()) for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(key, v, get_args(typ)[0]) for v in value)
     if origin is tuple:
         args = get_args(typ)
         if isinstance(value, str):  # "0.9,0.98"

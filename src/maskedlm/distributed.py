@@ -104,6 +104,22 @@ def on_main(fn, *args, wait: bool = True, **kwargs):
     return result
 
 
+def everywhere(fn, *args, main_only: bool = False, **kwargs):
+    """`fn(*args, **kwargs)` on every rank (on rank 0 alone with main_only), then a collective check: a UserError
+    on any rank is raised on every rank (the lowest rank's message), so no rank waits at a barrier for a peer that
+    failed. Returns fn's result (None on the ranks that did not run it)."""
+    result, error = None, None
+    if _INFO.is_main or not main_only:
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as e:
+            error = str(e)
+    errors = [m for m in all_gather_object(error) if m is not None]
+    if errors:
+        raise UserError(errors[0])
+    return result
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of host numbers on `device`, copied without waiting for the device's queue (a plain copy to
     CUDA synchronises the stream; one from pinned memory with non_blocking does not)."""

@@ -18,7 +18,7 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import masking
 from maskedlm.config import EvalConfig, load_config
-from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, DataDir, open_data_dir
+from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
 from maskedlm.hf import load_any_model
 from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
@@ -178,8 +178,22 @@ def evaluate_model(model_path, data, split: str = "val", overrides=(), device: s
 
 
 def _evaluate_model(model_path, data, split: str, overrides, device) -> dict:
-    data_dir = open_data_dir(data)
+    """One data dir's numbers; for several (a mixture), each one's under "sources" and their total weighted by the
+    run's data.weights (by the sources' train tokens when it has none), as periodic evaluation in training does."""
+    sources = open_sources(data)
     model, cfg, tokenizer = load_any_model(model_path)
+    per = [_evaluate_source(model, cfg, tokenizer, d, split, overrides, device, model_path) for d in sources]
+    if len(per) == 1:
+        return per[0]
+    w = mixture_weights(cfg.data.weights, sources)
+    loss = sum(wi * r["loss"] for wi, r in zip(w, per))
+    return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in zip(w, per)),
+            "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": sum(r["tokens"] for r in per),
+            "rows": sum(r["rows"] for r in per), "weights": w, "sources": per}
+
+
+def _evaluate_source(model, cfg, tokenizer, data_dir: DataDir, split: str, overrides, device, model_path) -> dict:
+    data = data_dir.path
     check_compatible(cfg.model, tokenizer, data_dir)
     ecfg = _eval_overrides(cfg, overrides)
     special = special_ids(tokenizer)

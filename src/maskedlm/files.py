@@ -59,6 +59,19 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: _write_text(tmp, text))
 
 
+def link_or_copy(src, dst) -> bool:
+    """`dst` as a hard link to `src` (no data copied; the file lives on while either name does), or a copy where
+    the filesystem cannot link (another device, no hard links). Returns whether it linked. `dst` is meant to lie in
+    a directory built beside its target and renamed into place (replace_dir), which makes the whole atomic."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        shutil.copyfile(src, dst)
+        fsync_path(Path(dst))
+        return False
+
+
 def temp_dir_beside(out, tag: str) -> Path:
     """A fresh, empty hidden directory next to `out` to build a whole output in before `replace_dir`."""
     out = Path(out)

@@ -26,8 +26,8 @@ from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
 from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
-from maskedlm.data.loader import RowLoader, StepBatch
-from maskedlm.data.shards import FLAG_DOC_START, DataDir, open_data_dir
+from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
+from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
 from maskedlm.evaluate import check_compatible, evaluate
 from maskedlm.files import atomic_write_text, check_out, lock_dir
@@ -191,6 +191,7 @@ class StepResult:
     sums: torch.Tensor  # (2,) float32: Σ −log p and correct top-1 predictions over the step, all ranks
     grad_norm: torch.Tensor  # (): before clipping
     bad: torch.Tensor  # () bool: the update was skipped (non-finite loss or gradient, or nothing selected)
+    source_rows: list[int] | None = None  # a mixture's rows drawn per source so far, all ranks
 
 
 class Trainer:
@@ -202,8 +203,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, model: MaskedLM, data: DataDir | None = None, out: Path | None = None, *,
-                 device: torch.device | None = None, logger=None):
+                 device: torch.device | None = None, logger=None, sources: list[DataDir] | None = None):
         self.cfg, self.data, self.out = cfg, data, (Path(out) if out is not None else None)
+        # A mixture's sources, `data` first (it stands for all: they share tokenizer and row length).
+        self.sources = list(sources) if sources else ([data] if data is not None else [])
         t = cfg.train
         self.device = device if device is not None else dist.info().device
         self.model = model.to(self.device)
@@ -249,7 +252,8 @@ class Trainer:
         k_max = config_k_max(cfg.masking, data.seq_len)  # one K for the whole run: static shapes for torch.compile
         counts = None
         if cfg.masking.random_token_dist == "unigram":
-            counts = torch.from_numpy(data.token_counts("masking.random_token_dist='unigram'"))
+            # a mixture draws random tokens by the frequencies of all its sources together (one tokenizer, one vocab)
+            counts = sum(torch.from_numpy(d.token_counts("masking.random_token_dist='unigram'")).long() for d in self.sources)
 
         def make_masks(mb, position):
             # Masks are keyed by (masking.seed, epoch, row index): the same whatever the batch split or world size.
@@ -257,13 +261,25 @@ class Trainer:
                               step=position, k_max=k_max, token_counts=counts)
 
         info = dist.info()
+        prefetch = PREFETCH_STEPS if t.prefetch else 0
+        if len(self.sources) > 1 or cfg.data.weights:
+            return MixLoader([d.open("train") for d in self.sources], self.mixture_weights(), t.global_batch_rows,
+                             t.micro_batch_rows, seed=t.seed, rank=info.rank, world_size=info.world_size,
+                             transform=make_masks, prefetch_steps=prefetch)
         return RowLoader(data.open("train"), t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
-                         world_size=info.world_size, transform=make_masks,
-                         prefetch_steps=PREFETCH_STEPS if t.prefetch else 0)
+                         world_size=info.world_size, transform=make_masks, prefetch_steps=prefetch)
+
+    def mixture_weights(self) -> list[float]:
+        return mixture_weights(self.cfg.data.weights, self.sources)
 
     def _open_val(self):
         if self.cfg.eval.every_steps <= 0:
             return None
+        if len(self.sources) > 1:  # a mixture: each source's val split, evaluated apart (see evaluate)
+            stores = [d.open("val") if d.rows("val") else None for d in self.sources]
+            if not any(stores):
+                dist.print0("note: no --data source has validation rows; periodic evaluation is off")
+            return stores if any(stores) else None
         if self.data.rows("val") == 0:
             dist.print0(f"note: {self.data.path} has no validation rows; periodic evaluation is off (prepare with --val-fraction > 0)")
             return None
@@ -309,7 +325,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepResult(step=self.step, lr=lr, epoch=batch.epoch, count=count, sums=sums, grad_norm=grad_norm, bad=bad)
+        return StepResult(step=self.step, lr=lr, epoch=batch.epoch, count=count, sums=sums, grad_norm=grad_norm, bad=bad,
+                          source_rows=batch.source_rows)
 
     def read(self, r: StepResult) -> dict:
         """A step's numbers on the host (waits for that step): counts skipped steps, logs the record, returns it."""
@@ -325,6 +342,8 @@ class Trainer:
                "epoch": r.epoch, "elapsed_s": self.elapsed()}
         if bad:
             rec["skipped"] = True
+        if r.source_rows is not None:  # cumulative tokens per source, in --data order
+            rec["source_tokens"] = [n * self.seq_len for n in r.source_rows]
         self.logger.log(rec)
         self._last_record = rec
         self.logger.progress(self._done(r.step, rec["elapsed_s"]), rec["loss"], rec["lr"], tok_s)
@@ -373,14 +392,30 @@ class Trainer:
         if self.val_store is None:
             return None
         d = self.data
-        r = evaluate(self.model, self.val_store, self.cfg.eval, d.special, d.vocab_size, device=self.device,
-                     precision=self.cfg.train.precision)
+        if isinstance(self.val_store, list):
+            r = self._evaluate_sources()
+        else:
+            r = evaluate(self.model, self.val_store, self.cfg.eval, d.special, d.vocab_size, device=self.device,
+                         precision=self.cfg.train.precision)
         self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
                          **{f"val_{k}": v for k, v in r.items()}})
         self.logger.write(f"eval step {self.step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, "
                           f"perplexity {r['perplexity']:.2f}")
         self.last_eval = r
         return r
+
+    def _evaluate_sources(self) -> dict:
+        """A mixture's evaluation: each source's val split apart (`sources`, None where a source has none), and
+        their total weighted by the mixture's weights (over the sources that have val rows)."""
+        d, w = self.data, self.mixture_weights()
+        per = [evaluate(self.model, st, self.cfg.eval, d.special, d.vocab_size, device=self.device,
+                        precision=self.cfg.train.precision) if st is not None else None for st in self.val_store]
+        have = [(wi, r) for wi, r in zip(w, per) if r is not None]
+        total = sum(wi for wi, _ in have)
+        loss = sum(wi * r["loss"] for wi, r in have) / total
+        return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in have) / total,
+                "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": sum(r["tokens"] for _, r in have),
+                "rows": sum(r["rows"] for _, r in have), "sources": per}
 
     def maybe_evaluate(self) -> None:
         every = self.cfg.eval.every_steps
@@ -407,7 +442,7 @@ class Trainer:
             state.update(epoch=self.loader.epoch, loader=self.loader.state_dict())
         if self.data is not None:
             state["data"] = {"dir": str(self.data.path), "tokenizer_hash": self.data.tokenizer_hash,
-                             "train_rows": self.data.rows("train")}
+                             "train_rows": self.data.rows("train"), "dirs": [str(x.path) for x in self.sources]}
         return state
 
     def load_state_dict(self, state: dict, optimizer_state: dict | None = None) -> None:
@@ -498,10 +533,13 @@ class Trainer:
             budget.append(f"{self.max_steps:,} step{'s' if self.max_steps != 1 else ''}")
         if self.max_seconds:
             budget.append(f"{t.max_minutes:g} minutes (LR schedule follows elapsed time)")
+        mix = ""
+        if isinstance(self.loader, MixLoader):
+            mix = "mixture: " + ", ".join(f"{s.path} {w:.3f}" for s, w in zip(self.sources, self.loader.weights)) + "\n"
         return (
             f"model: {cfg.model.family}, θ (encoder) {_fmt(n['theta'])} parameters, ω (head) {_fmt(n['omega'])}\n"
             f"data: {d.path}: train {d.rows('train'):,} rows ({_fmt(d.tokens('train'))} tokens), "
-            f"val {d.rows('val'):,} rows; seq_len {d.seq_len}, vocab {d.vocab_size:,}\n"
+            f"val {d.rows('val'):,} rows; seq_len {d.seq_len}, vocab {d.vocab_size:,}\n{mix}"
             f"step: {self.tokens_per_step:,} tokens ({t.global_batch_rows} rows), "
             f"{t.global_batch_rows // (world * t.micro_batch_rows)} micro-batches of {t.micro_batch_rows} rows × "
             f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n"
@@ -549,8 +587,10 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
     if data is None or out is None:
         raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
-    data, out = open_data_dir(data), Path(out)
-    check_out(out, inputs=[data.path, init_from], overwrite=True, ours=lambda d: True, what="a run")  # not an input
+    sources, out = open_sources(data), Path(out)  # several --data: a mixture of sources sharing one tokenizer
+    data = sources[0]
+    check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=lambda d: True,
+              what="a run")  # not an input
     has_run = _has_run(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
@@ -563,10 +603,12 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
     _check_same_config(stored, cfg, out)
+    mixture_weights(cfg.data.weights, sources)  # a weight per source, checked before anything is written
     check_compatible(cfg.model, init_tok, data)  # the data must fit the model: vocabulary, positions, tokenizer
-    data.open("train")  # its shards' ids checked against the vocabulary before anything is written
-    if cfg.masking.random_token_dist == "unigram":
-        data.token_counts("masking.random_token_dist='unigram'")
+    for source in sources:
+        source.open("train")  # its shards' ids checked against the vocabulary before anything is written
+        if cfg.masking.random_token_dist == "unigram":
+            source.token_counts("masking.random_token_dist='unigram'")
 
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     if cfg.train.reuse_host_memory and info.device.type == "cpu":
@@ -594,7 +636,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
-    trainer = Trainer(cfg, model, data, out)
+    trainer = Trainer(cfg, model, data, out, sources=sources)
     trainer.lock = lock
     done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
     trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
@@ -606,7 +648,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
 
 
 def train(config=None, data=None, out=None, overrides=(), resume: bool = False, init_from=None) -> dict:
-    """Train per `config` (preset name, TOML path, Config or dict; modern-mini by default) on DATA_DIR into RUN_DIR;
+    """Train per `config` (preset name, TOML path, Config or dict; modern-mini by default) on DATA_DIR (a list of
+    them: a mixture, shares by data.weights) into RUN_DIR;
     returns the final numbers: the last step's record, the last evaluation and the checkpoint."""
     trainer = _start_run(config, data, out, overrides, resume, init_from)
     try:

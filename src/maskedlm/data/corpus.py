@@ -1,7 +1,8 @@
-"""Reading corpora: files, directories and globs of plain text or JSON Lines (.gz too), cut into documents and pieces.
+"""Reading corpora: files, directories and globs of plain text or JSON Lines (.gz, .zst too), Parquet files and
+`datasets` save_to_disk directories (Arrow), cut into documents and pieces.
 
-Streams with bounded memory: files are read in blocks and huge documents are cut at whitespace into pieces. It counts
-what it read and warns about what it skipped; it does not tokenize, pack or write anything.
+Streams with bounded memory: files are read in blocks (tables in record batches) and huge documents are cut at
+whitespace into pieces. It counts what it read and warns about what it skipped; it does not tokenize, pack or write.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from maskedlm.errors import UserError
 
 DOC_PER = ("line", "file", "blank-line")
 FORMATS = ("text", "jsonl")
+TABLE_FORMATS = ("parquet", "arrow")  # chosen by file name only: a table file is never read as text
 READ_BYTES = 1 << 20  # file read block
+TABLE_BATCH_ROWS = 1024  # rows per record batch read from Parquet/Arrow: a few MB of text at most
+# The files of a `datasets` save_to_disk directory besides its Arrow files: metadata, not corpus text.
+_SAVED_DATASET_META = ("state.json", "dataset_info.json", "dataset_dict.json")
 # Documents longer than this are tokenized in pieces cut at whitespace: bounded memory for a 50 MB line, and
 # pieces of one document still spread over workers.
 CHUNK_CHARS = 1 << 16
@@ -49,7 +54,7 @@ def resolve_inputs(inputs) -> list[Path]:
         if p.is_file():
             found = [p]
         elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            found = _dir_files(p)
             if not found:
                 raise UserError(f"input directory has no files: {item}")
         elif _GLOB_CHARS.search(str(item)):
@@ -73,11 +78,48 @@ def resolve_inputs(inputs) -> list[Path]:
     return out
 
 
+def _saved_dataset_files(d: Path) -> list[Path] | None:
+    """The Arrow files of a `datasets` save_to_disk directory in its own order (state.json's _data_files), or None
+    when `d` is not one."""
+    state = d / "state.json"
+    if not (state.is_file() and (d / "dataset_info.json").is_file()):
+        return None
+    try:
+        names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{state} is not a datasets save_to_disk state file (no _data_files list)") from None
+    return [d / n for n in names]
+
+
+def _dir_files(p: Path) -> list[Path]:
+    """The files under directory `p` sorted by path, hidden ones left out; a saved dataset inside gives its Arrow
+    files (datasets names them data-XXXXX-of-YYYYY, so path order is its order) without its metadata files."""
+    out = []
+    for d, subdirs, names in os.walk(p):
+        subdirs[:] = [x for x in subdirs if not x.startswith(".")]
+        saved = _saved_dataset_files(Path(d))
+        if saved is not None:
+            missing = [q for q in saved if not q.is_file()]
+            if missing:
+                raise UserError(f"saved dataset {d} lacks {missing[0].name}, listed in its state.json")
+            names = [n for n in names if n not in _SAVED_DATASET_META]
+        elif "dataset_dict.json" in names:  # a saved DatasetDict: its splits are saved datasets in the subdirs
+            names = [n for n in names if n != "dataset_dict.json"]
+        out += [Path(d) / n for n in names if not n.startswith(".") and (Path(d) / n).is_file()]
+    return sorted(out)
+
+
 def _format_of(path: Path, input_format: str | None) -> str:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
     if input_format is not None:
         return input_format
-    name = path.name.lower()
-    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")) else "text"
+    for ext in (".gz", ".zst"):
+        name = name.removesuffix(ext)
+    return "jsonl" if name.endswith((".jsonl", ".ndjson")) else "text"
 
 
 class _Counter:
@@ -99,13 +141,18 @@ def _read_blocks(path: Path, stats: dict):
     """Decoded text of one file in blocks; stats["bytes_done"] follows the bytes read from disk."""
     raw = open(path, "rb")
     try:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
+        name = path.name.lower()
+        stream = raw
+        if name.endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif name.endswith(".zst"):
+            stream = _zstd_reader(raw, path)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="maskedlm-count")
         first, last_pos = True, 0
         while True:
             try:
                 block = stream.read(READ_BYTES)
-            except (OSError, EOFError, zlib.error) as e:
+            except (OSError, EOFError, zlib.error, ValueError) as e:  # zstandard raises ZstdError, a ValueError
                 raise UserError(f"cannot read {path}: {e}") from None
             pos = raw.tell()
             stats["bytes_done"] += pos - last_pos
@@ -121,6 +168,94 @@ def _read_blocks(path: Path, stats: dict):
                 return
     finally:
         raw.close()
+
+
+def _zstd_reader(raw, path: Path):
+    try:
+        import zstandard  # optional: only .zst inputs need it
+    except ImportError:
+        raise UserError(f"{path} is zstd-compressed; install zstandard (pip install zstandard) to read it") from None
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_BYTES)
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow  # optional: only Parquet and Arrow inputs need it
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise UserError(f"{path} is a Parquet/Arrow table; install pyarrow (pip install pyarrow) to read it") from None
+    return pyarrow
+
+
+def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
+    """(text column as a list or None when the table lacks it, row count, schema names) per record batch of a
+    Parquet file or an Arrow file; stats["bytes_done"] follows the share of rows read."""
+    pa = _pyarrow(path)
+    size = path.stat().st_size
+    source = None
+    try:
+        if kind == "parquet":
+            # pre_buffer would read whole column chunks (a row group) ahead; buffered reads of 1 MB hold a page or two.
+            pf = pa.parquet.ParquetFile(path, pre_buffer=False, buffer_size=READ_BYTES)
+            names, total = pf.schema_arrow.names, pf.metadata.num_rows
+            # Row group by row group, only the text column, TABLE_BATCH_ROWS at a time: memory stays bounded.
+            batches = pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[text_field] if text_field in names else [])
+        else:
+            # Read, not memory-mapped: a mapped file counts toward RSS as it is read. datasets writes the IPC stream
+            # format (batches of 1,000 rows); the random-access file format is read too.
+            source = pa.OSFile(str(path))
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                whole = pa.ipc.open_file(source)
+                reader = (whole.get_batch(i) for i in range(whole.num_record_batches))
+            names = reader.schema.names if hasattr(reader, "schema") else None
+            batches, total = reader, None
+        done = 0
+        for batch in batches:
+            names = names or batch.schema.names
+            n = batch.num_rows
+            col = batch.column(text_field) if text_field in batch.schema.names else None
+            texts = None
+            if col is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                texts = col.to_pylist()
+            done += n
+            stats["bytes_done"] += (size * done // total if total else 0) - (size * (done - n) // total if total else 0)
+            yield texts, n, names
+        if not total:
+            stats["bytes_done"] += size
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _table_pieces(path: Path, kind: str, text_field: str, chunk_chars: int, stats: dict):
+    """Lists (pieces, starts) from the text column of a Parquet/Arrow file; a row is a document, and rows whose
+    text is missing, null or not a string are skipped and counted as for JSON Lines."""
+    for texts, n, names in _table_batches(path, kind, text_field, stats):
+        stats["records"] += n
+        stats["table_records"] += n
+        if texts is None:
+            stats["missing_field"] += n
+            if len(stats["fields_seen"]) < 20:
+                stats["fields_seen"].update(names)
+            continue
+        out, starts = [], []
+        for text in texts:
+            if not isinstance(text, str):
+                stats["missing_field"] += 1
+                continue
+            text = text.strip()
+            if text:
+                stats["documents"] += 1
+                _pieces_of(text, True, chunk_chars, out, starts)
+            else:
+                stats["empty_text"] += 1
+        if out:
+            yield out, starts
 
 
 def _cut(s: str, limit: int) -> int:
@@ -217,13 +352,16 @@ def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: 
             if text:
                 stats["documents"] += 1
                 _pieces_of(text, True, chunk_chars, texts, starts)
+            else:
+                stats["empty_text"] += 1
         if texts:
             yield texts, starts
 
 
 def new_stats() -> dict:
     """Fresh counters for iter_pieces: files, documents, JSON Lines records, bytes read and bytes replaced."""
-    return {"files": 0, "empty_files": 0, "documents": 0, "records": 0, "missing_field": 0, "fields_seen": set(),
+    return {"files": 0, "empty_files": 0, "documents": 0, "records": 0, "table_records": 0, "missing_field": 0, "empty_text": 0,
+            "fields_seen": set(),
             "bytes_total": 0, "bytes_done": 0, "replaced_bytes": 0, "replaced_files": 0}
 
 
@@ -235,11 +373,13 @@ def iter_pieces(files: list[Path], input_format=None, text_field="text", doc_per
     for path in files:
         stats["files"] += 1
         docs_before, replaced_before = stats["documents"], _REPLACED.replaced
-        blocks = _read_blocks(path, stats)
-        if _format_of(path, input_format) == "jsonl":
-            yield from _jsonl_pieces(blocks, path, text_field, chunk_chars, stats)
+        kind = _format_of(path, input_format)
+        if kind in TABLE_FORMATS:
+            yield from _table_pieces(path, kind, text_field, chunk_chars, stats)
+        elif kind == "jsonl":
+            yield from _jsonl_pieces(_read_blocks(path, stats), path, text_field, chunk_chars, stats)
         else:
-            yield from _text_pieces(blocks, doc_per, chunk_chars, stats)
+            yield from _text_pieces(_read_blocks(path, stats), doc_per, chunk_chars, stats)
         if stats["documents"] == docs_before:
             stats["empty_files"] += 1
         if _REPLACED.replaced > replaced_before:
@@ -257,17 +397,20 @@ def check_options(input_format, doc_per) -> None:
 
 def report_input(stats: dict, text_field: str, files: list[Path]) -> None:
     """Warnings for skipped/replaced input; UserError when nothing usable was found."""
+    kind = "records" if stats.get("table_records") else "JSON Lines records"
     if stats["records"] and stats["missing_field"] == stats["records"]:
         seen = ", ".join(sorted(stats["fields_seen"])[:10]) or "none"
         raise UserError(
-            f"none of the {stats['records']} JSON Lines records has a string field {text_field!r} "
+            f"none of the {stats['records']} {kind} has a string field {text_field!r} "
             f"(fields seen: {seen}); pass --text-field NAME"
         )
     if stats["documents"] == 0:
         raise UserError(f"no text found: all {stats['files']} input files are empty ({', '.join(map(str, files[:3]))}"
                         f"{', ...' if len(files) > 3 else ''})")
     if stats["missing_field"]:
-        warn(f"skipped {stats['missing_field']} of {stats['records']} JSON Lines records without a string field {text_field!r}")
+        warn(f"skipped {stats['missing_field']} of {stats['records']} {kind} without a string field {text_field!r}")
+    if stats["empty_text"]:
+        warn(f"skipped {stats['empty_text']} of {stats['records']} {kind} whose {text_field!r} is empty")
     if stats["empty_files"]:
         warn(f"skipped {stats['empty_files']} empty input files")
     if stats["replaced_bytes"]:

@@ -7,6 +7,7 @@ on-disk format is shards.py's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -25,13 +26,14 @@ from tqdm import tqdm
 from maskedlm.data import shards as fmt
 from maskedlm.data.corpus import check_options, iter_pieces, new_stats, report_input, resolve_inputs, warn
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, check_out, replace_dir, temp_dir_beside
+from maskedlm.files import atomic_write_text, check_out, link_or_copy, replace_dir, temp_dir_beside
 from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
 
 SEQ_LEN_MIN, SEQ_LEN_MAX = 8, 8192
 BATCH_CHARS = 1 << 18  # text per tokenizer call / worker task: ~100k tokens, a few MB of Python lists
 # Corpora below this many tokens are held in memory until the end, so the split can guarantee a validation row.
 BUFFER_TOKENS = 1 << 20
+DOC_BITS = 40  # a document key is (file index << DOC_BITS) + document index in the file: 10^12 documents a file
 
 
 # ------------------------------------------------------------------------------------------------- tokenizing
@@ -223,6 +225,7 @@ class _Packer:
         self.flags: list[np.ndarray] = []
         self.pending = 0
         self.tokens_in = 0  # content tokens, [SEP]s included, before cutting into rows
+        self.document_tokens = 0  # the documents' own tokens: the same however the corpus is split into parts
         self.documents = 0
 
     def add(self, ids: np.ndarray, flags: np.ndarray) -> None:
@@ -231,6 +234,7 @@ class _Packer:
             return
         doc_pos = np.flatnonzero(flags & fmt.FLAG_DOC_START)
         self.documents += len(doc_pos)
+        self.document_tokens += len(ids)
         if len(doc_pos) and doc_pos[0] == 0 and self.tokens_in == 0:
             doc_pos = doc_pos[1:]  # [SEP] goes between documents, not before the first
         if len(doc_pos):
@@ -301,18 +305,36 @@ def _choose_val(doc_ids: np.ndarray, doc_tokens: np.ndarray, u: np.ndarray, val_
     return np.sort(doc_ids[order[:chosen]])
 
 
-def _route_stream(batches, packers, seed: int, val_fraction: float, stats: dict, bar) -> list | None:
-    """Number documents, flag their first tokens and send each batch to its split's packer.
+def _keyed_pieces(files: list[Path], file_index: list[int], input_format, text_field, doc_per, stats):
+    """corpus.iter_pieces with each piece's flag replaced by its document's key (-1 for a piece that continues one).
 
-    Returns the batches still held back, (ids, flags, doc) each, when the corpus stayed under BUFFER_TOKENS (their
-    split is chosen at the end); None when it was streamed."""
-    buffered: list | None = []  # (ids, flags, doc) per batch while the corpus is small; None once streaming
+    The key is (index of its file in the whole input list, index of the document in its file), so a document gets
+    the same key, and the same split, whether one process reads every file or each of N parts reads its own."""
+    for f, k in zip(files, file_index):
+        n = 0
+        for texts, starts in iter_pieces([f], input_format, text_field, doc_per, stats):
+            keys = []
+            for st in starts:
+                keys.append((k << DOC_BITS) + n if st else -1)
+                n += bool(st)
+            yield texts, keys
+
+
+def _route_stream(batches, packers, seed: int, val_fraction: float, stats: dict, bar, buffer: bool = True) -> list | None:
+    """Flag documents' first tokens and send each batch to its split's packer (by its document key's hash).
+
+    Returns the batches still held back, (ids, flags, doc key) each, when `buffer` and the corpus stayed under
+    BUFFER_TOKENS (their split is chosen at the end); None when it was streamed."""
+    buffered: list | None = [] if buffer else None  # (ids, flags, doc) per batch while the corpus is small
     buffered_tokens = 0
-    next_doc = 0  # index of the next document; documents are numbered in reading order
+    last_key = -1  # key of the document being read
     last_doc = -1  # document of the last token seen
     for ids, flags, lens, starts in batches:
-        piece_doc = next_doc - 1 + np.cumsum(np.asarray(starts, dtype=np.int64))  # a piece's document index
-        next_doc = int(piece_doc[-1]) + 1 if len(piece_doc) else next_doc
+        keys = np.asarray(starts, dtype=np.int64)
+        if len(keys) and keys[0] < 0:
+            keys[0] = last_key  # a batch may begin inside a document
+        piece_doc = np.maximum.accumulate(keys) if len(keys) else keys  # keys grow in reading order: a forward fill
+        last_key = int(piece_doc[-1]) if len(piece_doc) else last_key
         doc = np.repeat(piece_doc, lens)
         if len(ids):  # the doc-start bit goes on a document's first token, which may sit in an earlier batch
             first = np.empty(len(doc), dtype=bool)
@@ -360,7 +382,7 @@ def _is_prepared(p: Path) -> bool:
     return (p / "meta.json").exists() or (p / "train").exists() or (p / "val").exists()
 
 
-def _check_out(out: Path, overwrite: bool, inputs) -> None:
+def check_data_out(out: Path, overwrite: bool, inputs=()) -> None:
     """UserError unless `out` may become the data dir: new, empty, or prepared data with overwrite; never an input,
     inside one or around one (a second run would tokenize its own shards as text)."""
     check_out(out, inputs=inputs, overwrite=overwrite, ours=_is_prepared, what="prepared data")
@@ -380,11 +402,32 @@ def _auto_workers() -> int:
     return 1 if cores <= 2 else cores - 1
 
 
+def parse_shard(shard) -> tuple[int, int] | None:
+    """(I, N) from "I/N" (or a pair); None for None. UserError unless 0 <= I < N."""
+    if shard is None:
+        return None
+    try:
+        i, n = (int(x) for x in (shard.split("/") if isinstance(shard, str) else shard))
+    except (ValueError, TypeError):
+        raise UserError(f"--shard must be I/N with integers, e.g. 0/4, got {shard!r}") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard I/N needs 0 <= I < N, got {shard!r}")
+    return i, n
+
+
+def _inputs_hash(files: list[Path]) -> str:
+    """What identifies the input file list of a run split into parts: every part must have seen the same list."""
+    return hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:16]
+
+
 def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=None, text_field="text",
-            doc_per="blank-line", workers=0, seed=0, overwrite=False, *, progress: bool | None = None) -> dict:
+            doc_per="blank-line", workers=0, seed=0, overwrite=False, *, shard=None,
+            progress: bool | None = None) -> dict:
     """Tokenize a corpus into DATA_DIR (train/ and val/ shards, meta.json, tokenizer.json, token_counts.npy).
 
-    Returns the meta dict. `progress`: None shows a bar on a terminal only; True/False force it.
+    `shard` ("I/N"): prepare only part I of N, the input files i with i % N == I, for `merge` to join later; a
+    document's split is the one a single prepare would give it (on a corpus above BUFFER_TOKENS, where the split
+    is by hash alone). Returns the meta dict. `progress`: None shows a bar on a terminal only; True/False force it.
     """
     # -- every check that needs no reading comes first, so bad options fail before any work
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or not SEQ_LEN_MIN <= seq_len <= SEQ_LEN_MAX:
@@ -404,19 +447,28 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     sp = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = fmt.id_dtype(vocab_size)
+    part = parse_shard(shard)
     files = resolve_inputs(inputs)
+    file_index = list(range(len(files)))
+    if part is not None:
+        file_index = file_index[part[0]::part[1]]
+        if not file_index:
+            raise UserError(f"--shard {part[0]}/{part[1]} gets no input file: the input has {len(files)} files; "
+                            f"split it into at most {len(files)} parts")
     named = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     inputs_seen = [*named, *files, tokenizer if not isinstance(tokenizer, Tokenizer) else None]
     out = Path(out)
-    _check_out(out, overwrite, inputs_seen)
+    check_data_out(out, overwrite, inputs_seen)
 
     tmp = temp_dir_beside(out, "prepare")
     try:
-        meta = _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format, text_field,
-                             doc_per, workers, seed, progress, tokenizer_hash(tok))
+        meta = _prepare_into(tmp, files, file_index, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format,
+                             text_field, doc_per, workers, seed, progress, tokenizer_hash(tok), buffer=part is None)
         meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
+        if part is not None:
+            meta["part"] = {"index": part[0], "count": part[1], "inputs_hash": _inputs_hash(files)}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-        _check_out(out, overwrite, inputs_seen)  # again: --out may have changed while the corpus was read
+        check_data_out(out, overwrite, inputs_seen)  # again: --out may have changed while the corpus was read
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -428,9 +480,11 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     return meta
 
 
-def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format, text_field, doc_per,
-                  workers, seed, progress, tok_hash) -> dict:
-    """Write shards, token counts and tokenizer.json into `tmp`; returns the meta dict (sources still empty)."""
+def _prepare_into(tmp, all_files, file_index, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format,
+                  text_field, doc_per, workers, seed, progress, tok_hash, buffer: bool) -> dict:
+    """Write shards, token counts and tokenizer.json into `tmp` from the files `file_index` of `all_files`; returns
+    the meta dict (sources still empty). `buffer`: a small corpus is held to guarantee each split a row."""
+    files = [all_files[k] for k in file_index]
     stats = new_stats()
     stats["bytes_total"] = sum(f.stat().st_size for f in files)
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -438,9 +492,10 @@ def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction,
     packers = {s: _Packer(writers[s], seq_len, sp.cls, sp.sep, counts if s == "train" else None) for s in fmt.SPLITS}
     bar = tqdm(total=stats["bytes_total"], unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
                disable=(not progress) if progress is not None else None, dynamic_ncols=True)
-    pieces = iter_pieces(files, input_format, text_field, doc_per, stats)
+    pieces = _keyed_pieces(files, file_index, input_format, text_field, doc_per, stats)
     try:
-        buffered = _route_stream(_encoded_batches(pieces, tok, workers, BATCH_CHARS), packers, seed, val_fraction, stats, bar)
+        buffered = _route_stream(_encoded_batches(pieces, tok, workers, BATCH_CHARS), packers, seed, val_fraction,
+                                 stats, bar, buffer)
     finally:
         bar.close()
     report_input(stats, text_field, files)
@@ -463,7 +518,8 @@ def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction,
         "tokenizer_hash": tok_hash,
         "splits": {
             s: {"rows": writers[s].rows, "tokens": writers[s].rows * seq_len, "documents": packers[s].documents,
-                "shards": writers[s].shards, "dropped_tail_tokens": dropped[s]}
+                "document_tokens": packers[s].document_tokens, "shards": writers[s].shards,
+                "dropped_tail_tokens": dropped[s]}
             for s in fmt.SPLITS
         },
         "sources": [],
@@ -474,6 +530,7 @@ def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction,
         "replaced_bytes": stats["replaced_bytes"],
         "jsonl_records": stats["records"],
         "jsonl_missing_text_field": stats["missing_field"],
+        "empty_text_records": stats["empty_text"],
         "dropped_tail_tokens": int(sum(dropped.values())),
         "val_fraction": val_fraction,
         "seed": seed,
@@ -482,3 +539,92 @@ def _prepare_into(tmp, files, tok, sp, vocab_size, dtype, seq_len, val_fraction,
         "text_field": text_field,
         "flags": {"doc_start": fmt.FLAG_DOC_START, "word_start": fmt.FLAG_WORD_START},
     }
+
+
+# ------------------------------------------------------------------------------------------------- merge
+
+# Settings that decide what a part holds: parts joined into one data dir must agree on every one.
+_MERGE_SAME = ("format_version", "tokenizer_hash", "vocab_size", "dtype", "seq_len", "special_ids", "val_fraction",
+               "seed", "doc_per", "input_format", "text_field")
+_MERGE_SUMMED = ("files", "input_bytes", "documents", "skipped_empty_files", "replaced_bytes", "jsonl_records",
+                 "jsonl_missing_text_field", "empty_text_records", "dropped_tail_tokens")
+
+
+def _check_parts(parts: list[Path], metas: list[dict]) -> None:
+    """UserError unless the parts were made by one split run: same settings, same inputs, each part once, all there."""
+    for p, m in zip(parts[1:], metas[1:]):
+        for key in _MERGE_SAME:
+            if m.get(key) != metas[0].get(key):
+                what = "tokenizer" if key == "tokenizer_hash" else key
+                raise UserError(f"cannot merge {p} with {parts[0]}: they were prepared with a different {what} "
+                                f"({m.get(key)!r} vs {metas[0].get(key)!r}); prepare every part with the same settings")
+    shards = [m.get("part") for m in metas]
+    if any(s is None for s in shards):
+        raise UserError(f"{parts[shards.index(None)]} is not a part (prepared without --shard I/N); merge joins parts")
+    if len({(s["count"], s["inputs_hash"]) for s in shards}) > 1:
+        raise UserError("the parts come from different splits (another N in --shard I/N, or other --input files); "
+                        "merge the parts of one run")
+    have, count = sorted(s["index"] for s in shards), shards[0]["count"]
+    if have != list(range(count)):
+        dup = sorted({i for i in have if have.count(i) > 1})
+        missing = sorted(set(range(count)) - set(have))
+        raise UserError(f"parts of --shard I/{count}: " + (f"part {dup[0]} given twice" if dup else
+                                                          f"missing part(s) {', '.join(map(str, missing))}"))
+
+
+def merge(parts, out, overwrite: bool = False) -> dict:
+    """Join the parts that `prepare(..., shard="I/N")` wrote into one data dir at `out`, without copying token
+    data: each part's shards are hard-linked in (copied only where the filesystem cannot link). Rows come part by
+    part in part order; the split of every document is the one each part gave it. Returns the meta dict."""
+    parts = [Path(p) for p in parts]
+    if not parts:
+        raise UserError("merge needs at least one PART_DIR")
+    metas = [fmt.load_meta(p) for p in parts]
+    _check_parts(parts, metas)
+    order = sorted(range(len(parts)), key=lambda i: metas[i]["part"]["index"])
+    parts, metas = [parts[i] for i in order], [metas[i] for i in order]
+    out = Path(out)
+    check_data_out(out, overwrite, parts)  # never over, inside or around a part: its shards are linked from there
+    tmp = temp_dir_beside(out, "merge")
+    try:
+        meta = _merge_into(tmp, parts, metas)
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        check_data_out(out, overwrite, parts)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"merged {len(parts)} parts into {out}: train {tr['rows']} rows ({tr['documents']} docs), val {va['rows']} "
+          f"rows ({va['documents']} docs)", file=sys.stderr)
+    return meta
+
+
+def _merge_into(tmp: Path, parts: list[Path], metas: list[dict]) -> dict:
+    """Link every part's shards into `tmp` (named shard_pIIIII_SSSSS, so path order is row order), sum the token
+    counts, copy one tokenizer.json; returns the merged meta dict."""
+    meta = {k: v for k, v in metas[0].items() if k != "part"}
+    copied = 0
+    for split in fmt.SPLITS:
+        (tmp / split).mkdir()
+        names, total = [], {"rows": 0, "tokens": 0, "documents": 0, "document_tokens": 0, "dropped_tail_tokens": 0}
+        for p, m in zip(parts, metas):
+            info = m["splits"][split]
+            for name in info.get("shards", []):
+                new = f"shard_p{m['part']['index']:05d}_{name.removeprefix('shard_')}"
+                for kind in ("ids", "flags"):
+                    copied += not link_or_copy(p / split / f"{name}.{kind}.npy", tmp / split / f"{new}.{kind}.npy")
+                names.append(new)
+            for k in total:
+                total[k] += int(info.get(k, 0))
+        meta["splits"][split] = {**total, "shards": names}
+    if copied:
+        warn(f"copied {copied} shard files: the parts are on another filesystem than the output (no hard links)")
+    counts = sum(np.load(p / "token_counts.npy", allow_pickle=False).astype(np.int64) for p in parts)
+    np.save(tmp / "token_counts.npy", counts)
+    atomic_write_text(tmp / "tokenizer.json", (parts[0] / "tokenizer.json").read_text(encoding="utf-8"))
+    for k in _MERGE_SUMMED:
+        meta[k] = sum(int(m.get(k, 0)) for m in metas)
+    meta["sources"] = list(dict.fromkeys(x for m in metas for x in m.get("sources", [])))
+    meta["merged_from"] = [{"dir": str(p), **m["part"]} for p, m in zip(parts, metas)]
+    return meta

@@ -109,6 +109,30 @@ def open_data_dir(data_dir) -> DataDir:
     return DataDir(data_dir, load_meta(data_dir))
 
 
+def open_sources(paths) -> list[DataDir]:
+    """Several prepared data dirs that one run mixes: refused (one line) unless they share one tokenizer, and with
+    it the vocabulary and special ids, and one row length (a batch holds rows of every source)."""
+    dirs = [open_data_dir(p) for p in ([paths] if isinstance(paths, (str, Path)) else list(paths))]
+    if not dirs:
+        raise UserError("no data dir given; pass --data DATA_DIR")
+    first = dirs[0]
+    for d in dirs[1:]:
+        for what, a, b in (("tokenizer", first.tokenizer_hash, d.tokenizer_hash), ("vocab_size", first.vocab_size,
+                           d.vocab_size), ("special ids", first.special, d.special), ("seq_len", first.seq_len, d.seq_len)):
+            if a != b:
+                raise UserError(f"the --data sources {first.path} and {d.path} differ in {what} ({a} vs {b}); a mixture's "
+                                "sources must be prepared with one tokenizer and one --seq-len")
+    return dirs
+
+
+def mixture_weights(weights, sources: list[DataDir]) -> list[float]:
+    """A mixture's shares (data.weights) normalised, or each source's share of the train tokens when none are given."""
+    w = [float(x) for x in weights] or [float(d.tokens("train")) for d in sources]
+    if len(w) != len(sources):
+        raise UserError(f"data.weights has {len(w)} values for {len(sources)} --data sources; give one per source")
+    return [x / sum(w) for x in w]
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
