@@ -582,6 +582,17 @@ def _take_run_dir(out: Path, resume: bool):
     return lock
 
 
+def _check_sources(cfg: Config, sources: list[DataDir], init_tok) -> None:
+    """Everything about the data that can be refused before anything is written: a weight per source, the model's
+    vocabulary, positions and tokenizer, every shard's ids within the vocabulary, token counts where needed."""
+    mixture_weights(cfg.data.weights, sources)
+    check_compatible(cfg.model, init_tok, sources[0])  # the sources share one tokenizer (open_sources checks)
+    for source in sources:
+        source.open("train")
+        if cfg.masking.random_token_dist == "unigram":
+            source.token_counts("masking.random_token_dist='unigram'")
+
+
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -603,12 +614,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
     _check_same_config(stored, cfg, out)
-    mixture_weights(cfg.data.weights, sources)  # a weight per source, checked before anything is written
-    check_compatible(cfg.model, init_tok, data)  # the data must fit the model: vocabulary, positions, tokenizer
-    for source in sources:
-        source.open("train")  # its shards' ids checked against the vocabulary before anything is written
-        if cfg.masking.random_token_dist == "unigram":
-            source.token_counts("masking.random_token_dist='unigram'")
+    _check_sources(cfg, sources, init_tok)
 
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     if cfg.train.reuse_host_memory and info.device.type == "cpu":

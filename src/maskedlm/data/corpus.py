@@ -248,12 +248,7 @@ def _table_pieces(path: Path, kind: str, text_field: str, chunk_chars: int, stat
             if not isinstance(text, str):
                 stats["missing_field"] += 1
                 continue
-            text = text.strip()
-            if text:
-                stats["documents"] += 1
-                _pieces_of(text, True, chunk_chars, out, starts)
-            else:
-                stats["empty_text"] += 1
+            _add_document(text, chunk_chars, out, starts, stats)
         if out:
             yield out, starts
 
@@ -279,6 +274,16 @@ def _pieces_of(text: str, first: bool, chunk_chars: int, texts: list, starts: li
         texts.append(text)
         starts.append(first)
 
+
+
+def _add_document(text: str, chunk_chars: int, texts: list, starts: list, stats: dict) -> None:
+    """One record's text as a document (cut into pieces), or counted as empty when only white space is left."""
+    text = text.strip()
+    if text:
+        stats["documents"] += 1
+        _pieces_of(text, True, chunk_chars, texts, starts)
+    else:
+        stats["empty_text"] += 1
 
 def _text_pieces(blocks, doc_per: str, chunk_chars: int, stats: dict):
     """Lists (pieces, starts_document) for a text file; a document is a line, a blank-line block or the whole file.
@@ -348,12 +353,7 @@ def _jsonl_pieces(blocks, path: Path, text_field: str, chunk_chars: int, stats: 
                 if isinstance(rec, dict) and len(stats["fields_seen"]) < 20:
                     stats["fields_seen"].update(k for k in rec if isinstance(k, str))
                 continue
-            text = text.strip()
-            if text:
-                stats["documents"] += 1
-                _pieces_of(text, True, chunk_chars, texts, starts)
-            else:
-                stats["empty_text"] += 1
+            _add_document(text, chunk_chars, texts, starts, stats)
         if texts:
             yield texts, starts
 

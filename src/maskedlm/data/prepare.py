@@ -388,6 +388,14 @@ def check_data_out(out: Path, overwrite: bool, inputs=()) -> None:
     check_out(out, inputs=inputs, overwrite=overwrite, ours=_is_prepared, what="prepared data")
 
 
+def _install(tmp: Path, meta: dict, out: Path, overwrite: bool, inputs) -> None:
+    """meta.json last (a data dir without it is not one), then the finished `tmp` renamed to `out`, checked again
+    just before: --out may have changed while the corpus was read."""
+    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+    check_data_out(out, overwrite, inputs)
+    replace_dir(tmp, out)
+
+
 MAX_WORKERS_PER_CORE = 4  # tokenizing is CPU-bound: more processes only add memory and fork time
 
 
@@ -467,9 +475,7 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
         meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
         if part is not None:
             meta["part"] = {"index": part[0], "count": part[1], "inputs_hash": _inputs_hash(files)}
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-        check_data_out(out, overwrite, inputs_seen)  # again: --out may have changed while the corpus was read
-        replace_dir(tmp, out)
+        _install(tmp, meta, out, overwrite, inputs_seen)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -588,9 +594,7 @@ def merge(parts, out, overwrite: bool = False) -> dict:
     tmp = temp_dir_beside(out, "merge")
     try:
         meta = _merge_into(tmp, parts, metas)
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-        check_data_out(out, overwrite, parts)
-        replace_dir(tmp, out)
+        _install(tmp, meta, out, overwrite, parts)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
