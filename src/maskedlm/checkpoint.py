@@ -136,39 +136,46 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-        _write_weights(tmp / WEIGHTS, tensors)
-        if optimizer is not None:
-            _write_optimizer(tmp / OPTIMIZER, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
-        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2))
-        if tokenizer_json is not None:
-            shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
-        files = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
-        full_state = {
-            "format_version": FORMAT_VERSION, "step": step, **state, "versions": library_versions(), "files": files,
-        }
-        atomic_write_text(tmp / STATE, json.dumps(full_state, indent=2))
-        for p in tmp.iterdir():
-            fsync_path(p)
-        fsync_path(tmp)
+        _write_step_dir(tmp, step, model_state, optimizer, config, tokenizer_json, state)
         # `final` exists when a resumed run reaches a step that a killed run had saved but not made `latest`
         replace_dir(tmp, final)
         fsync_path(ck_root)
         atomic_write_text(ck_root / "latest", name + "\n")
         fsync_path(ck_root)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors wrap a full disk in their own types
-        # torch.save reports a full disk as "PytorchStreamWriter failed writing file ...": ask the disk itself
-        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(ck_root).free < (1 << 20)
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = read_latest_name(ck_root)
-        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-        why = os.strerror(errno.ENOSPC) if full else why
-        raise CheckpointError(
-            f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then continue with --resume"
-        ) from None
+        raise _save_failed(e, ck_root, name) from None
     prune(ck_root, keep)
     return final
+
+
+def _write_step_dir(tmp: Path, step: int, model_state: dict, optimizer, config: dict, tokenizer_json, state: dict) -> None:
+    """Every file of one checkpoint into `tmp`, state.json last (it records the others' sizes and hashes), synced."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    _write_weights(tmp / WEIGHTS, tensors)
+    if optimizer is not None:
+        _write_optimizer(tmp / OPTIMIZER, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
+    atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2))
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
+    files = {p.name: _file_record(p) for p in sorted(tmp.iterdir())}
+    full_state = {"format_version": FORMAT_VERSION, "step": step, **state, "versions": library_versions(), "files": files}
+    atomic_write_text(tmp / STATE, json.dumps(full_state, indent=2))
+    for p in tmp.iterdir():
+        fsync_path(p)
+    fsync_path(tmp)
+
+
+def _save_failed(e: BaseException, ck_root: Path, name: str) -> CheckpointError:
+    """The one line for a save that failed: why (a full disk named as such) and what is still there."""
+    # torch.save reports a full disk as "PytorchStreamWriter failed writing file ...": ask the disk itself
+    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(ck_root).free < (1 << 20)
+    prev = read_latest_name(ck_root)
+    kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    why = os.strerror(errno.ENOSPC) if full else why
+    return CheckpointError(f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then "
+                           "continue with --resume")
 
 
 def step_dirs(ck_root: Path) -> list[tuple[int, Path]]:
