@@ -285,3 +285,30 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runs, tmp_path, capsys
     assert "45 tokens but the model has 20" in err and not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="--task must be one of"):
         ds.load_task(None, None, "rank", {}, None, None, None, 8)
+
+
+def test_probe_tasks_during_pretraining_are_logged_beside_the_loss(runs, tmp_path):
+    """eval.probe_tasks: each evaluation logs probe/<task>/<metric>; the last equals a probe of the saved weights."""
+    task = tmp_path / "clusters"
+    task.mkdir()
+    files = _classify_files(task, train_members=(0, 1), eval_members=(2, 3))
+    files["test"].unlink()
+    (task / "task.json").write_text(json.dumps({"task": "classify", "name": "cl"}))
+    out = tmp_path / "run"
+    train("tiny", runs / "data", out, ["train.max_steps=40", "eval.every_steps=20", "checkpoint.every_steps=0",
+                                       "train.log_every_steps=1000", f"eval.probe_tasks=[{json.dumps(str(task))}]"])
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [20, 40] and all(0 <= e["probe/cl/accuracy"] <= 1 for e in evals)
+    again = finetune(out, files["train"], files["eval"], tmp_path / "p", probe=True)
+    assert again["eval"]["accuracy"] == evals[-1]["probe/cl/accuracy"]
+    with pytest.raises(UserError, match="is not a directory"):
+        train("tiny", runs / "data", tmp_path / "bad", ["train.max_steps=2", "eval.every_steps=2",
+                                                       "eval.probe_tasks=['nowhere']", *QUIET[1:]])
+
+
+def test_probe_imports_no_training_code():
+    import subprocess
+
+    code = "import sys, maskedlm.probe; print(sorted(m for m in sys.modules if m in ('maskedlm.train', 'maskedlm.finetune')))"
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "[]"

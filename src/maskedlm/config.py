@@ -207,9 +207,15 @@ class EvalConfig:
     span_geometric_p: float = 0.2
     span_max_words: int = 10
     max_ngram: int = 3
+    # Downstream probes at every evaluation: task directories (train.* and eval.* labelled files, an optional
+    # task.json naming the task and fields), each logged as probe/<task>/<metric>. None by default: a probe costs a
+    # pass over the task's examples per evaluation.
+    probe_tasks: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, f"eval.every_steps must be >= 0, got {self.every_steps}")
+        _check(all(isinstance(t, str) and t for t in self.probe_tasks),
+               f"eval.probe_tasks must be a list of task directories, got {self.probe_tasks!r}")
         _check(0.0 < self.mask_rate < 1.0, f"eval.mask_rate must be in (0, 1), got {self.mask_rate}")
         _check(isinstance(self.seed, int), f"eval.seed must be an integer, got {self.seed!r}")
         _check(self.max_rows >= 0, f"eval.max_rows must be >= 0, got {self.max_rows}")
@@ -266,7 +272,7 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 # computation is spread over devices (train.parallel: DDP and FSDP2 compute the same step), never what it is.
 RESUME_FREE_KEYS = frozenset({
     "train.log_every_steps", "train.prefetch", "train.reuse_host_memory", "train.device", "train.dist_timeout_minutes", "train.parallel",
-    "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows",
+    "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows", "eval.probe_tasks",
     "checkpoint.every_steps", "checkpoint.keep",
 })
 
@@ -315,6 +321,12 @@ def _coerce(key: str, value, typ):
         if isinstance(value, str):
             return value
         raise UserError(f"{key} must be a string, got {value!r}")
+    if origin is tuple and get_args(typ)[1:] == (Ellipsis,):  # any number of values, e.g. eval.probe_tasks
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(key, v, get_args(typ)[0]) for v in value)
     if origin is tuple:
         args = get_args(typ)
         if isinstance(value, str):  # "0.9,0.98"

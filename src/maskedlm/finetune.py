@@ -221,7 +221,7 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     tmp = temp_dir_beside(out, "finetune")
     try:
         if probe:
-            result = run_probe(net, data, fcfg, dev, log=records.append)
+            result = run_probe(net, data, fcfg.eval_batch_rows, dev, log=records.append)
             runs, pred, best_path = [result], result.pop("test_predictions", None), None
         else:
             runs, pred, best_path = _fine_tune_seeds(net, data, fcfg, int(seeds), dev, tok, tmp, records.append)

@@ -7,9 +7,14 @@ regression (classify, tokens) or least squares (regress), L2 chosen on the eval 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from maskedlm import downstream as ds
+from maskedlm.errors import UserError
+from maskedlm.tokenizer import special_ids
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per-example L2 strengths tried; the eval split picks one
 LBFGS_ITERATIONS = 300  # full-batch L-BFGS on a convex loss converges well within this on probe-sized problems
@@ -87,10 +92,10 @@ def _predict(data: ds.TaskData, split: str, x: torch.Tensor, w: torch.Tensor) ->
     return out
 
 
-def run_probe(net, data: ds.TaskData, fcfg, device, log=lambda rec: None) -> dict:
+def run_probe(net, data: ds.TaskData, batch_rows: int, device, log=lambda rec: None) -> dict:
     """Fit the linear head on train features for each L2 in L2_GRID, keep the best on eval, score test with it.
     Returns {eval, test (when test has labels), l2, test_predictions (when there is a test split)}."""
-    feats = {s: features(net, data, s, fcfg.eval_batch_rows, device).double() for s in data.encoded}
+    feats = {s: features(net, data, s, batch_rows, device).double() for s in data.encoded}
     mu, sd = feats["train"].mean(0), feats["train"].std(0).clamp(min=1e-6)  # standardised: one L2 grid fits all
     feats = {s: (f - mu) / sd for s, f in feats.items()}
     y = _targets(data, "train")
@@ -111,3 +116,37 @@ def run_probe(net, data: ds.TaskData, fcfg, device, log=lambda rec: None) -> dic
             result["test"] = ds.score(data.task, data.names, data.examples["test"].labels, pred)
             log({"split": "test", "l2": best["l2"], **result["test"]})
     return result
+
+
+# ------------------------------------------------------------------------------------------------ during pretraining
+def _split_file(d: Path, split: str) -> Path:
+    found = sorted(p for p in d.iterdir() if p.is_file() and p.name.split(".")[0] == split)
+    if not found:
+        raise UserError(f"probe task {d} has no {split} file (e.g. {split}.jsonl, {split}.csv, {split}.tsv)")
+    return found[0]
+
+
+def load_probe_task(spec, tok, max_len: int) -> tuple[str, ds.TaskData]:
+    """(name, task) from a task directory: train.* and eval.* labelled files and an optional task.json
+    {"task", "name", "text_field", "text_pair_field", "label_field"}; the name defaults to the directory's."""
+    d = Path(spec)
+    if not d.is_dir():
+        raise UserError(f"eval.probe_tasks: {spec!r} is not a directory (it holds train.* and eval.* labelled files)")
+    meta = {}
+    if (d / "task.json").is_file():
+        try:
+            meta = json.loads((d / "task.json").read_text())
+        except ValueError as e:
+            raise UserError(f"{d / 'task.json'} is not valid JSON ({e})") from None
+    data = ds.load_task(tok, special_ids(tok), meta.get("task", "classify"),
+                        {"train": _split_file(d, "train"), "eval": _split_file(d, "eval")}, meta.get("text_field"),
+                        meta.get("text_pair_field"), meta.get("label_field"), max_len, warn=lambda m: None)
+    return str(meta.get("name", d.name)), data
+
+
+def probe_record(net, tasks: list[tuple[str, ds.TaskData]], device, batch_rows: int = 64) -> dict:
+    """{"probe/<task>/<metric>": value} for each task: the probe's eval-split metrics with today's weights."""
+    out = {}
+    for name, data in tasks:
+        out.update({f"probe/{name}/{k}": v for k, v in run_probe(net, data, batch_rows, device)["eval"].items()})
+    return out
