@@ -312,3 +312,12 @@ def test_probe_imports_no_training_code():
     code = "import sys, maskedlm.probe; print(sorted(m for m in sys.modules if m in ('maskedlm.train', 'maskedlm.finetune')))"
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_long_texts_are_truncated_and_counted_not_refused(runs, tmp_path, capsys):
+    files = _classify_files(tmp_path)
+    r = finetune(runs / "trained", files["train"], files["eval"], tmp_path / "o", overrides=["finetune.max_len=5",
+                                                                                            "finetune.max_steps=2"])
+    err = capsys.readouterr().err
+    assert "note: 200 of 200 examples in" in err and "longer than 5 tokens and were truncated" in err
+    assert 0 <= r["eval"]["accuracy"] <= 1
