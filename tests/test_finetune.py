@@ -136,6 +136,7 @@ def test_finetune_learns_the_task_and_best_reloads_in_transformers(runs, tmp_pat
     hm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "best"), local_files_only=True)
     texts = [json.loads(x)["text"] for x in files["test"].read_text().splitlines()]
     enc = tok(texts, padding=True, return_tensors="pt")
+    assert enc["input_ids"][0, 0] == 2 and tok(texts[0])["input_ids"][-1] == 3  # [CLS] ... [SEP], as trained
     with torch.no_grad():
         hf_pred = hm(**enc).logits.argmax(-1).tolist()
     assert [hm.config.id2label[k] for k in hf_pred] == preds

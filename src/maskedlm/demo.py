@@ -194,6 +194,7 @@ def genre_splits() -> dict[str, list[tuple[str, str]]]:
 
 def _genre_task(texts: Path, dest: Path, per_work: int) -> dict[str, Path]:
     """The probe task's JSON Lines files: up to per_work passages of PASSAGE_WORDS words, evenly spaced, per play."""
+    dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, works in genre_splits().items():
         lines = []
@@ -208,9 +209,7 @@ def _genre_task(texts: Path, dest: Path, per_work: int) -> dict[str, Path]:
 
 def _genre_probe(texts: Path, run_dir: Path, untrained, trained, tok, mode, device) -> dict:
     """Which kind of play a passage comes from, probed on the untrained and the trained encoder side by side."""
-    dest = run_dir / "genre_probe"
-    dest.mkdir(parents=True, exist_ok=True)
-    files = _genre_task(texts, dest, mode.probe_passages)
+    files = _genre_task(texts, run_dir / "genre_probe", mode.probe_passages)
     # passages are cut at the demo's row length on purpose: no note about truncation
     data = load_task(tok, special_ids(tok), "classify", files, None, None, None, mode.seq_len, warn=lambda m: None)
     counts = [data.examples["test"].labels.count(g) for g in GENRES]

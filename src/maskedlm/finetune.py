@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, processors
 
 from maskedlm import downstream as ds
 from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
@@ -141,6 +142,11 @@ def save_hf(model: ds.TaskModel, data: ds.TaskData, tok, out: Path) -> float | N
 
     out.mkdir(parents=True, exist_ok=True)
     sp = special_ids(tok)
+    if tok.post_processor is None:  # so transformers' tokenizer frames texts as we trained on them
+        tok = Tokenizer.from_str(tok.to_str())
+        cls, sep = tok.id_to_token(sp.cls), tok.id_to_token(sp.sep)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, sp.cls), (sep, sp.sep)])
     atomic_write_text(out / "config.json", json.dumps(ds.hf_task_config(model, data.names, sp.as_dict()), indent=2))
     save_file(ds.to_hf_task_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     save_tokenizer(tok, out)
