@@ -213,7 +213,7 @@ def _genre_probe(texts: Path, run_dir: Path, untrained, trained, tok, mode, devi
     # passages are cut at the demo's row length on purpose: no note about truncation
     data = load_task(tok, special_ids(tok), "classify", files, None, None, None, mode.seq_len, warn=lambda m: None)
     counts = [data.examples["test"].labels.count(g) for g in GENRES]
-    result = {"majority": max(counts) / sum(counts), "files": str(dest)}
+    result = {"majority": max(counts) / sum(counts), "files": str(files["train"].parent)}
     for name, net in (("untrained", untrained), ("trained", trained)):
         result[name] = run_probe(net.to(device), data, 64, device)["test"]
     print(f"\ndownstream probe: comedy, history or tragedy? {PASSAGE_WORDS}-word passages, split by play "
