@@ -227,6 +227,8 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     tmp = temp_dir_beside(out, "finetune")
     try:
         if probe:
+            if seeds > 1:  # the probe has no random part: features are fixed, L-BFGS starts from zeros
+                print("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
             result = run_probe(net, data, fcfg.eval_batch_rows, dev, log=records.append)
             runs, pred, best_path = [result], result.pop("test_predictions", None), None
         else:
