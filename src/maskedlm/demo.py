@@ -242,6 +242,7 @@ def _show_fills(loaded, held_out: Path, n: int) -> list[dict]:
     return shown
 
 
+# Long: the demo's steps one after another, in the order it prints them.
 def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
     mode = QUICK if quick else FULL
