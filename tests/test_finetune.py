@@ -203,6 +203,14 @@ def test_tokens_and_regress_on_modern(runs, tmp_path):
     assert reg["metric"] == "spearman" and reg["eval"]["spearman"] > 0.7, reg["eval"]
     assert reg["max_abs_diff_transformers"] <= 1e-4
     assert json.loads((tmp_path / "r" / "best" / "config.json").read_text())["problem_type"] == "regression"
+    # the probe's two other heads: logistic regression per word (tokens) and least squares (regress)
+    ptags = finetune(tmp_path / "modern", tmp_path / "train.conll", tmp_path / "eval.conll", tmp_path / "pt",
+                     task="tokens", probe=True)
+    preg = finetune(tmp_path / "modern", tmp_path / "train.tsv", tmp_path / "eval.tsv", tmp_path / "pr",
+                    task="regress", label_field="score", probe=True)
+    # O is 40% of the words; B- against I- needs the previous word, which conlleval's reading forgives at a start
+    assert ptags["eval"]["token_accuracy"] > 0.6 and ptags["eval"]["entity_f1"] > 0.7, ptags["eval"]
+    assert preg["eval"]["spearman"] > 0.9 and not (tmp_path / "pr" / "best").exists(), preg["eval"]
 
 
 # ------------------------------------------------------------------------------------------------ reading
