@@ -8,9 +8,11 @@ Reads CSV/TSV (with a header), JSON Lines and CoNLL column files (.gz transparen
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import statistics
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskedlm.data.corpus import _read_blocks
 from maskedlm.errors import UserError
 from maskedlm.hf import hf_config, to_hf_state_dict
 from maskedlm.model import Encoder, MaskedLM, padded_vocab_size
@@ -41,11 +42,24 @@ def _file_kind(path: Path, task: str) -> str:
     raise UserError(f"{path}: cannot tell the format from the name; use .csv, .tsv, .jsonl (optionally .gz)")
 
 
-def _records(path: Path, task: str) -> list[tuple[int, dict]]:
-    """(line number, record) for every example in the file; CSV/TSV records map header names to strings."""
+def _read_text(path: Path) -> str:
+    """The whole file as text (labelled sets fit in memory); .gz decompressed, invalid UTF-8 replaced, a BOM dropped."""
     if not path.is_file():
         raise UserError(f"labelled file {str(path)!r} does not exist")
-    text = "".join(_read_blocks(path, {"bytes_done": 0}))
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+
+
+def _records(path: Path, task: str) -> list[tuple[int, dict]]:
+    """(line number, record) for every example in the file; CSV/TSV records map header names to strings."""
+    text = _read_text(path)
     kind = _file_kind(path, task)
     out = []
     if kind == "jsonl":
