@@ -40,6 +40,13 @@ def test_demo_short_run_reports_before_and_after(tmp_path, capsys, one_thread):
     for f in s["fill"]:
         assert "[MASK]" in f["line"] and f["line"].replace("[MASK]", f["answer"]) in " ".join(play.split())
         assert len(f["top"]) == 5
+    # the downstream probe: both encoders scored on the same test plays, printed side by side
+    p = s["probe"]
+    assert "downstream probe: comedy, history or tragedy?" in printed and "untrained: test accuracy" in printed
+    assert 0 < p["majority"] < 1 and all(0 <= p[k]["accuracy"] <= 1 for k in ("untrained", "trained"))
+    works = {split: {json.loads(x)["work"] for x in (Path(p["files"]) / f"{split}.jsonl").read_text().splitlines()}
+             for split in ("train", "eval", "test")}
+    assert not (works["train"] & works["test"]) and not (works["train"] & works["eval"]) and len(works["test"]) >= 3
     # a second build reuses the tokenizer and data; a second run would get a fresh run dir
     train_files, held_out = demo.split_works(demo.corpus_dir())
     demo._build_data(out / "cache-quick", train_files[: demo.QUICK.train_files], held_out, demo.QUICK)

@@ -122,6 +122,15 @@ def _import(a):
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
+def _finetune(a):
+    from maskedlm.finetune import finetune
+
+    result = finetune(a.model, train=a.train, eval=a.eval, out=a.out, task=a.task, test=a.test,
+                      text_field=a.text_field, pair_field=a.text_pair_field, label_field=a.label_field,
+                      seeds=a.seeds, probe=a.probe, overrides=a.overrides, overwrite=a.overwrite)
+    print(json.dumps(result, indent=2))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's usage errors as the one line every other bad input gets (its default prints the usage first)."""
 
@@ -275,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-rows", type=int, default=0, help="statistics over the first N rows (0: the whole split)")
     t.add_argument("overrides", nargs="*", metavar="masking.key=value")
     t.set_defaults(fn=_masks)
+
+    t = sub.add_parser("finetune", help="fine-tune (or --probe) a MODEL on labelled data: classify, regress, tokens")
+    t.__class__ = _IntermixedParser
+    t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
+    t.add_argument("--train", required=True, metavar="FILE", help="CSV/TSV with a header, JSON Lines or CoNLL; .gz ok")
+    t.add_argument("--eval", required=True, metavar="FILE", help="evaluated each epoch; picks the best checkpoint")
+    t.add_argument("--test", default=None, metavar="FILE", help="scored with the best checkpoint; predictions.jsonl")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--task", choices=["classify", "regress", "tokens"], default="classify")
+    t.add_argument("--text-field", default=None, help="default: text (tokens: tokens)")
+    t.add_argument("--text-pair-field", default=None, help="the second text of a pair (e.g. GLUE's sentence2)")
+    t.add_argument("--label-field", default=None, help="default: label (tokens: tags)")
+    t.add_argument("--seeds", type=int, default=1, help="runs with seeds finetune.seed, +1, ...; mean, std, median")
+    t.add_argument("--probe", action="store_true", help="frozen encoder, features once, a linear head")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("overrides", nargs="*", metavar="finetune.key=value")
+    t.set_defaults(fn=_finetune)
 
     t = sub.add_parser("report", help="a self-contained HTML report: curves of one or more runs, the objective's anatomy")
     t.add_argument("runs", nargs="+", metavar="RUN_DIR")

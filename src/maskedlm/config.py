@@ -230,9 +230,15 @@ class EvalConfig:
     span_geometric_p: float = 0.2
     span_max_words: int = 10
     max_ngram: int = 3
+    # Downstream probes at every evaluation: task directories (train.* and eval.* labelled files, an optional
+    # task.json naming the task and fields), each logged as probe/<task>/<metric>. None by default: a probe costs a
+    # pass over the task's examples per evaluation.
+    probe_tasks: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, f"eval.every_steps must be >= 0, got {self.every_steps}")
+        _check(all(isinstance(t, str) and t for t in self.probe_tasks),
+               f"eval.probe_tasks must be a list of task directories, got {self.probe_tasks!r}")
         _check(0.0 < self.mask_rate < 1.0, f"eval.mask_rate must be in (0, 1), got {self.mask_rate}")
         _check_seed("eval.seed", self.seed)
         _check(self.max_rows >= 0, f"eval.max_rows must be >= 0, got {self.max_rows}")
@@ -302,7 +308,7 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 # computation is spread over devices (train.parallel: DDP and FSDP2 compute the same step), never what it is.
 RESUME_FREE_KEYS = frozenset({
     "train.log_every_steps", "train.prefetch", "train.reuse_host_memory", "train.device", "train.dist_timeout_minutes", "train.parallel",
-    "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows",
+    "eval.every_steps", "eval.max_rows", "eval.micro_batch_rows", "eval.probe_tasks",
     "checkpoint.every_steps", "checkpoint.keep",
 })
 
@@ -358,7 +364,7 @@ def _coerce(key: str, value, typ):
         if isinstance(value, str):
             return value
         raise UserError(f"{key} must be a string, got {value!r}")
-    if origin is tuple and get_args(typ)[1:] == (Ellipsis,):  # any number of values: "0.7,0.3" or [0.7, 0.3]
+    if origin is tuple and get_args(typ)[1:] == (Ellipsis,):  # any number of values: "0.7,0.3", [0.7, 0.3], a path
         if isinstance(value, str):
             value = [_parse_scalar(v.strip()) for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -478,3 +484,57 @@ def config_hash(cfg: Config, ignore=RESUME_FREE_KEYS) -> str:
     """sha256 of the canonical JSON of the keys that decide the weights (RESUME_FREE_KEYS left out)."""
     flat = {k: v for k, v in flat_config(cfg).items() if k not in ignore}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=list).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning and probing (`maskedlm finetune`): a section of its own, outside Config, so pretraining configs, their
+# hashes and resume checks are unchanged by it.
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 3  # BERT's GLUE recipe: 2-4 epochs (Devlin et al. 2019)
+    max_steps: int = 0  # 0: the epochs decide; > 0: stop after this many optimizer steps
+    lr: float = 5e-5  # the top of BERT's fine-tuning grid {2e-5, 3e-5, 5e-5}; small models from scratch want more
+    batch_rows: int = 32  # examples per optimizer step, BERT's GLUE batch
+    max_len: int = 128  # tokens per example, [CLS]/[SEP] included; longer texts are truncated and counted
+    weight_decay: float = 0.01  # BERT's
+    dropout: float = 0.1  # hidden, attention and classifier dropout during fine-tuning (BERT's 0.1)
+    warmup_fraction: float = 0.1  # share of the steps with a linear warmup, then linear decay to 0 (BERT's recipe)
+    eval_every_steps: int = 0  # 0: evaluate after every epoch
+    patience: int = 3  # evaluations without a better main metric before stopping early; 0 never stops early
+    seed: int = 0  # the first seed; --seeds N runs seed, seed+1, ...
+    precision: str = "auto"  # "auto": bf16 autocast on a CUDA device that has it, else fp32; or "bf16" / "fp32"
+    eval_batch_rows: int = 64  # examples per forward pass at evaluation and feature extraction
+
+    def validate(self) -> "FinetuneConfig":
+        _check(self.epochs >= 1 or self.max_steps > 0, f"finetune.epochs must be >= 1, got {self.epochs}")
+        _check(self.max_steps >= 0, f"finetune.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
+        _check(self.batch_rows > 0, f"finetune.batch_rows must be > 0, got {self.batch_rows}")
+        _check(self.max_len >= 3, f"finetune.max_len must be >= 3 ([CLS], a token, [SEP]), got {self.max_len}")
+        _check(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.dropout < 1.0, f"finetune.dropout must be in [0, 1), got {self.dropout}")
+        _check(0.0 <= self.warmup_fraction < 1.0, f"finetune.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        _check(self.eval_every_steps >= 0, f"finetune.eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        _check(self.patience >= 0, f"finetune.patience must be >= 0, got {self.patience}")
+        _check(self.precision in ("auto", "bf16", "fp32"), f"finetune.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.eval_batch_rows > 0, f"finetune.eval_batch_rows must be > 0, got {self.eval_batch_rows}")
+        return self
+
+
+def load_finetune_config(overrides=()) -> FinetuneConfig:
+    """FinetuneConfig from `finetune.key=value` overrides, coerced and refused like the other sections'."""
+    cfg = FinetuneConfig()
+    hints = get_type_hints(FinetuneConfig)
+    known = [f"finetune.{f.name}" for f in fields(FinetuneConfig)]
+    for item in overrides or ():
+        key, eq, text = str(item).partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"override {item!r} must look like finetune.key=value")
+        section, _, name = key.partition(".")
+        if section != "finetune" or name not in hints:
+            raise _unknown(key, known)
+        setattr(cfg, name, _coerce(key, _parse_scalar(text.strip()), hints[name]))
+    return cfg.validate()

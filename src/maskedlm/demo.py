@@ -2,8 +2,9 @@
 
 Trains a WordPiece tokenizer, prepares the plays with one play held out, evaluates the untrained model on that play,
 trains a modern-mini (4 layers, hidden 256, pre-LN) for M minutes, evaluates again and fills masked words in held-out
-lines chosen at run time, then writes the run's report. It composes the library's own steps (tokenizer, prepare,
-train, evaluate, fill, report) only.
+lines chosen at run time, probes which kind of play a passage is from (untrained and trained side by side), then
+writes the run's report. It composes the library's own steps (tokenizer, prepare, train, evaluate, fill, probe,
+report) only.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import torch
 from maskedlm.config import load_config
 from maskedlm.data.prepare import prepare
 from maskedlm.data.shards import open_data_dir
+from maskedlm.downstream import load_task
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
 from maskedlm.files import atomic_write_text
 from maskedlm.hf import load_any_model
 from maskedlm.inference import fill
 from maskedlm.model import MaskedLM
+from maskedlm.probe import run_probe
 from maskedlm.report import write_report
 from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from maskedlm.train import train
@@ -43,6 +46,7 @@ class _Mode:
     train_files: int  # 0: every work but the held-out play
     eval_rows: int  # 0: the whole held-out play
     fill_lines: int
+    probe_passages: int  # passages per play in the downstream probe
     overrides: tuple[str, ...] = ()
 
 
@@ -57,9 +61,9 @@ class _Mode:
 # rather than a linear decay from the first second (bert-mini, 2-minute runs on a shared CPU: held-out loss 8.44 with
 # wsd vs 8.69 linear at equal steps).
 _SHORT_BUDGET = ("optim.warmup_steps=30", "optim.schedule=wsd")
-FULL = _Mode("full", "modern-mini", 8000, 128, 5.0, 0, 0, 6, _SHORT_BUDGET)
+FULL = _Mode("full", "modern-mini", 8000, 128, 5.0, 0, 0, 6, 40, _SHORT_BUDGET)
 # Quick (CI, under a minute): the tiny preset, six works, 2k vocabulary, 15 seconds of training.
-QUICK = _Mode("quick", "tiny", 2000, 64, 0.25, 6, 64, 3, ("optim.schedule=wsd",))
+QUICK = _Mode("quick", "tiny", 2000, 64, 0.25, 6, 64, 3, 8, ("optim.schedule=wsd",))
 
 
 def corpus_dir() -> Path:
@@ -164,6 +168,66 @@ def _evaluate_untrained(cfg, held, ecfg, special, vocab_size: int, device: str) 
     return before
 
 
+# The First Folio's (1623) own division of the plays; the poems and Pericles (not in the Folio) are left out.
+GENRES = {
+    "comedy": ("tempest", "two_gentlemen_of_verona", "merry_wives_of_windsor", "measure_for_measure", "comedy_of_errors",
+               "much_ado_about_nothing", "loves_labours_lost", "midsummer_nights_dream", "merchant_of_venice",
+               "as_you_like_it", "taming_of_the_shrew", "alls_well_that_ends_well", "twelfth_night", "winters_tale"),
+    "history": ("john", "richard_ii", "henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1",
+                "henry_vi_part_2", "henry_vi_part_3", "richard_iii", "henry_viii"),
+    "tragedy": ("troilus_and_cressida", "coriolanus", "tragedy_of_titus_andronicus", "romeo_and_juliet",
+                "timon_of_athens", "julius_caesar", "macbeth", "hamlet", "lear", "othello", "antony_and_cleopatra",
+                "cymbeline"),
+}
+PASSAGE_WORDS = 60  # words per probe passage: a speech or two, well inside the demo's 128-token rows
+
+
+def genre_splits() -> dict[str, list[tuple[str, str]]]:
+    """(work, genre) per split, by work: in each genre's sorted list every 4th play is test, the next eval, the rest
+    train, so no play lends passages to two splits and every split has every genre."""
+    out = {"train": [], "eval": [], "test": []}
+    for genre, works in GENRES.items():
+        for i, work in enumerate(sorted(works)):
+            out[("test", "eval", "train", "train")[i % 4]].append((work, genre))
+    return out
+
+
+def _genre_task(texts: Path, dest: Path, per_work: int) -> dict[str, Path]:
+    """The probe task's JSON Lines files: up to per_work passages of PASSAGE_WORDS words, evenly spaced, per play."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, works in genre_splits().items():
+        lines = []
+        for work, genre in works:
+            words = (texts / f"{work}_gut.txt").read_text(encoding="utf-8", errors="replace").split()
+            starts = range(0, max(1, len(words) - PASSAGE_WORDS), max(1, len(words) // per_work))[:per_work]
+            lines += [json.dumps({"text": " ".join(words[s:s + PASSAGE_WORDS]), "label": genre, "work": work})
+                      for s in starts]
+        files[split] = atomic_write_text(dest / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+    return files
+
+
+def _genre_probe(texts: Path, run_dir: Path, untrained, trained, tok, mode, device) -> dict:
+    """Which kind of play a passage comes from, probed on the untrained and the trained encoder side by side."""
+    files = _genre_task(texts, run_dir / "genre_probe", mode.probe_passages)
+    # passages are cut at the demo's row length on purpose: no note about truncation
+    data = load_task(tok, special_ids(tok), "classify", files, None, None, None, mode.seq_len, warn=lambda m: None)
+    counts = [data.examples["test"].labels.count(g) for g in GENRES]
+    result = {"majority": max(counts) / sum(counts), "files": str(files["train"].parent)}
+    for name, net in (("untrained", untrained), ("trained", trained)):
+        result[name] = run_probe(net.to(device), data, 64, device)["test"]
+    print(f"\ndownstream probe: comedy, history or tragedy? {PASSAGE_WORDS}-word passages, split by play "
+          f"({len(genre_splits()['train'])} plays train, {len(genre_splits()['test'])} test; the majority class is "
+          f"{result['majority']:.1%} of test)")
+    for name in ("untrained", "trained"):
+        m = result[name]
+        print(f"  {name:>9}: test accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.3f}, MCC {m['mcc']:.3f}")
+    print(f"  (again from the command line: maskedlm finetune {shlex.quote(str(run_dir))} --probe --train "
+          f"{shlex.quote(str(files['train']))} --eval {shlex.quote(str(files['eval']))} --test "
+          f"{shlex.quote(str(files['test']))} --out probe-out/)")
+    return result
+
+
 def _show_fills(loaded, held_out: Path, n: int) -> list[dict]:
     """Fill-mask on n lines of the held-out play, chosen at run time; prints each with the answer's rank."""
     shown = []
@@ -178,6 +242,7 @@ def _show_fills(loaded, held_out: Path, n: int) -> list[dict]:
     return shown
 
 
+# Long: the demo's steps one after another, in the order it prints them.
 def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
     mode = QUICK if quick else FULL
@@ -223,12 +288,15 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     print(_metrics_line(f"held-out play, after {result['elapsed_s']:.0f} s of training", after))
 
     shown = _show_fills((model, run_cfg, run_tok), held_out, mode.fill_lines)
+    untrained = MaskedLM(run_cfg.model)
+    untrained.init_weights(cfg.train.seed)  # the weights training started from
+    probe = _genre_probe(texts, run_dir, untrained, model, run_tok, mode, device)
 
     summary = {
         "mode": mode.name, "minutes": minutes, "held_out": held_out.name, "train_works": len(train_files),
         "vocab_size": vocab_size, "seq_len": data.seq_len, "device": device, "run_dir": str(run_dir),
         "steps": result["step"], "tokens": result["tokens"], "tokens_per_s": tokens_per_s,
-        "before": before, "after": after, "fill": shown, "wall_s": time.perf_counter() - t_start,
+        "before": before, "after": after, "fill": shown, "probe": probe, "wall_s": time.perf_counter() - t_start,
     }
     # The run's report, its anatomy taken on the held-out play (whose rows sit in that data dir's train split).
     summary["report"] = str(write_report([run_dir], data=held_dir, out=run_dir / "report.html"))

@@ -210,6 +210,7 @@ class Encoder(nn.Module):
         input_ids: torch.Tensor,
         doc_starts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if T > self.max_positions:
@@ -219,8 +220,10 @@ class Encoder(nn.Module):
         mask = attention_bias(doc_starts, attention_mask, T, x.device)  # (B, 1, T, T) | None
         if self.family == "bert":
             pos = torch.arange(T, device=input_ids.device)  # (T,)
-            # every token is segment 0: MLM on packed rows has no sentence pairs
-            x = x + self.type_embeddings.weight[0] + self.pos_embeddings(pos)  # (B, T, C)
+            # MLM on packed rows has no sentence pairs: segment 0 everywhere; fine-tuning on text pairs passes
+            # BERT's segment ids (1 for the second text), as transformers' tokenizers make them
+            seg = self.type_embeddings.weight[0] if token_type_ids is None else self.type_embeddings(token_type_ids)
+            x = x + seg + self.pos_embeddings(pos)  # (B, T, C)
         else:
             D = x.shape[-1] // self.heads
             rope = rope_cos_sin(T, D, self.rope_theta, x.device)  # (T, D), (T, D)

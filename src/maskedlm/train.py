@@ -36,6 +36,8 @@ from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
 from maskedlm.optim import Schedule, build_optimizer, set_lr
+from maskedlm.probe import load_probe_task, probe_record
+from maskedlm.tokenizer import load_tokenizer
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
 # context within ~150 steps, while bert-mini stays on the unigram plateau far longer.
@@ -397,10 +399,20 @@ class Trainer:
         else:
             r = evaluate(self.model, self.val_store, self.cfg.eval, d.special, d.vocab_size, device=self.device,
                          precision=self.cfg.train.precision)
+        probes = {}
+        if self.cfg.eval.probe_tasks:  # downstream quality beside the masked loss; the tasks are read once
+            if getattr(self, "_probe_tasks", None) is None:
+                if d.tokenizer_file is None:
+                    raise UserError(f"eval.probe_tasks needs the tokenizer.json of {d.path}; prepare the data again")
+                tok = load_tokenizer(d.tokenizer_file)
+                self._probe_tasks = [load_probe_task(t, tok, min(d.seq_len, self.cfg.model.max_positions))
+                                     for t in self.cfg.eval.probe_tasks]
+            probes = probe_record(self.model, self._probe_tasks, self.device)
         self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
-                         **{f"val_{k}": v for k, v in r.items()}})
+                         **{f"val_{k}": v for k, v in r.items()}, **probes})
+        shown = "".join(f", {k} {v:.4f}" for k, v in probes.items() if k.endswith(("/accuracy", "/spearman", "_f1")))
         self.logger.write(f"eval step {self.step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, "
-                          f"perplexity {r['perplexity']:.2f}")
+                          f"perplexity {r['perplexity']:.2f}{shown}")
         self.last_eval = r
         return r
 

@@ -1,0 +1,272 @@
+"""`maskedlm finetune`: fine-tune any MODEL on the user's labelled data (classify, regress, tokens), or probe it.
+
+One seed: AdamW and the warmup + linear-decay schedule of optim.py, Σ loss / count of labelled items per step, clipping,
+a skipped update on a non-finite loss; evaluation each epoch (or every N steps), the best state by the task's main
+metric, early stopping. --seeds N repeats it; DIR/best/ is a transformers directory, checked against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, processors
+
+from maskedlm import downstream as ds
+from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
+from maskedlm.errors import UserError
+from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
+from maskedlm.hf import load_any_model
+from maskedlm.optim import Schedule, build_optimizer, set_lr
+from maskedlm.probe import run_probe
+from maskedlm.tokenizer import save_tokenizer, special_ids
+
+CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
+
+
+def _autocast(fcfg: FinetuneConfig, device: torch.device):
+    bf16 = fcfg.precision == "bf16" or (fcfg.precision == "auto" and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def predict(model: ds.TaskModel, data: ds.TaskData, split: str, fcfg: FinetuneConfig, device) -> list:
+    """Predictions for every example of a split, spelled as the files spell labels (names, numbers, tag lists)."""
+    enc, pad = data.encoded[split], 0
+    was = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(enc.ids), fcfg.eval_batch_rows):
+        index = list(range(start, min(len(enc.ids), start + fcfg.eval_batch_rows)))
+        ids, mask, types = (t.to(device) for t in ds.collate(enc, index, pad))
+        with _autocast(fcfg, device):
+            logits = model(ids, mask, types).float().cpu()  # (B, L) or (B, T, L)
+        if data.task == "regress":
+            out += logits[:, 0].tolist()
+        elif data.task == "classify":
+            out += [data.names[k] for k in logits.argmax(-1).tolist()]
+        else:
+            best = logits.argmax(-1)  # (B, T)
+            fallback = ds.fallback_tag(data.names)
+            out += [[data.names[best[j, p]] if p >= 0 else fallback for p in enc.first[i]] for j, i in enumerate(index)]
+    model.train(was)
+    return out
+
+
+def _evaluate(model, data, split, fcfg, device) -> tuple[dict, list]:
+    pred = predict(model, data, split, fcfg, device)
+    return ds.score(data.task, data.names, data.examples[split].labels, pred), pred
+
+
+def _step(model, optimizer, schedule, step: int, batch, task: str, autocast, params) -> float:
+    """One optimizer step (the pretraining step's conventions): the loss is Σ over the labelled items of the batch /
+    their count, the gradient is clipped to 1, and a non-finite loss or gradient leaves weights and moments alone."""
+    ids, mask, types, labels = batch
+    set_lr(optimizer, schedule.lr(step))
+    with autocast:
+        logits = model(ids, mask, types)  # (B, L) or (B, T, L)
+    total, count = ds.loss_sum(logits, labels, task)
+    loss = total / count.clamp(min=1)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if bool(torch.isfinite(loss) & torch.isfinite(norm)) and int(count) > 0:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+# Long: the whole life of one seed (set-up, epochs, evaluation, best state, early stop) reads best in one place.
+def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
+    """Fine-tune a fresh copy of `net` with `seed`; returns {seed, best_step, eval (best), state (best weights)}."""
+    torch.manual_seed(seed)  # dropout
+    model = ds.TaskModel.from_mlm(net, data.task, len(data.names) if data.task != "regress" else 1,
+                                  fcfg.dropout, seed).to(device)
+    enc, labels = data.encoded["train"], data.examples["train"].labels
+    n = len(enc.ids)
+    per_epoch = math.ceil(n / fcfg.batch_rows)
+    total = per_epoch * fcfg.epochs if fcfg.epochs else fcfg.max_steps
+    total = min(total, fcfg.max_steps) if fcfg.max_steps else total
+    ocfg = OptimConfig(lr=fcfg.lr, weight_decay=fcfg.weight_decay, schedule="linear",
+                       warmup_steps=int(fcfg.warmup_fraction * total), clip_grad_norm=1.0)
+    optimizer, schedule = build_optimizer(model, ocfg, device), Schedule(ocfg, total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast, order_gen = _autocast(fcfg, device), torch.Generator().manual_seed(seed)
+    every = fcfg.eval_every_steps or per_epoch
+    best = {"seed": seed, "best_step": 0, "eval": None, "state": None}
+    since_best, step, losses = 0, 0, []
+    model.train()
+    while step < total:
+        perm = torch.randperm(n, generator=order_gen).tolist()
+        for start in range(0, n, fcfg.batch_rows):
+            index = perm[start:start + fcfg.batch_rows]
+            ids, mask, types = ds.collate(enc, index, 0)
+            y = ds.label_tensor(data.task, labels, index, data.names, enc, ids.shape[1])
+            batch = tuple(t.to(device) for t in (ids, mask, types, y))
+            losses.append(_step(model, optimizer, schedule, step, batch, data.task, autocast, params))
+            step += 1
+            if step % every == 0 or step == total:
+                metrics, _ = _evaluate(model, data, "eval", fcfg, device)
+                main = ds.main_metric(data.task, metrics)
+                log({"seed": seed, "step": step, "epoch": (step - 1) // per_epoch, "split": "eval",
+                     "train_loss": sum(losses) / len(losses), **metrics})
+                losses = []
+                if best["eval"] is None or metrics[main] > best["eval"][main]:
+                    best.update(best_step=step, eval=metrics,
+                                state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                    since_best = 0
+                else:
+                    since_best += 1
+                if fcfg.patience and since_best >= fcfg.patience:
+                    return best
+            if step >= total:
+                break
+    return best
+
+
+def _model_for(net, data, fcfg, state) -> ds.TaskModel:
+    model = ds.TaskModel.from_mlm(net, data.task, len(data.names) if data.task != "regress" else 1, fcfg.dropout, 0)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_hf(model: ds.TaskModel, data: ds.TaskData, tok, out: Path) -> float | None:
+    """Write `model` as transformers' class into `out` (config, safetensors, tokenizer); when transformers is
+    installed, load it back and return the largest logit difference on the eval examples (RuntimeError above 1e-4)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    sp = special_ids(tok)
+    if tok.post_processor is None:  # so transformers' tokenizer frames texts as we trained on them
+        tok = Tokenizer.from_str(tok.to_str())
+        cls, sep = tok.id_to_token(sp.cls), tok.id_to_token(sp.sep)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, sp.cls), (sep, sp.sep)])
+    atomic_write_text(out / "config.json", json.dumps(ds.hf_task_config(model, data.names, sp.as_dict()), indent=2))
+    save_file(ds.to_hf_task_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(tok, out)
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    tcfg["model_max_length"] = int(model.cfg.max_positions)
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(tcfg, indent=2) + "\n")
+    (out / "special_ids.json").unlink(missing_ok=True)  # ours, not transformers'
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return check_with_transformers(model, data, out, transformers)
+
+
+def check_with_transformers(model: ds.TaskModel, data: ds.TaskData, out: Path, transformers) -> float:
+    auto = (transformers.AutoModelForSequenceClassification if model.sequence
+            else transformers.AutoModelForTokenClassification)
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a check, not a download: no "Loading weights" bar
+    try:
+        theirs = auto.from_pretrained(str(out), local_files_only=True, attn_implementation="sdpa").eval()
+    finally:
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
+    enc = data.encoded["eval"]
+    index = list(range(min(8, len(enc.ids))))
+    ids, mask, types = ds.collate(enc, index, 0)
+    kwargs = {"token_type_ids": types} if model.cfg.family == "bert" else {}
+    with torch.no_grad():
+        ours = model.cpu().eval()(ids, mask, types).float()  # (B, L) or (B, T, L)
+        hf = theirs(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
+    if not model.sequence:  # padded positions carry nothing; compare where there are tokens
+        ours, hf = ours[mask.bool()], hf[mask.bool()]
+    diff = (ours - hf).abs().max().item()
+    if not diff <= CHECK_TOLERANCE:
+        raise RuntimeError(f"fine-tuned model check failed: transformers' logits differ from ours by {diff:.3g}")
+    return diff
+
+
+def _stats(runs: list[dict], split: str) -> dict:
+    keys = runs[0][split].keys() if runs and runs[0].get(split) else []
+    return {k: ds.summarize([r[split][k] for r in runs]) for k in keys}
+
+
+def _prediction_lines(data: ds.TaskData, pred: list) -> str:
+    ex = data.examples["test"]
+    lines = []
+    for i, p in enumerate(pred):
+        rec = {"index": i, "prediction": p}
+        if ex.labels is not None:
+            rec["label"] = ex.labels[i]
+        lines.append(json.dumps(rec))
+    return "".join(line + "\n" for line in lines)
+
+
+# Long: the command's whole sequence (check, read, run seeds or probe, write, summarise) kept in order in one place.
+def finetune(model, train, eval, out, task: str = "classify", test=None, text_field=None, pair_field=None,
+             label_field=None, seeds: int = 1, probe: bool = False, overrides=(), overwrite: bool = False,
+             device: str | None = None) -> dict:
+    """`maskedlm finetune`: returns (and the CLI prints) {task, metric, eval, test, seeds, best_step, ...}; writes
+    DIR/metrics.jsonl, DIR/predictions.jsonl (with --test) and DIR/best/ (not with --probe). Nothing is written
+    when an input is refused."""
+    fcfg = load_finetune_config(overrides)
+    if int(seeds) < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net, cfg, tok = load_any_model(model)
+    ds.check_tokenizer(net, tok, model)
+    sp = special_ids(tok)
+    max_len = min(fcfg.max_len, int(net.cfg.max_positions))
+    data = ds.load_task(tok, sp, task, {"train": train, "eval": eval, "test": test}, text_field, pair_field,
+                        label_field, max_len, warn=lambda m: print(m, file=sys.stderr))
+    net = net.to(dev)
+    records: list[dict] = []
+    tmp = temp_dir_beside(out, "finetune")
+    try:
+        if probe:
+            if seeds > 1:  # the probe has no random part: features are fixed, L-BFGS starts from zeros
+                print("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
+            result = run_probe(net, data, fcfg.eval_batch_rows, dev, log=records.append)
+            runs, pred, best_path = [result], result.pop("test_predictions", None), None
+        else:
+            runs, pred, best_path = _fine_tune_seeds(net, data, fcfg, int(seeds), dev, tok, tmp, records.append)
+        atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if pred is not None:
+            atomic_write_text(tmp / "predictions.jsonl", _prediction_lines(data, pred))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    main = ds.main_metric(task, runs[0]["eval"])
+    best = max(runs, key=lambda r: r["eval"][main])
+    stats = {"eval": _stats(runs, "eval"), "test": _stats(runs, "test")}
+    return {"task": task, "metric": main, "probe": bool(probe),
+            "eval": {k: v["median"] for k, v in stats["eval"].items()},
+            "test": {k: v["median"] for k, v in stats["test"].items()} or None,
+            "stats": stats, "seeds": [{k: r.get(k) for k in ("seed", "best_step", "eval", "test")} for r in runs],
+            "best_step": best.get("best_step"), "best_seed": best.get("seed"), "labels": data.names,
+            "out": str(out), "best": str(out / "best") if best_path else None,
+            "max_abs_diff_transformers": best.get("check")}
+
+
+def _fine_tune_seeds(net, data, fcfg, seeds: int, dev, tok, tmp: Path, log):
+    """Each seed trained and its best state scored on test; DIR/best/ from the seed with the best eval metric."""
+    runs = []
+    for k in range(seeds):
+        r = train_seed(net, data, fcfg, fcfg.seed + k, dev, log)
+        if "test" in data.examples and data.examples["test"].labels is not None:
+            model = _model_for(net, data, fcfg, r["state"]).to(dev)
+            r["test"], _ = _evaluate(model, data, "test", fcfg, dev)
+            log({"seed": r["seed"], "step": r["best_step"], "split": "test", **r["test"]})
+        runs.append(r)
+    main = ds.main_metric(data.task, runs[0]["eval"])
+    best = max(runs, key=lambda r: r["eval"][main])
+    model = _model_for(net, data, fcfg, best["state"]).to(dev)
+    pred = predict(model, data, "test", fcfg, dev) if "test" in data.examples else None
+    best["check"] = save_hf(model, data, tok, tmp / "best")
+    for r in runs:
+        r.pop("state", None)
+    return runs, pred, tmp / "best"
