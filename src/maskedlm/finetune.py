@@ -22,9 +22,10 @@ from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
 from maskedlm.hf import load_any_model
-from maskedlm.optim import Schedule, build_optimizer, set_lr
+from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
 from maskedlm.tokenizer import save_tokenizer, special_ids
+from maskedlm.train import OptimizerStep
 
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
@@ -64,21 +65,19 @@ def _evaluate(model, data, split, fcfg, device) -> tuple[dict, list]:
     return ds.score(data.task, data.names, data.examples[split].labels, pred), pred
 
 
-def _step(model, optimizer, schedule, step: int, batch, task: str, autocast, params) -> float:
-    """One optimizer step (the pretraining step's conventions): the loss is Σ over the labelled items of the batch /
-    their count, the gradient is clipped to 1, and a non-finite loss or gradient leaves weights and moments alone."""
+def _step(stepper: OptimizerStep, model, step: int, batch, task: str, autocast) -> float:
+    """One optimizer step, the same as pretraining's (OptimizerStep): Σ loss over the batch's labelled items / their
+    count, clipped, and skipped when the loss or gradient is not finite. Returns the step's loss."""
     ids, mask, types, labels = batch
-    set_lr(optimizer, schedule.lr(step))
-    with autocast:
-        logits = model(ids, mask, types)  # (B, L) or (B, T, L)
-    total, count = ds.loss_sum(logits, labels, task)
-    loss = total / count.clamp(min=1)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    if bool(torch.isfinite(loss) & torch.isfinite(norm)) and int(count) > 0:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    count = labels.numel() if task == "regress" else int((labels != ds.IGNORE).sum())  # known before the forward
+
+    def loss_sums(_):
+        with autocast:
+            logits = model(ids, mask, types)  # (B, L) or (B, T, L)
+        return ds.loss_sum(logits, labels, task)[0], torch.zeros((), device=ids.device)
+
+    _, count, sums, _, _ = stepper([batch], count, loss_sums, step)
+    return float(sums[0] / count.clamp(min=1))
 
 
 # Long: the whole life of one seed (set-up, epochs, evaluation, best state, early stop) reads best in one place.
@@ -94,8 +93,9 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
     total = min(total, fcfg.max_steps) if fcfg.max_steps else total
     ocfg = OptimConfig(lr=fcfg.lr, weight_decay=fcfg.weight_decay, schedule="linear",
                        warmup_steps=int(fcfg.warmup_fraction * total), clip_grad_norm=1.0)
-    optimizer, schedule = build_optimizer(model, ocfg, device), Schedule(ocfg, total)
+    optimizer = build_optimizer(model, ocfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
+    stepper = OptimizerStep(model, optimizer, Schedule(ocfg, total), params, ocfg.clip_grad_norm, device)
     autocast, order_gen = _autocast(fcfg, device), torch.Generator().manual_seed(seed)
     every = fcfg.eval_every_steps or per_epoch
     best = {"seed": seed, "best_step": 0, "eval": None, "state": None}
@@ -108,7 +108,7 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
             ids, mask, types = ds.collate(enc, index, 0)
             y = ds.label_tensor(data.task, labels, index, data.names, enc, ids.shape[1])
             batch = tuple(t.to(device) for t in (ids, mask, types, y))
-            losses.append(_step(model, optimizer, schedule, step, batch, data.task, autocast, params))
+            losses.append(_step(stepper, model, step, batch, data.task, autocast))
             step += 1
             if step % every == 0 or step == total:
                 metrics, _ = _evaluate(model, data, "eval", fcfg, device)

@@ -181,6 +181,53 @@ def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint |
     return ck
 
 
+# ------------------------------------------------------------------------------------------------ the step
+class OptimizerStep:
+    """The one optimizer step every training in maskedlm takes: pretraining (`Trainer.train_step`) and fine-tuning.
+
+    The caller gives the step's micro-batches, how many items carry a loss on this rank, and a function that returns
+    a micro-batch's Σ loss (and one more number to report). The loss is that sum over the whole step, every
+    micro-batch and rank, divided by the global count of items, known before any backward pass; so splitting a step
+    by accumulation or across ranks changes nothing. The gradient is clipped; a step with a non-finite loss or
+    gradient, or with nothing to learn from anywhere, leaves weights and optimizer state untouched. Nothing here waits
+    for the device.
+    """
+
+    def __init__(self, sync_model, optimizer, schedule: Schedule, params: list, clip_grad_norm: float, device):
+        self.sync_model, self.optimizer, self.schedule, self.params, self.device = (
+            sync_model, optimizer, schedule, params, device)
+        self.clip = clip_grad_norm if clip_grad_norm > 0 else float("inf")
+        # A skipped step is decided on the device where the fused AdamW can take it (a found_inf tensor leaves
+        # parameters, moments and its step count alone); elsewhere the host reads the flag first.
+        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not dist.is_sharded(params)
+
+    def __call__(self, micro: list, count_local: int, loss_sums, step: int, time_fraction: float | None = None):
+        """(lr, global count, (2,) sums over all ranks, grad norm, skipped) of the step taken after `step` steps."""
+        device = self.device
+        count = dist.global_sum([count_local], device)[0]  # () float64, summed over ranks without the host waiting
+        norm_by = count.clamp(min=1.0).float()
+        lr = self.schedule.lr(step, time_fraction)
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        other = torch.zeros((), dtype=torch.float32, device=device)
+        for i, mb in enumerate(micro):
+            with dist.grad_sync(self.sync_model, sync=i == len(micro) - 1):  # gradients reduced after the last only
+                loss_sum, extra = loss_sums(mb)
+                (loss_sum / norm_by).backward()
+            total += loss_sum.detach().float()
+            other += extra.float()
+        sums = dist.all_reduce_sum(torch.stack([total, other]))
+        grad_norm = dist.clip_grad_norm(self.params, self.clip)
+        bad = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm)) | (count == 0)
+        if self.skip_on_device:
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, count, sums, grad_norm, bad
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 @dataclass
 class StepResult:
@@ -216,12 +263,7 @@ class Trainer:
         self.sync_model = dist.wrap_model(model, t.parallel)
         self.optimizer = build_optimizer(model, cfg.optim, self.device)  # after wrapping: FSDP2 replaces parameters
         self.forward = torch.compile(self.sync_model) if t.compile else self.sync_model
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
-        self.clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-        # A skipped step is decided on the device where the fused AdamW can take it (a found_inf tensor leaves
-        # parameters, moments and its step count alone); elsewhere the host reads the flag first.
-        self.skip_on_device = bool(self.optimizer.defaults.get("fused")) and not dist.is_sharded(self.params)
         # Host reads of device values (loss, norm, counts, stop flags) make the host wait for the device. On CUDA
         # they are read one step late, so the host queues step s+1 while step s runs; on CPU nothing runs
         # asynchronously and they are read at once (lag 0, the same code).
@@ -231,6 +273,8 @@ class Trainer:
         self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)
         self.max_steps, self.max_seconds = _budget(cfg, self.tokens_per_step) if data is not None else (None, None)
         self.schedule = Schedule(cfg.optim, self.max_steps)
+        self.stepper = OptimizerStep(self.sync_model, self.optimizer, self.schedule,
+                                     [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm, self.device)
         self.loader = self._build_loader() if data is not None else None
         self.val_store = self._open_val() if data is not None else None
         self.logger = logger if logger is not None else NullLogger()
@@ -289,46 +333,25 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
     def train_step(self, batch: StepBatch, time_fraction: float | None = None) -> StepResult:
-        """One optimizer step over this rank's share of a global batch (its micro-batches already masked).
-
-        The loss is Σ −log p over A(x) in the whole step, every micro-batch and rank, divided by the global count of
-        A(x), so splitting a step by accumulation or across ranks changes nothing. The gradient is clipped to
-        optim.clip_grad_norm; a step with a non-finite loss or gradient, or with no selected position anywhere, leaves
-        weights and optimizer state untouched. Nothing here waits for the device; `read` does.
-        """
-        device = self.device
-        # The normaliser is known before any backward pass: the global count of A(x), a device tensor summed over
-        # ranks without the host waiting.
-        count = dist.global_sum([sum(int(mb.masked.num_selected) for mb in batch.micro)], device)[0]
-        norm_by = count.clamp(min=1.0).float()
-        lr = self.schedule.lr(self.step, time_fraction)
-        set_lr(self.optimizer, lr)
-        nll_sum = torch.zeros((), dtype=torch.float32, device=device)
-        correct = torch.zeros((), dtype=torch.float32, device=device)
-        for i, mb in enumerate(batch.micro):
-            m = mb.masked
-            targets = m.targets.to(device, non_blocking=True)  # (B, K)
-            doc_starts = ((mb.flags & FLAG_DOC_START) != 0).to(device) if self.cfg.model.doc_attention else None
-            with dist.grad_sync(self.sync_model, sync=i == len(batch.micro) - 1):
-                with self.autocast:
-                    logits = self.forward(m.input_ids.to(device, non_blocking=True),
-                                          positions=m.positions.to(device, non_blocking=True), doc_starts=doc_starts)  # (B, K, V)
-                nll = objective.masked_cross_entropy(logits, targets, reduction="sum")
-                (nll / norm_by).backward()
-            nll_sum += nll.detach().float()
-            correct += objective.masked_accuracy_counts(logits.detach(), targets)[0].float()
-        sums = dist.all_reduce_sum(torch.stack([nll_sum, correct]))
-        grad_norm = dist.clip_grad_norm(self.params, self.clip)
-        bad = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm)) | (count == 0)
-        if self.skip_on_device:
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-        elif not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One optimizer step over this rank's share of a global batch (its micro-batches already masked): Σ −log p
+        over A(x) in the whole step / the global count of A(x), clipped, skipped when not finite (OptimizerStep).
+        Nothing here waits for the device; `read` does."""
+        count = sum(int(mb.masked.num_selected) for mb in batch.micro)
+        lr, count, sums, grad_norm, bad = self.stepper(batch.micro, count, self._masked_sums, self.step, time_fraction)
         self.step += 1
         return StepResult(step=self.step, lr=lr, epoch=batch.epoch, count=count, sums=sums, grad_norm=grad_norm, bad=bad,
                           source_rows=batch.source_rows)
+
+    def _masked_sums(self, mb) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ −log p at A(x) of one micro-batch, and its correct top-1 predictions (the forward under autocast)."""
+        m, device = mb.masked, self.device
+        targets = m.targets.to(device, non_blocking=True)  # (B, K)
+        doc_starts = ((mb.flags & FLAG_DOC_START) != 0).to(device) if self.cfg.model.doc_attention else None
+        with self.autocast:
+            logits = self.forward(m.input_ids.to(device, non_blocking=True),
+                                  positions=m.positions.to(device, non_blocking=True), doc_starts=doc_starts)  # (B, K, V)
+        nll = objective.masked_cross_entropy(logits, targets, reduction="sum")  # ()
+        return nll, objective.masked_accuracy_counts(logits.detach(), targets)[0]
 
     def read(self, r: StepResult) -> dict:
         """A step's numbers on the host (waits for that step): counts skipped steps, logs the record, returns it."""
