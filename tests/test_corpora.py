@@ -48,7 +48,7 @@ def _zst(path: Path, data: bytes) -> Path:
     return path
 
 
-def _same_data_dir(a: Path, b: Path) -> None:
+def _check_same_data_dir(a: Path, b: Path) -> None:
     for f in sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "meta.json"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == sorted(p.relative_to(b) for p in b.rglob("*"))
@@ -74,7 +74,7 @@ def test_parquet_zstd_and_arrow_match_jsonl(tmp_path, setup):
     table = pa.table({"id": list(range(len(recs))), "text": pa.array(recs, pa.string())})
     pq.write_table(table, tmp_path / "c.parquet", row_group_size=37)
     meta = _prepare([tmp_path / "c.parquet"], tok, tmp_path / "pq")
-    _same_data_dir(tmp_path / "ref", tmp_path / "pq")
+    _check_same_data_dir(tmp_path / "ref", tmp_path / "pq")
     assert meta["jsonl_records"] == len(recs) and meta["jsonl_missing_text_field"] == 1
     assert meta["empty_text_records"] == 2
 
@@ -83,12 +83,12 @@ def test_parquet_zstd_and_arrow_match_jsonl(tmp_path, setup):
         for b in table.to_batches(max_chunksize=50):
             w.write_batch(b)
     _prepare([tmp_path / "c.arrow"], tok, tmp_path / "ipc")
-    _same_data_dir(tmp_path / "ref", tmp_path / "ipc")
+    _check_same_data_dir(tmp_path / "ref", tmp_path / "ipc")
 
     # zstd JSON Lines, read as a stream.
     raw = (tmp_path / "c.jsonl").read_bytes()
     _prepare([_zst(tmp_path / "c.jsonl.zst", raw)], tok, tmp_path / "zst")
-    _same_data_dir(tmp_path / "ref", tmp_path / "zst")
+    _check_same_data_dir(tmp_path / "ref", tmp_path / "zst")
 
     # A datasets save_to_disk directory, two Arrow files, read without importing datasets.
     datasets = pytest.importorskip("datasets")
@@ -103,13 +103,13 @@ def test_parquet_zstd_and_arrow_match_jsonl(tmp_path, setup):
     _jsonl(tmp_path / "two" / "b.jsonl", recs[first:])
     _prepare([tmp_path / "two"], tok, tmp_path / "ref2")
     _prepare([tmp_path / "saved"], tok, tmp_path / "arrow")
-    _same_data_dir(tmp_path / "ref2", tmp_path / "arrow")
+    _check_same_data_dir(tmp_path / "ref2", tmp_path / "arrow")
 
     # A saved DatasetDict (a dir per split, dataset_dict.json on top): the splits' Arrow files, no metadata as text.
     datasets.DatasetDict({"a": datasets.Dataset.from_dict({"text": recs[:first]}),
                           "b": datasets.Dataset.from_dict({"text": recs[first:]})}).save_to_disk(str(tmp_path / "dd"))
     _prepare([tmp_path / "dd"], tok, tmp_path / "dd_data")
-    _same_data_dir(tmp_path / "ref2", tmp_path / "dd_data")
+    _check_same_data_dir(tmp_path / "ref2", tmp_path / "dd_data")
 
 
 def test_zstd_text_matches_plain_text(tmp_path, setup):
@@ -118,7 +118,7 @@ def test_zstd_text_matches_plain_text(tmp_path, setup):
     (tmp_path / "c.txt").write_bytes(text)
     _prepare([tmp_path / "c.txt"], tok, tmp_path / "ref")
     _prepare([_zst(tmp_path / "c.txt.zst", text)], tok, tmp_path / "zst")
-    _same_data_dir(tmp_path / "ref", tmp_path / "zst")
+    _check_same_data_dir(tmp_path / "ref", tmp_path / "zst")
 
 
 def test_table_without_the_text_column_is_refused(tmp_path, setup, capsys):
