@@ -7,6 +7,7 @@ over an input or a directory someone else wrote) and the one-writer-per-director
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -82,6 +83,18 @@ def temp_dir_beside(out, tag: str) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+@contextlib.contextmanager
+def building(out, tag: str):
+    """`with building(out, tag) as tmp:` a fresh `temp_dir_beside(out, tag)` to build a whole output in, removed if
+    anything fails inside the block (the caller ends the block with `replace_dir(tmp, out)` on success)."""
+    tmp = temp_dir_beside(out, tag)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp, out) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import string
 import sys
 from bisect import bisect_left
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from maskedlm.data import shards as fmt
 from maskedlm.data.corpus import check_options, iter_pieces, new_stats, report_input, resolve_inputs, warn
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, check_out, link_or_copy, replace_dir, temp_dir_beside
+from maskedlm.files import atomic_write_text, building, check_out, link_or_copy, replace_dir
 from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
 
 SEQ_LEN_MIN, SEQ_LEN_MAX = 8, 8192
@@ -468,17 +467,13 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     out = Path(out)
     check_data_out(out, overwrite, inputs_seen)
 
-    tmp = temp_dir_beside(out, "prepare")
-    try:
+    with building(out, "prepare") as tmp:
         meta = _prepare_into(tmp, files, file_index, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format,
                              text_field, doc_per, workers, seed, progress, tokenizer_hash(tok), buffer=part is None)
         meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
         if part is not None:
             meta["part"] = {"index": part[0], "count": part[1], "inputs_hash": _inputs_hash(files)}
         _install(tmp, meta, out, overwrite, inputs_seen)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     print(f"prepared {out}: train {tr['rows']} rows ({tr['documents']} docs), val {va['rows']} rows "
           f"({va['documents']} docs) of {seq_len} tokens; dropped {meta['dropped_tail_tokens']} tail tokens",
@@ -591,13 +586,9 @@ def merge(parts, out, overwrite: bool = False) -> dict:
     parts, metas = [parts[i] for i in order], [metas[i] for i in order]
     out = Path(out)
     check_data_out(out, overwrite, parts)  # never over, inside or around a part: its shards are linked from there
-    tmp = temp_dir_beside(out, "merge")
-    try:
+    with building(out, "merge") as tmp:
         meta = _merge_into(tmp, parts, metas)
         _install(tmp, meta, out, overwrite, parts)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     print(f"merged {len(parts)} parts into {out}: train {tr['rows']} rows ({tr['documents']} docs), val {va['rows']} "
           f"rows ({va['documents']} docs)", file=sys.stderr)
