@@ -127,7 +127,7 @@ def test_finetune_learns_the_task_and_best_reloads_in_transformers(runs, tmp_pat
                    for c in range(CLUSTERS)) / 100
     assert majority < 0.25 and r["test"]["accuracy"] > 0.8, (majority, r["test"])
     assert r["metric"] == "accuracy" and r["max_abs_diff_transformers"] <= 1e-4
-    assert {p.name for p in out.iterdir()} == {"best", "metrics.jsonl", "predictions.jsonl"}
+    assert {p.name for p in out.iterdir()} == {"best", "metrics.jsonl", "predictions.jsonl", ".maskedlm-finetune"}
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["split"] for x in lines].count("eval") >= 1 and lines[-1]["split"] == "test"
     preds = [json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -330,3 +330,25 @@ def test_long_texts_are_truncated_and_counted_not_refused(runs, tmp_path, capsys
     err = capsys.readouterr().err
     assert "note: 200 of 200 examples in" in err and "longer than 5 tokens and were truncated" in err
     assert 0 <= r["eval"]["accuracy"] <= 1
+
+
+def test_out_is_never_an_input_and_overwrite_replaces_only_a_finetune_output(runs, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    good = _write_jsonl(tmp_path / "data" / "good.jsonl", [{"text": "w0 w1", "label": "a"}, {"text": "w8 w9", "label": "b"}])
+    args = ["finetune", str(runs / "trained"), "--train", str(good), "--eval", str(good), "--probe"]
+    before = sorted(p.name for p in (tmp_path / "data").iterdir())
+    err = _cli([*args, "--out", str(tmp_path / "data"), "--overwrite"], capsys)  # the folder holding the inputs
+    assert "contains the input" in err and sorted(p.name for p in (tmp_path / "data").iterdir()) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    err = _cli([*args, "--out", str(mine), "--overwrite"], capsys)
+    assert "holds no finetune output" in err and (mine / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "ft"
+    from maskedlm.cli import main
+
+    main([*args, "--out", str(out)])
+    first = (out / "metrics.jsonl").read_text()
+    assert "already holds a finetune output" in _cli([*args, "--out", str(out)], capsys)
+    main([*args, "--out", str(out), "--overwrite"])  # an earlier finetune's output may be replaced
+    assert (out / "metrics.jsonl").read_text() == first  # the probe is deterministic

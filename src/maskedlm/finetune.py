@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,13 +20,14 @@ from tokenizers import Tokenizer, processors
 from maskedlm import downstream as ds
 from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, replace_dir, temp_dir_beside
+from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.hf import load_any_model
 from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
 from maskedlm.tokenizer import save_tokenizer, special_ids
 from maskedlm.train import OptimizerStep
 
+MARKER = ".maskedlm-finetune"  # how --overwrite recognises a directory that finetune wrote
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
 
@@ -212,9 +213,9 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     fcfg = load_finetune_config(overrides)
     if int(seeds) < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    # --out never over, inside or around an input; --overwrite replaces only an earlier finetune's output
+    inputs = [x for x in (model, train, eval, test) if isinstance(x, (str, os.PathLike))]
+    out = check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(), what="a finetune output")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, cfg, tok = load_any_model(model)
     ds.check_tokenizer(net, tok, model)
@@ -224,8 +225,8 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
                         label_field, max_len, warn=lambda m: print(m, file=sys.stderr))
     net = net.to(dev)
     records: list[dict] = []
-    tmp = temp_dir_beside(out, "finetune")
-    try:
+    with building(out, "finetune") as tmp:
+        atomic_write_text(tmp / MARKER, "written by maskedlm finetune; --overwrite may replace this directory\n")
         if probe:
             if seeds > 1:  # the probe has no random part: features are fixed, L-BFGS starts from zeros
                 print("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
@@ -236,10 +237,9 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
         atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         if pred is not None:
             atomic_write_text(tmp / "predictions.jsonl", _prediction_lines(data, pred))
+        check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(),
+                  what="a finetune output")  # again: --out may have changed while training
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     main = ds.main_metric(task, runs[0]["eval"])
     best = max(runs, key=lambda r: r["eval"][main])
     stats = {"eval": _stats(runs, "eval"), "test": _stats(runs, "test")}
