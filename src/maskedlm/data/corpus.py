@@ -24,7 +24,9 @@ DOC_PER = ("line", "file", "blank-line")
 FORMATS = ("text", "jsonl")
 TABLE_FORMATS = ("parquet", "arrow")  # chosen by file name only: a table file is never read as text
 READ_BYTES = 1 << 20  # file read block
-TABLE_BATCH_ROWS = 1024  # rows per record batch read from Parquet/Arrow: a few MB of text at most
+# Rows per record batch read from Parquet/Arrow. Peak RSS of prepare on a 67 MB-of-text Parquet file of 6 kB rows,
+# one process: 194 MB at 1024 rows, 173 MB at 256, 164 MB at 128; the same speed at all three.
+TABLE_BATCH_ROWS = 256
 # The files of a `datasets` save_to_disk directory besides its Arrow files: metadata, not corpus text.
 _SAVED_DATASET_META = ("state.json", "dataset_info.json", "dataset_dict.json")
 # Documents longer than this are tokenized in pieces cut at whitespace: bounded memory for a 50 MB line, and
