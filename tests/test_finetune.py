@@ -352,3 +352,33 @@ def test_out_is_never_an_input_and_overwrite_replaces_only_a_finetune_output(run
     assert "already holds a finetune output" in _cli([*args, "--out", str(out)], capsys)
     main([*args, "--out", str(out), "--overwrite"])  # an earlier finetune's output may be replaced
     assert (out / "metrics.jsonl").read_text() == first  # the probe is deterministic
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_as_one(runs, tmp_path):
+    """torchrun with 2 gloo processes: each takes half of every batch and the step sums over both, so the
+    fine-tuned model is the one a single process makes (dropout off; float summation order aside)."""
+    import os
+    import subprocess
+    import sys
+
+    files = _classify_files(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    outs = {}
+    for nproc in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if nproc == 2 else [sys.executable]
+        outs[nproc] = tmp_path / f"out{nproc}"
+        done = subprocess.run([*launcher, "-m", "maskedlm", "finetune", str(runs / "trained"), "--train",
+                               str(files["train"]), "--eval", str(files["eval"]), "--test", str(files["test"]),
+                               "--out", str(outs[nproc]), "finetune.lr=1e-3", "finetune.epochs=2", "finetune.dropout=0"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["test"]["accuracy"] > 0.5  # one JSON object: rank 0 alone printed it
+    from safetensors.torch import load_file
+
+    one, two = (load_file(str(outs[n] / "best" / "model.safetensors")) for n in (1, 2))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+    assert (outs[1] / "predictions.jsonl").read_text() == (outs[2] / "predictions.jsonl").read_text()

@@ -128,7 +128,10 @@ def _finetune(a):
     result = finetune(a.model, train=a.train, eval=a.eval, out=a.out, task=a.task, test=a.test,
                       text_field=a.text_field, pair_field=a.text_pair_field, label_field=a.label_field,
                       seeds=a.seeds, probe=a.probe, overrides=a.overrides, overwrite=a.overwrite)
-    print(json.dumps(result, indent=2))
+    from maskedlm import distributed as dist
+
+    dist.print0(json.dumps(result, indent=2))  # under torchrun every rank has the same numbers; one prints them
+    dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 
 class _Parser(argparse.ArgumentParser):

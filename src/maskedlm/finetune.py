@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, processors
 
+from maskedlm import distributed as dist
 from maskedlm import downstream as ds
 from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
@@ -84,9 +85,11 @@ def _step(stepper: OptimizerStep, model, step: int, batch, task: str, autocast) 
 # Long: the whole life of one seed (set-up, epochs, evaluation, best state, early stop) reads best in one place.
 def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
     """Fine-tune a fresh copy of `net` with `seed`; returns {seed, best_step, eval (best), state (best weights)}."""
-    torch.manual_seed(seed)  # dropout
+    info = dist.info()
+    torch.manual_seed(seed + info.rank)  # dropout: rank 0 of N draws as one process would
     model = ds.TaskModel.from_mlm(net, data.task, len(data.names) if data.task != "regress" else 1,
                                   fcfg.dropout, seed).to(device)
+    sync = dist.wrap_model(model, "ddp")  # under torchrun each rank takes its share of every batch; else the model
     enc, labels = data.encoded["train"], data.examples["train"].labels
     n = len(enc.ids)
     per_epoch = math.ceil(n / fcfg.batch_rows)
@@ -96,7 +99,7 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
                        warmup_steps=int(fcfg.warmup_fraction * total), clip_grad_norm=1.0)
     optimizer = build_optimizer(model, ocfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    stepper = OptimizerStep(model, optimizer, Schedule(ocfg, total), params, ocfg.clip_grad_norm, device)
+    stepper = OptimizerStep(sync, optimizer, Schedule(ocfg, total), params, ocfg.clip_grad_norm, device)
     autocast, order_gen = _autocast(fcfg, device), torch.Generator().manual_seed(seed)
     every = fcfg.eval_every_steps or per_epoch
     best = {"seed": seed, "best_step": 0, "eval": None, "state": None}
@@ -106,10 +109,13 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
         perm = torch.randperm(n, generator=order_gen).tolist()
         for start in range(0, n, fcfg.batch_rows):
             index = perm[start:start + fcfg.batch_rows]
+            if len(index) < info.world_size:  # a last batch too small to give every rank a row: left out
+                break
+            index = index[info.rank::info.world_size]  # this rank's share; the step's count is summed over ranks
             ids, mask, types = ds.collate(enc, index, 0)
             y = ds.label_tensor(data.task, labels, index, data.names, enc, ids.shape[1])
             batch = tuple(t.to(device) for t in (ids, mask, types, y))
-            losses.append(_step(stepper, model, step, batch, data.task, autocast))
+            losses.append(_step(stepper, sync, step, batch, data.task, autocast))
             step += 1
             if step % every == 0 or step == total:
                 metrics, _ = _evaluate(model, data, "eval", fcfg, device)
@@ -209,37 +215,38 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
              device: str | None = None) -> dict:
     """`maskedlm finetune`: returns (and the CLI prints) {task, metric, eval, test, seeds, best_step, ...}; writes
     DIR/metrics.jsonl, DIR/predictions.jsonl (with --test) and DIR/best/ (not with --probe). Nothing is written
-    when an input is refused."""
+    when an input is refused. Under torchrun every rank trains on its share of each batch and rank 0 writes."""
     fcfg = load_finetune_config(overrides)
     if int(seeds) < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     # --out never over, inside or around an input; --overwrite replaces only an earlier finetune's output
     inputs = [x for x in (model, train, eval, test) if isinstance(x, (str, os.PathLike))]
     out = check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(), what="a finetune output")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, cfg, tok = load_any_model(model)
     ds.check_tokenizer(net, tok, model)
     sp = special_ids(tok)
     max_len = min(fcfg.max_len, int(net.cfg.max_positions))
     data = ds.load_task(tok, sp, task, {"train": train, "eval": eval, "test": test}, text_field, pair_field,
                         label_field, max_len, warn=lambda m: print(m, file=sys.stderr))
-    net = net.to(dev)
-    records: list[dict] = []
-    with building(out, "finetune") as tmp:
-        atomic_write_text(tmp / MARKER, "written by maskedlm finetune; --overwrite may replace this directory\n")
+    own_group = not dist.in_process_group()  # a group the caller set up is left to the caller
+    info = dist.init(device or "auto") if own_group else dist.info()
+    try:
+        if len(data.examples["train"].labels) < info.world_size:
+            raise UserError(f"--train has {len(data.examples['train'].labels)} examples, fewer than the "
+                            f"{info.world_size} processes; run on fewer processes")
+        net = net.to(info.device)
+        records: list[dict] = []
         if probe:
             if seeds > 1:  # the probe has no random part: features are fixed, L-BFGS starts from zeros
-                print("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
-            result = run_probe(net, data, fcfg.eval_batch_rows, dev, log=records.append)
-            runs, pred, best_path = [result], result.pop("test_predictions", None), None
+                dist.print0("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
+            result = run_probe(net, data, fcfg.eval_batch_rows, info.device, log=records.append)
+            runs, pred, best_model = [result], result.pop("test_predictions", None), None
         else:
-            runs, pred, best_path = _fine_tune_seeds(net, data, fcfg, int(seeds), dev, tok, tmp, records.append)
-        atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        if pred is not None:
-            atomic_write_text(tmp / "predictions.jsonl", _prediction_lines(data, pred))
-        check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(),
-                  what="a finetune output")  # again: --out may have changed while training
-        replace_dir(tmp, out)
+            runs, pred, best_model = _fine_tune_seeds(net, data, fcfg, int(seeds), info.device, records.append)
+        check = dist.everywhere(_write_out, out, inputs, overwrite, records, data, pred, best_model, tok, main_only=True)
+    finally:
+        if own_group:
+            dist.shutdown()
     main = ds.main_metric(task, runs[0]["eval"])
     best = max(runs, key=lambda r: r["eval"][main])
     stats = {"eval": _stats(runs, "eval"), "test": _stats(runs, "test")}
@@ -248,12 +255,29 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
             "test": {k: v["median"] for k, v in stats["test"].items()} or None,
             "stats": stats, "seeds": [{k: r.get(k) for k in ("seed", "best_step", "eval", "test")} for r in runs],
             "best_step": best.get("best_step"), "best_seed": best.get("seed"), "labels": data.names,
-            "out": str(out), "best": str(out / "best") if best_path else None,
-            "max_abs_diff_transformers": best.get("check")}
+            "out": str(out), "best": str(out / "best") if best_model is not None else None,
+            "max_abs_diff_transformers": check}
 
 
-def _fine_tune_seeds(net, data, fcfg, seeds: int, dev, tok, tmp: Path, log):
-    """Each seed trained and its best state scored on test; DIR/best/ from the seed with the best eval metric."""
+def _write_out(out: Path, inputs, overwrite: bool, records, data, pred, best_model, tok) -> float | None:
+    """DIR as a whole (marker, metrics.jsonl, predictions.jsonl, best/), built beside it and renamed into place;
+    returns best/'s largest logit difference from transformers (None when not checked)."""
+    check = None
+    with building(out, "finetune") as tmp:
+        atomic_write_text(tmp / MARKER, "written by maskedlm finetune; --overwrite may replace this directory\n")
+        if best_model is not None:
+            check = save_hf(best_model, data, tok, tmp / "best")
+        atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if pred is not None:
+            atomic_write_text(tmp / "predictions.jsonl", _prediction_lines(data, pred))
+        check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(),
+                  what="a finetune output")  # again: --out may have changed while training
+        replace_dir(tmp, out)
+    return check
+
+
+def _fine_tune_seeds(net, data, fcfg, seeds: int, dev, log):
+    """Each seed trained and its best state scored on test; returns (runs, test predictions, the best seed's model)."""
     runs = []
     for k in range(seeds):
         r = train_seed(net, data, fcfg, fcfg.seed + k, dev, log)
@@ -266,7 +290,6 @@ def _fine_tune_seeds(net, data, fcfg, seeds: int, dev, tok, tmp: Path, log):
     best = max(runs, key=lambda r: r["eval"][main])
     model = _model_for(net, data, fcfg, best["state"]).to(dev)
     pred = predict(model, data, "test", fcfg, dev) if "test" in data.examples else None
-    best["check"] = save_hf(model, data, tok, tmp / "best")
     for r in runs:
         r.pop("state", None)
-    return runs, pred, tmp / "best"
+    return runs, pred, model
