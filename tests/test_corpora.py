@@ -163,4 +163,5 @@ def test_500mb_parquet_peak_memory(tmp_path, setup):
     proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
     assert load_meta(tmp_path / "data")["documents"] == i
     peak_kb = int(proc.stdout.strip().splitlines()[-1])
+    print(f"peak RSS {peak_kb} kB")
     assert peak_kb < 200_000, f"peak RSS {peak_kb} kB"
