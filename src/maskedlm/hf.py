@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import maskedlm
 from maskedlm.checkpoint import STATE, load_checkpoint_model, save_checkpoint
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, check_out, replace_dir, temp_dir_beside
+from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.model import MaskedLM, padded_vocab_size, plan_model
 from maskedlm.tokenizer import load_tokenizer, save_tokenizer, special_ids
 
@@ -498,12 +497,11 @@ def _is_run_dir(d: Path) -> bool:
     return (d / "config.json").is_file() and (d / "checkpoints").is_dir()
 
 
-def _prepare_out(out, overwrite: bool, tag: str, inputs, ours):
-    """A fresh temporary sibling of `out` to write into, after files.check_out: not an input, and an existing
-    directory only with overwrite and only when `ours` recognises it."""
+def _check_out(out, overwrite: bool, tag: str, inputs, ours) -> Path:
+    """files.check_out for export and import: not an input, and an existing directory only with overwrite and only
+    when `ours` recognises it."""
     paths = [p for p in inputs if isinstance(p, (str, os.PathLike))]
-    out = check_out(out, inputs=paths, overwrite=overwrite, ours=ours, what="an export" if tag == "export" else "a run")
-    return out, temp_dir_beside(out, tag)
+    return check_out(out, inputs=paths, overwrite=overwrite, ours=ours, what="an export" if tag == "export" else "a run")
 
 
 def _readable(d: Path) -> None:
@@ -572,8 +570,8 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
     sp = special_ids(tok)
     if tok.get_vocab_size() > net.vocab_size:
         raise UserError(f"{model}: the tokenizer has {tok.get_vocab_size()} tokens but the model {net.vocab_size} rows")
-    out, tmp = _prepare_out(out, overwrite, "export", [model], _is_export)
-    try:
+    out = _check_out(out, overwrite, "export", [model], _is_export)
+    with building(out, "export") as tmp:
         hf_cfg = hf_config(mcfg, special=sp.as_dict())
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         sd = {k: v.cpu() for k, v in to_hf_state_dict(net).items() if k not in tied_hf_keys(mcfg)}
@@ -595,9 +593,6 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
             if transformers is not None:
                 diff = verify_export(tmp, net, tok)
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     arch = hf_cfg["architectures"][0]
     check = f"verified with transformers (max |Δlogit| {diff:.2g})" if diff is not None else "not verified (transformers not installed)"
     report = f"exported {arch} ({mcfg.layers} layers, hidden {mcfg.hidden}, vocabulary {net.vocab_size}) to {out}; {check}"
@@ -613,8 +608,8 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
 
     check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=_is_run_dir, what="a run")  # before reading weights
     model, cfg, tok, info = _load_hf(hf_dir)
-    out, tmp = _prepare_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _is_run_dir)
-    try:
+    out = _check_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _is_run_dir)
+    with building(out, "import") as tmp:
         tok_file = tmp / "tokenizer.source.json"
         tok_file.write_text(tok.to_str())
         state = dict(imported_from=info["source"], architectures=info["architectures"],
@@ -624,9 +619,6 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         _readable(tmp)
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = model.num_parameters()
     fresh = (f"; initialised fresh (not in the checkpoint): {', '.join(info['initialised'])}"
              if info["initialised"] else "; MLM head taken from the checkpoint")

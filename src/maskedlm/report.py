@@ -20,7 +20,7 @@ from maskedlm.checkpoint import read_latest_name
 from maskedlm.config import flat_config, load_config
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
-from maskedlm.evaluate import check_compatible, evaluate, score_positions
+from maskedlm.evaluate import check_compatible, score_positions
 from maskedlm.files import atomic_write_text
 from maskedlm.hf import load_any_model
 
@@ -127,8 +127,7 @@ def anatomy(run: Run, data, tokenizer_text=None) -> dict:
     check_compatible(cfg.model, tok, d)
     split = "val" if d.rows("val") > 0 else "train"
     store = d.open(split)
-    s = score_positions(model, store, cfg.eval, d.special, d.vocab_size)
-    ev = evaluate(model, store, cfg.eval, d.special, d.vocab_size)
+    s = score_positions(model, store, cfg.eval, d.special, d.vocab_size)  # its Σ −log p / n is `evaluate`'s loss
     nll = -np.log(np.maximum(s["p_gold"].astype(np.float64), np.finfo(np.float64).tiny))
     correct = (s["pred"] == s["gold"]).astype(np.float64)
     labels, which = _frequency_buckets(s["gold"], d.token_counts("the report's frequency anatomy"))
@@ -143,7 +142,7 @@ def anatomy(run: Run, data, tokenizer_text=None) -> dict:
     text = (lambda i: tok.id_to_token(int(i)) or str(int(i))) if tok is not None else (lambda i: str(int(i)))
     return {
         "checkpoint_step": _latest_step(run.path), "data": str(d.path), "split": split, "positions": int(nll.size), "loss": float(nll.mean()),
-        "accuracy": float(correct.mean()), "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
+        "accuracy": float(correct.mean()),
         "by_frequency": _bucket_table(labels, which, nll, correct),
         "by_position": _bucket_table(pos_labels, pos_which, nll, correct),
         "by_word_start": _bucket_table(["sub-word", "word start"], s["word_start"].astype(np.int64), nll, correct),

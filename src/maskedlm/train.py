@@ -279,6 +279,7 @@ class Trainer:
         self.val_store = self._open_val() if data is not None else None
         self.logger = logger if logger is not None else NullLogger()
         self.lock = None  # the run dir's files.lock_dir lock, held by train() on rank 0
+        self._probe_tasks = None  # eval.probe_tasks, read at the first evaluation
 
         self.step = 0  # optimizer steps taken
         self.skipped = 0  # steps whose update was skipped, over the whole run
@@ -424,7 +425,7 @@ class Trainer:
                          precision=self.cfg.train.precision)
         probes = {}
         if self.cfg.eval.probe_tasks:  # downstream quality beside the masked loss; the tasks are read once
-            if getattr(self, "_probe_tasks", None) is None:
+            if self._probe_tasks is None:
                 if d.tokenizer_file is None:
                     raise UserError(f"eval.probe_tasks needs the tokenizer.json of {d.path}; prepare the data again")
                 tok = load_tokenizer(d.tokenizer_file)
