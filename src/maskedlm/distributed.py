@@ -97,11 +97,11 @@ def in_process_group() -> bool:
 
 def on_main(fn, *args, wait: bool = True, **kwargs):
     """`fn(*args, **kwargs)` on rank 0 alone (writing a file every rank would write); its result there, None on the
-    other ranks. With wait, every rank waits until rank 0 is done, so what it wrote is there for all."""
-    result = fn(*args, **kwargs) if _INFO.is_main else None
+    other ranks. With wait, every rank waits until rank 0 is done, so what it wrote is there for all, and a
+    UserError there (a full disk during a save, say) is raised on every rank instead of leaving them at a barrier."""
     if wait:
-        barrier()
-    return result
+        return everywhere(fn, *args, main_only=True, **kwargs)
+    return fn(*args, **kwargs) if _INFO.is_main else None
 
 
 def everywhere(fn, *args, main_only: bool = False, **kwargs):
