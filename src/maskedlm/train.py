@@ -596,21 +596,10 @@ def _has_run(out: Path) -> bool:
     return (out / "config.json").exists() or (out / "checkpoints").exists()
 
 
-def _try_lock(out: Path):
-    """(the lock, None), or (None, why) when another process holds `out`: a refusal every rank can hear."""
-    try:
-        return lock_dir(out), None
-    except UserError as e:
-        return None, str(e)
-
-
 def _take_run_dir(out: Path, resume: bool):
-    """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir. The refusal
-    is shared, so under torchrun no rank waits for a rank 0 that has gone."""
-    lock, why = dist.on_main(_try_lock, out, wait=False) or (None, None)
-    why = next((w for w in dist.all_gather_object(why) if w), None)
-    if why:
-        raise UserError(why)
+    """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir. A refusal is
+    raised on every rank (dist.on_main), so under torchrun no rank waits for a rank 0 that has gone."""
+    lock = dist.on_main(lock_dir, out)
     if not resume and _has_run(out):  # another run took `out` between the first check and the lock
         if lock is not None:
             lock.release()
