@@ -3,8 +3,9 @@
 Both pack 128-token rows from the same file (Shakespeare's works repeated to each size, a document per line) with one
 WordPiece tokenizer, each in a child process; peak memory is wait4's ru_maxrss (the largest single process) and the
 RSS sum over the child's tree (workers too). `--formats text parquet` also gives both the same lines as a Parquet
-file (a row per line; datasets reads it with load_dataset("parquet")). Run: python bench/prepare.py --sizes-mb 50 200
-(files under --work).
+file (a row per line; datasets reads it with load_dataset("parquet")). `--corpus zipf` replaces Shakespeare, which
+repeats itself past 5 MB and so flatters maskedlm's per-word cache, by generated words that follow Zipf's law over a
+million-word vocabulary. Run: python bench/prepare.py --sizes-mb 50 200 (files under --work).
 """
 
 from __future__ import annotations
@@ -46,6 +47,45 @@ def make_corpus(path: Path, size_mb: float) -> Path:
             f.write(chunk)
             n += len(chunk)
     return path
+
+
+def make_zipf_corpus(path: Path, size_mb: float, vocab: int = 1_000_000, exponent: float = 1.1) -> Path:
+    """Generated text whose words follow Zipf's law over `vocab` random letter strings (a few with a comma or full
+    stop attached), 12 words a line: a corpus that does not repeat itself, with a vocabulary far larger than
+    Shakespeare's (which the default corpus repeats to reach each size), so the chunk cache misses often."""
+    if path.exists() and path.stat().st_size >= int(size_mb * 1e6):
+        return path
+    # Written by a forked child, so the word list's memory never enters this process, whose peak the children's
+    # ru_maxrss would otherwise report (Linux counts a process's peak from before its exec).
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_write_zipf, args=(path, size_mb, vocab, exponent))
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        sys.exit(f"writing {path} failed")
+    return path
+
+
+def _write_zipf(path: Path, size_mb: float, vocab: int, exponent: float) -> None:
+    import numpy as np
+
+    target = int(size_mb * 1e6)
+    rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    lens = rng.integers(2, 11, vocab)
+    chars = letters[rng.integers(0, 26, (vocab, 10))]
+    words = [bytes(c[:n]).decode() for c, n in zip(chars, lens)]
+    words = [w + (",." [i % 2] if i % 7 == 0 else "") for i, w in enumerate(words)]
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** exponent)
+    with open(path, "w", encoding="utf-8") as f:
+        n = 0
+        while n < target:
+            ranks = np.searchsorted(cdf, rng.random(120_000) * cdf[-1])
+            lines = [" ".join(words[r] for r in ranks[i:i + 12]) for i in range(0, len(ranks), 12)]
+            block = "\n".join(lines) + "\n"
+            f.write(block)
+            n += len(block)
 
 
 def make_parquet(corpus: Path) -> Path:
@@ -182,6 +222,8 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--formats", nargs="+", choices=["text", "parquet"], default=["text"],
                    help="the corpus as a text file and/or as Parquet (the same lines)")
+    p.add_argument("--corpus", choices=["shakespeare", "zipf"], default="shakespeare",
+                   help="Shakespeare repeated to each size, or generated Zipf-distributed words (no repetition)")
     p.add_argument("--child", choices=["maskedlm", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
@@ -199,12 +241,13 @@ def main() -> None:
         from maskedlm.tokenizer import train_tokenizer
 
         train_tokenizer([str(f) for f in shakespeare_files()], a.vocab_size, "wordpiece", tok_dir, lowercase=True)
-    print(f"# cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
+    print(f"# corpus: {a.corpus}  cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
     print(f"{'size MB':>8} {'format':<8} {'pipeline':<22} {'time s':>8} {'cpu s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} "
           f"{'maxrss MB':>10} {'tree RSS MB':>11}")
     results = []
     for size, fmt in [(s, f) for s in a.sizes_mb for f in a.formats]:
-        corpus = make_corpus(work / f"corpus_{size:g}MB.txt", size)
+        corpus = (make_corpus(work / f"corpus_{size:g}MB.txt", size) if a.corpus == "shakespeare" else
+                  make_zipf_corpus(work / f"zipf_{size:g}MB.txt", size))
         mb = corpus.stat().st_size / 1e6  # text MB either way, so the two formats' MB/s compare
         corpus = make_parquet(corpus) if fmt == "parquet" else corpus
         common = ["--input", str(corpus), "--tokenizer", str(tok_dir), "--seq-len", str(a.seq_len)]

@@ -155,7 +155,8 @@ def test_long_documents_are_chunked_without_changing_tokens(tmp_path, monkeypatc
 
 
 def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks):
-    """encode_batch_fast + the id → word-start table, joined or one text each, writes what encode_batch + word_ids do."""
+    """The chunk cache, and encode_batch_fast + the id → word-start table (joined or one text each), write what
+    encode_batch + word_ids do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = load_tokenizer(toks["wordpiece"])
@@ -175,15 +176,18 @@ def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks)
     encode_joined = prep._encode_joined
     monkeypatch.setattr(prep, "_encode_joined", lambda *a: joined.append(encode_joined(*a)) or joined[-1])
     out = {}
-    for name, table, joiner in (("joined", prep.word_start_table, prep._joiner), ("fast", prep.word_start_table, None),
-                                ("word_ids", None, None)):
+    cacheable = prep.chunk_cacheable
+    for name, table, joiner, cache in (("cache", prep.word_start_table, prep._joiner, cacheable),
+                                       ("joined", prep.word_start_table, prep._joiner, None),
+                                       ("fast", prep.word_start_table, None, None), ("word_ids", None, None, None)):
         monkeypatch.setattr(prep, "word_start_table", table or (lambda t: None))
         monkeypatch.setattr(prep, "_joiner", joiner or (lambda t: None))
+        monkeypatch.setattr(prep, "chunk_cacheable", cache or (lambda t: False))
         for workers in (1, 2):
             d = tmp_path / f"{name}{workers}"
             prep.prepare([str(path)], toks["wordpiece"], 16, d, val_fraction=0.1, workers=workers)
             out[name, workers] = {f.relative_to(d): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
-    assert len(out[("joined", 1)]) > 5 and all(o == out["joined", 1] for o in out.values())
+    assert len(out[("cache", 1)]) > 5 and all(o == out["cache", 1] for o in out.values())
     assert any(r is None for r in joined) and any(r is not None for r in joined)
     ids, flags = all_rows(tmp_path / "fast1")
     assert (ids == special_ids(tok).unk).any() and (ids == special_ids(tok).mask).any()
@@ -464,3 +468,70 @@ def test_50mb_line_peak_memory(tmp_path, toks):
     assert meta["documents"] == 1 and meta["splits"]["train"]["rows"] > 100_000
     own, workers = json.loads(proc.stdout.strip().splitlines()[-1])  # kB: this process, and its largest pool worker
     assert max(own, workers) < 500_000, f"peak RSS {own} kB (pool workers: {workers} kB)"
+
+
+# Text that probes every assumption behind the chunk cache: the four whitespace chars it cuts at, and next to
+# them the Unicode spaces and separators it must not cut at (NBSP, ideographic space, NEL, U+001C-U+001F, which
+# Python's str.split() would cut at and BERT's normalizer drops or keeps), combining accents right after a cut,
+# final sigma, CJK without spaces, control chars, literal special tokens, a chunk past CACHE_WORD_CHARS and one
+# past WordPiece's 100-char limit, runs of cuts, and text that tokenizes to nothing.
+HOSTILE = ["a\tb\nc\rd  e", "x\u00a0y z\u3000w", "p\u0085q r\x1cs\x1dt\x1eu\x1fv", " \u0301e e\u0301 \u0308",
+           "ΟΔΟΣ Σ σς", "漢字漢字漢字 かな", "\x07\x08 \x00z\ufffd", "[MASK]x y[SEP]z [CLS] [SEP][SEP]",
+           "ka" * 30, "lo" * 60, "   ", "", "\n\n\t", "Zéro NAÏVE Ǆemal ﬁne", "##a ## #", "İstanbul ǅ"]
+
+
+def _bert_like(vocab: dict, **norm) -> "Tokenizer":  # noqa: F821 (tokenizers' type, imported where used)
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(**norm) if norm else None
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return tok
+
+
+@pytest.mark.parametrize("norm", [dict(lowercase=True), dict(lowercase=False), dict(lowercase=True, strip_accents=False),
+                                  dict(lowercase=False, strip_accents=True, handle_chinese_chars=False),
+                                  dict(clean_text=False), {}])
+def test_chunk_cache_gives_the_tokenizers_own_ids(monkeypatch, toks, norm):
+    """The cached path's ids and lengths equal tokenizers' encode() of each whole text, for every BERT normalizer
+    setting, with the cache starting over mid-corpus and chunks that are too long to keep."""
+    vocab = load_tokenizer(toks["wordpiece"]).get_vocab()
+    tok = _bert_like(vocab, **norm)
+    tok.add_tokens(["zzyzx", "ka-lo"])  # normalized added tokens, matched inside chunks
+    assert prep.chunk_cacheable(tok)
+    monkeypatch.setattr(prep, "CACHE_WORDS", 50)  # starts over many times below
+    texts = HOSTILE + make_docs(200, seed=5) + HOSTILE + [d + " zzyzx ka-lo kazzyzx" for d in make_docs(50, seed=6)]
+    enc = prep._Encoder(tok)
+    assert enc.cache is not None
+    for i in range(0, len(texts), 37):
+        batch = texts[i:i + 37]
+        ids, flags, lens = enc(batch)
+        ref = [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
+        assert lens.tolist() == [len(r) for r in ref]
+        assert ids.tolist() == [t for r in ref for t in r]
+    assert enc.cache.resets > 3
+
+
+def test_chunk_cache_refuses_tokenizers_it_cannot_reproduce(toks):
+    from tokenizers import AddedToken, normalizers
+
+    vocab = load_tokenizer(toks["wordpiece"]).get_vocab()
+    assert prep.chunk_cacheable(load_tokenizer(toks["wordpiece"]))
+    for kind in ("bpe", "unigram"):
+        assert not prep.chunk_cacheable(load_tokenizer(toks[kind]))
+    spaced = _bert_like(vocab, lowercase=True)
+    spaced.add_tokens(["new york"])  # would match across a cut
+    stripping = _bert_like(vocab, lowercase=True)
+    stripping.add_special_tokens([AddedToken("<mask>", lstrip=True)])  # takes the space before it
+    other_norm = _bert_like(vocab)
+    other_norm.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    truncating = _bert_like(vocab, lowercase=True)
+    truncating.enable_truncation(8)
+    for tok in (spaced, stripping, other_norm, truncating):
+        assert not prep.chunk_cacheable(tok)
+    # And where it refuses, the encoder still gives the tokenizer's own ids (by the uncached path).
+    text = ["new york is not new  york <mask>x ka " * 3]
+    for tok in (spaced, stripping, other_norm):
+        ids, _, lens = prep._Encoder(tok)(text)
+        assert ids.tolist() == tok.encode(text[0], add_special_tokens=False).ids
