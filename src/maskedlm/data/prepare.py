@@ -15,7 +15,7 @@ import string
 import sys
 from bisect import bisect_left
 from collections import deque
-from itertools import accumulate, chain
+from itertools import accumulate, repeat
 from pathlib import Path
 
 import numpy as np
@@ -157,20 +157,21 @@ class _ChunkCache:
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if len(self.cache) > CACHE_WORDS or self.used > CACHE_POOL_IDS:
             self._reset()  # between batches: this batch's codes point into the pool as it stands
-        split = [(t.replace("\n", " ").replace("\t", " ").replace("\r", " ") if ("\n" in t or "\t" in t or "\r" in t)
-                  else t).split(" ") for t in texts]
-        words = list(chain.from_iterable(split))
-        get = self.cache.get
-        code = np.fromiter([get(w, -1) for w in words], dtype=np.int64, count=len(words))
+        joined = " ".join(texts)  # one split for the batch: the join's spaces end each text's last chunk
+        if "\n" in joined or "\t" in joined or "\r" in joined:
+            texts = [t.replace("\n", " ").replace("\t", " ").replace("\r", " ") for t in texts]
+            joined = " ".join(texts)
+        words = joined.split(" ")
+        code = np.fromiter(map(self.cache.get, words, repeat(-1)), dtype=np.int64, count=len(words))
         miss = np.flatnonzero(code < 0)
         if len(miss):
             code[miss] = self._learn([words[i] for i in miss.tolist()])
         n = code & ((1 << _LEN_BITS) - 1)
         ends = np.cumsum(n)
         ids = self.pool[np.repeat((code >> _LEN_BITS) - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)]
-        per_text = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
-        if not len(texts):
-            return ids, per_text
+        if not texts:
+            return ids, np.zeros(0, dtype=np.int64)
+        per_text = np.fromiter(map(str.count, texts, repeat(" ")), dtype=np.int64, count=len(texts)) + 1
         return ids, np.add.reduceat(n, np.cumsum(per_text) - per_text)  # every text has a chunk, maybe ""
 
     def _learn(self, missed: list[str]) -> list[int]:
@@ -231,7 +232,7 @@ class _Encoder:
 
 
 def _batches(lists, batch_chars: int):
-    """Regroup lists of (pieces, starts) into batches of about batch_chars characters."""
+    """Regroup (pieces, document keys) into batches of about batch_chars characters; keys come back as one array."""
     texts, starts, n = [], [], 0
     for t, st in lists:
         cum = list(accumulate(map(len, t)))
@@ -240,14 +241,14 @@ def _batches(lists, batch_chars: int):
             base = cum[i - 1] if i else 0
             j = min(bisect_left(cum, base + batch_chars - n, lo=i) + 1, len(t))  # up to the piece that fills it
             texts += t[i:j]
-            starts += st[i:j]
+            starts.append(st[i:j])
             n += cum[j - 1] - base
             i = j
             if n >= batch_chars:
-                yield texts, starts
+                yield texts, np.concatenate(starts)
                 texts, starts, n = [], [], 0
     if texts:
-        yield texts, starts
+        yield texts, np.concatenate(starts)
 
 
 def _encoded_batches(pieces, tok, workers: int, batch_chars: int):
@@ -394,11 +395,10 @@ def _keyed_pieces(files: list[Path], file_index: list[int], input_format, text_f
     for f, k in zip(files, file_index):
         n = 0
         for texts, starts in iter_pieces([f], input_format, text_field, doc_per, stats):
-            keys = []
-            for st in starts:
-                keys.append((k << DOC_BITS) + n if st else -1)
-                n += bool(st)
-            yield texts, keys
+            st = np.fromiter(starts, dtype=bool, count=len(starts))
+            docs = np.cumsum(st)
+            yield texts, np.where(st, (k << DOC_BITS) + n + docs - 1, -1)
+            n += int(docs[-1]) if len(docs) else 0
 
 
 def _route_stream(batches, packers, seed: int, val_fraction: float, stats: dict, bar, buffer: bool = True) -> list | None:
