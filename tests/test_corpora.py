@@ -135,6 +135,33 @@ def test_table_without_the_text_column_is_refused(tmp_path, setup, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_parquet_reader_imports_lean_and_uses_jemalloc(tmp_path):
+    """In a fresh process: libarrow's own allocations on the chosen pool, the variable that chose it gone again, and
+    no pyarrow.fs (pyarrow.parquet's import of it costs 8 MB of RSS)."""
+    import os
+    import subprocess
+    import sys
+
+    from maskedlm.data import corpus
+
+    pq.write_table(pa.table({"text": ["a b", " ", "c"]}), tmp_path / "c.parquet")
+    code = ("import os, sys\n"
+            "from pathlib import Path\n"
+            "from maskedlm.data.corpus import iter_pieces\n"
+            f"print(list(iter_pieces([Path({str(tmp_path / 'c.parquet')!r})])))\n"
+            "import pyarrow\n"
+            f"print(pyarrow.default_memory_pool().backend_name, {corpus.ARROW_POOL_ENV!r} in os.environ, "
+            "'pyarrow.fs' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != corpus.ARROW_POOL_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "[(['a b', 'c'], [True, True])]"
+    backend, env_left, fs = out[1].split()
+    assert (env_left, fs) == ("False", "False")
+    if corpus.ARROW_POOL:
+        assert backend == corpus.ARROW_POOL
+
+
 @pytest.mark.slow
 def test_500mb_parquet_peak_memory(tmp_path, setup):
     """A ~500 MB corpus in Parquet (row groups of 2,000 documents) prepared with a peak RSS under 200 MB: the text

@@ -183,40 +183,37 @@ def _zstd_reader(raw, path: Path):
     return zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_BYTES)
 
 
+# The allocator of libarrow's C++ code (the Parquet reader's pages and decompression buffers), read from this variable
+# once, as pyarrow is imported; pa.set_memory_pool moves only what pyarrow's Python API allocates. Peak RSS of
+# prepare on 20 MB of Parquet lines (bench/prepare.py): 129 MB with the default, mimalloc (it keeps what it freed),
+# 129 with "system", 112 with jemalloc. Only where pyarrow's wheels are built with jemalloc: naming a pool a build
+# lacks makes Arrow warn.
+ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+ARROW_POOL = "jemalloc" if sys.platform == "linux" and os.uname().machine == "x86_64" else None
+
+
 def _pyarrow(path: Path):
+    # Too late once pyarrow is imported; a user's own choice stands.
+    choose = ARROW_POOL and "pyarrow" not in sys.modules and ARROW_POOL_ENV not in os.environ
+    if choose:
+        os.environ[ARROW_POOL_ENV] = ARROW_POOL
     try:
         import pyarrow  # optional: only Parquet and Arrow inputs need it
+        import pyarrow._parquet  # noqa: F401
         import pyarrow.ipc  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise UserError(f"{path} is a Parquet/Arrow table; install pyarrow (pip install pyarrow) to read it") from None
-    _use_jemalloc(pyarrow)
+    finally:
+        if choose:
+            del os.environ[ARROW_POOL_ENV]  # read already: child processes get the user's environment
     return pyarrow
 
 
-def _use_jemalloc(pa) -> None:
-    """pyarrow's jemalloc pool where this build has it: it hands freed batches back sooner than the default
-    mimalloc here (prepare's peak RSS on 200 MB of Parquet text: 156 against 176 MB). Process-wide, set once."""
-    global _POOL_SET
-    if _POOL_SET:
-        return
-    _POOL_SET = True
-    try:
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-    except (NotImplementedError, pa.ArrowNotImplementedError):
-        pass  # a pyarrow built without jemalloc keeps its default
-
-
-_POOL_SET = False
-
-
-def _parquet_batch_rows(pf, text_field: str) -> int:
-    """Rows per batch so that a batch holds about TABLE_BATCH_BYTES of the text column (from the file's metadata)."""
-    md = pf.metadata
-    paths = [md.schema.column(i).path for i in range(md.num_columns)]
-    if text_field not in paths or md.num_rows == 0:
+def _parquet_batch_rows(md, j: int | None) -> int:
+    """Rows per batch so that a batch holds about TABLE_BATCH_BYTES of column `j`, the text (from the file's
+    metadata)."""
+    if j is None or md.num_rows == 0:
         return TABLE_BATCH_ROWS
-    j = paths.index(text_field)
     size = sum(md.row_group(g).column(j).total_uncompressed_size for g in range(md.num_row_groups))
     return int(min(4096, max(16, TABLE_BATCH_BYTES * md.num_rows // max(size, 1))))
 
@@ -229,13 +226,20 @@ def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
     source = None
     try:
         if kind == "parquet":
-            # pre_buffer would read whole column chunks (a row group) ahead; buffered reads of 1 MB hold a page or two.
-            pf = pa.parquet.ParquetFile(path, pre_buffer=False, buffer_size=READ_BYTES)
-            names, total = pf.schema_arrow.names, pf.metadata.num_rows
-            # Row group by row group, only the text column, about TABLE_BATCH_BYTES of it at a time: memory stays
-            # bounded whatever the rows' length.
-            batches = pf.iter_batches(batch_size=_parquet_batch_rows(pf, text_field),
-                                      columns=[text_field] if text_field in names else [])
+            # pyarrow.parquet.ParquetFile's own reader, without that module's import of pyarrow.fs (the S3, GCS,
+            # Azure and HDFS bindings: 8 MB of RSS). pre_buffer would read whole column chunks (a row group) ahead;
+            # buffered reads of 1 MB hold a page or two.
+            source = pa._parquet.ParquetReader()
+            source.open(str(path), pre_buffer=False, buffer_size=READ_BYTES)
+            names, md = source.schema_arrow.names, source.metadata
+            total = md.num_rows
+            # Row group by row group, only the text column (a flat one: a nested column is no text either way),
+            # about TABLE_BATCH_BYTES of it at a time: memory stays bounded whatever the rows' length. No threads:
+            # they only read columns in parallel.
+            paths = [md.schema.column(i).path for i in range(md.num_columns)]
+            j = paths.index(text_field) if text_field in names and text_field in paths else None
+            batches = source.iter_batches(_parquet_batch_rows(md, j), range(md.num_row_groups),
+                                          [] if j is None else [j], use_threads=False)
         else:
             # Read, not memory-mapped: a mapped file counts toward RSS as it is read. datasets writes the IPC stream
             # format (batches of 1,000 rows); the random-access file format is read too.
