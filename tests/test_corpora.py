@@ -162,6 +162,22 @@ def test_parquet_reader_imports_lean_and_uses_jemalloc(tmp_path):
         assert backend == corpus.ARROW_POOL
 
 
+def test_parquet_reader_falls_back_to_the_public_module(tmp_path):
+    """Without pyarrow's private reader class, the public ParquetFile's reader reads the same batches."""
+    import types
+
+    from maskedlm.data import corpus
+
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(300)], "n": list(range(300))}), path, row_group_size=64)
+    public = corpus._parquet_reader(types.SimpleNamespace(), path)  # a pyarrow without _parquet
+    private = corpus._parquet_reader(pa, path)
+    assert type(public) is type(private) and public.metadata.num_row_groups == 5
+    got = [list(r.iter_batches(50, range(5), [0], use_threads=False)) for r in (public, private)]
+    assert [b.column(0).to_pylist() for b in got[0]] == [b.column(0).to_pylist() for b in got[1]]
+    assert sum(b.num_rows for b in got[0]) == 300
+
+
 @pytest.mark.slow
 def test_500mb_parquet_peak_memory(tmp_path, setup):
     """A ~500 MB corpus in Parquet (row groups of 2,000 documents) prepared with a peak RSS under 200 MB: the text

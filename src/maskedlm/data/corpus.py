@@ -27,8 +27,8 @@ READ_BYTES = 1 << 20  # file read block
 # Rows per record batch read from an Arrow file (datasets writes batches of 1,000 rows).
 TABLE_BATCH_ROWS = 1024
 # Text per record batch read from Parquet, as rows = this / the column's mean uncompressed bytes per row (16 to 4096).
-# Peak RSS of prepare on 200 MB of text in 6 kB Parquet rows, one process: 176 MB at 1024 rows a batch, 156 MB at 64
-# (with pyarrow's jemalloc pool, below); rows of 100 bytes keep large batches, where small ones cost ~5% in speed.
+# Small batches of long rows bound memory (6 kB rows: 64 a batch, where 1024 rows had cost 20 MB more peak RSS); rows
+# of 100 bytes keep large batches, where small ones cost ~5% in speed.
 TABLE_BATCH_BYTES = 1 << 19
 # The files of a `datasets` save_to_disk directory besides its Arrow files: metadata, not corpus text.
 _SAVED_DATASET_META = ("state.json", "dataset_info.json", "dataset_dict.json")
@@ -199,13 +199,16 @@ def _pyarrow(path: Path):
         os.environ[ARROW_POOL_ENV] = ARROW_POOL
     try:
         import pyarrow  # optional: only Parquet and Arrow inputs need it
-        import pyarrow._parquet  # noqa: F401
         import pyarrow.ipc  # noqa: F401
     except ImportError:
         raise UserError(f"{path} is a Parquet/Arrow table; install pyarrow (pip install pyarrow) to read it") from None
     finally:
         if choose:
             del os.environ[ARROW_POOL_ENV]  # read already: child processes get the user's environment
+    try:
+        import pyarrow._parquet  # noqa: F401  (see _parquet_reader)
+    except ImportError:
+        pass  # a pyarrow that moved it: _parquet_reader takes the public module
     return pyarrow
 
 
@@ -218,6 +221,21 @@ def _parquet_batch_rows(md, j: int | None) -> int:
     return int(min(4096, max(16, TABLE_BATCH_BYTES * md.num_rows // max(size, 1))))
 
 
+def _parquet_reader(pa, path: Path):
+    """An open pyarrow._parquet.ParquetReader: pyarrow.parquet.ParquetFile's own reader, taken from the private
+    module because pyarrow.parquet imports pyarrow.fs (the S3, GCS, Azure and HDFS bindings: 8 MB of RSS). Should a
+    pyarrow release move it, ParquetFile's `reader` (the same object) is used. pre_buffer would read whole column
+    chunks (a row group) ahead; buffered reads of 1 MB hold a page or two."""
+    try:
+        reader = pa._parquet.ParquetReader()
+    except AttributeError:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(str(path), pre_buffer=False, buffer_size=READ_BYTES).reader
+    reader.open(str(path), pre_buffer=False, buffer_size=READ_BYTES)
+    return reader
+
+
 def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
     """(text column as a list or None when the table lacks it, row count, schema names) per record batch of a
     Parquet file or an Arrow file; stats["bytes_done"] follows the share of rows read."""
@@ -226,11 +244,7 @@ def _table_batches(path: Path, kind: str, text_field: str, stats: dict):
     source = None
     try:
         if kind == "parquet":
-            # pyarrow.parquet.ParquetFile's own reader, without that module's import of pyarrow.fs (the S3, GCS,
-            # Azure and HDFS bindings: 8 MB of RSS). pre_buffer would read whole column chunks (a row group) ahead;
-            # buffered reads of 1 MB hold a page or two.
-            source = pa._parquet.ParquetReader()
-            source.open(str(path), pre_buffer=False, buffer_size=READ_BYTES)
+            source = _parquet_reader(pa, path)
             names, md = source.schema_arrow.names, source.metadata
             total = md.num_rows
             # Row group by row group, only the text column (a flat one: a nested column is no text either way),
