@@ -1,8 +1,9 @@
 """Throughput and peak memory of `maskedlm prepare` beside a run_mlm.py-style Hugging Face `datasets` pipeline.
 
 Both pack 128-token rows from the same file (Shakespeare's works repeated to each size, a document per line) with one
-WordPiece tokenizer, each in a child process; peak memory is wait4's ru_maxrss (the largest single process) and the
-RSS sum over the child's tree (workers too). `--formats text parquet` also gives both the same lines as a Parquet
+WordPiece tokenizer, each in a child process; peak memory is wait4's ru_maxrss (the largest single process), and
+the sums of RSS and of its anonymous part (RssAnon: without the pages of shared libraries' code) over the child's
+tree (workers too), sampled every 0.1 s. `--formats text parquet` also gives both the same lines as a Parquet
 file (a row per line; datasets reads it with load_dataset("parquet")). `--corpus zipf` replaces Shakespeare, which
 repeats itself past 5 MB and so flatters maskedlm's per-word cache, by generated words that follow Zipf's law over a
 million-word vocabulary. Run: python bench/prepare.py --sizes-mb 50 200 (files under --work).
@@ -53,18 +54,21 @@ def make_zipf_corpus(path: Path, size_mb: float, vocab: int = 1_000_000, exponen
     """Generated text whose words follow Zipf's law over `vocab` random letter strings (a few with a comma or full
     stop attached), 12 words a line: a corpus that does not repeat itself, with a vocabulary far larger than
     Shakespeare's (which the default corpus repeats to reach each size), so the chunk cache misses often."""
-    if path.exists() and path.stat().st_size >= int(size_mb * 1e6):
-        return path
-    # Written by a forked child, so the word list's memory never enters this process, whose peak the children's
-    # ru_maxrss would otherwise report (Linux counts a process's peak from before its exec).
+    if not (path.exists() and path.stat().st_size >= int(size_mb * 1e6)):
+        forked(_write_zipf, path, size_mb, vocab, exponent)
+    return path
+
+
+def forked(fn, *args) -> None:
+    """fn(*args) in a forked child. Set-up work (a generated corpus, Parquet writing, the tokenizer) runs there so
+    this process stays small: a child's ru_maxrss counts from before its exec, i.e. from this process's size."""
     import multiprocessing
 
-    proc = multiprocessing.get_context("fork").Process(target=_write_zipf, args=(path, size_mb, vocab, exponent))
+    proc = multiprocessing.get_context("fork").Process(target=fn, args=args)
     proc.start()
     proc.join()
     if proc.exitcode:
-        sys.exit(f"writing {path} failed")
-    return path
+        sys.exit(f"{fn.__name__}{args} failed in a child process")
 
 
 def _write_zipf(path: Path, size_mb: float, vocab: int, exponent: float) -> None:
@@ -90,12 +94,16 @@ def _write_zipf(path: Path, size_mb: float, vocab: int, exponent: float) -> None
 
 def make_parquet(corpus: Path) -> Path:
     """The corpus's lines as a Parquet file with a "text" column, a row group per 10,000 lines."""
+    path = corpus.with_suffix(".parquet")
+    if not (path.exists() and path.stat().st_mtime >= corpus.stat().st_mtime):
+        forked(_write_parquet, corpus, path)
+    return path
+
+
+def _write_parquet(corpus: Path, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = corpus.with_suffix(".parquet")
-    if path.exists() and path.stat().st_mtime >= corpus.stat().st_mtime:
-        return path
     schema = pa.schema([("text", pa.string())])
     with open(corpus, encoding="utf-8") as f, pq.ParquetWriter(path, schema) as w:
         lines = []
@@ -106,7 +114,12 @@ def make_parquet(corpus: Path) -> Path:
                 lines = []
         if lines:
             w.write_table(pa.table({"text": lines}, schema=schema))
-    return path
+
+
+def _train_tokenizer(tok_dir: Path, vocab_size: int) -> None:
+    from maskedlm.tokenizer import train_tokenizer
+
+    train_tokenizer([str(f) for f in shakespeare_files()], vocab_size, "wordpiece", tok_dir, lowercase=True)
 
 
 # -------------------------------------------------------------------------------------------- child processes
@@ -154,8 +167,9 @@ def child_hf(a) -> dict:
     return {"seconds": dt, "setup_cpu": c, "rows": rows, "tokens": rows * size}
 
 
-def _tree_rss_kb(root: int) -> int:
-    """Sum of VmRSS over `root` and its descendants (read from /proc)."""
+def _tree_rss_kb(root: int) -> tuple[int, int]:
+    """Sums of VmRSS and of RssAnon (the part not backed by files: no shared library code) over `root` and its
+    descendants (read from /proc)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -165,7 +179,7 @@ def _tree_rss_kb(root: int) -> int:
                 children.setdefault(ppid, []).append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
-    total, todo = 0, [root]
+    total, anon, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
@@ -174,9 +188,11 @@ def _tree_rss_kb(root: int) -> int:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1])
+                    elif line.startswith("RssAnon:"):
+                        anon += int(line.split()[1])
         except OSError:
             pass
-    return total
+    return total, anon
 
 
 def run_child(which: str, args: list[str], log: Path) -> dict:
@@ -185,13 +201,13 @@ def run_child(which: str, args: list[str], log: Path) -> dict:
     with open(log, "w") as err:  # progress bars and warnings go to a log, not between the table's lines
         proc = subprocess.Popen([sys.executable, __file__, "--child", which, *args], stdout=subprocess.PIPE,
                                 stderr=err, text=True)
-    peak_tree = [0]
+    peak_tree = [0, 0]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak_tree[0] = max(peak_tree[0], _tree_rss_kb(proc.pid))
-            done.wait(0.2)
+            peak_tree[:] = map(max, peak_tree, _tree_rss_kb(proc.pid))
+            done.wait(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -207,7 +223,7 @@ def run_child(which: str, args: list[str], log: Path) -> dict:
     # them): on a shared machine the steadier measure of work done, since wall time also counts waiting for a core.
     res.update(wall=time.perf_counter() - t, cpu=usage.ru_utime + usage.ru_stime - res["setup_cpu"],
                maxrss_mb=usage.ru_maxrss / 1024,
-               tree_rss_mb=peak_tree[0] / 1024)
+               tree_rss_mb=peak_tree[0] / 1024, tree_anon_mb=peak_tree[1] / 1024)
     return res
 
 
@@ -238,12 +254,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        from maskedlm.tokenizer import train_tokenizer
-
-        train_tokenizer([str(f) for f in shakespeare_files()], a.vocab_size, "wordpiece", tok_dir, lowercase=True)
+        forked(_train_tokenizer, tok_dir, a.vocab_size)
     print(f"# corpus: {a.corpus}  cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
     print(f"{'size MB':>8} {'format':<8} {'pipeline':<22} {'time s':>8} {'cpu s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} "
-          f"{'maxrss MB':>10} {'tree RSS MB':>11}")
+          f"{'maxrss MB':>10} {'tree RSS MB':>11} {'anon MB':>8}")
     results = []
     for size, fmt in [(s, f) for s in a.sizes_mb for f in a.formats]:
         corpus = (make_corpus(work / f"corpus_{size:g}MB.txt", size) if a.corpus == "shakespeare" else
@@ -265,7 +279,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         for name, r in runs:
             print(f"{mb:8.1f} {fmt:<8} {name:<22} {r['seconds']:8.1f} {r['cpu']:8.1f} {mb / r['seconds']:7.2f} {r['tokens'] / r['seconds'] / 1e6:7.3f} "
-                  f"{r['rows']:9d} {r['maxrss_mb']:10.0f} {r['tree_rss_mb']:11.0f}", flush=True)
+                  f"{r['rows']:9d} {r['maxrss_mb']:10.0f} {r['tree_rss_mb']:11.0f} {r['tree_anon_mb']:8.0f}", flush=True)
             results.append({"size_mb": mb, "format": fmt, "pipeline": name, **r})
         if not a.skip_hf:
             hf = runs[-1][1]

@@ -136,12 +136,15 @@ def chunk_cacheable(tok) -> bool:
 CACHE_WORDS = 1 << 17  # chunks remembered per process (~20 MB); the cache starts over when full
 CACHE_WORD_CHARS = 48  # longer chunks are encoded each time they come: rare, and they would crowd the cache out
 CACHE_POOL_IDS = 1 << 21  # ids kept for the cached chunks (8 MB) before the cache starts over
-_LEN_BITS = 20  # a cache value is (start in the pool << _LEN_BITS) + number of ids: one int per chunk
+# A cache value is (start in the pool << _LEN_BITS) + number of ids: one int per chunk. corpus.py cuts documents into
+# pieces of at most CHUNK_CHARS (65,536) chars, and BERT's normalizer turns a char into at most a few, so a chunk's
+# ids stay far below 2^20; _learn checks it all the same.
+_LEN_BITS = 20
 
 
 class _ChunkCache:
     """Texts → (ids, lens per text) by looking each chunk up in a dict (see chunk_cacheable), the tokenizer running
-    only on chunks not seen yet. Natural text repeats its words (Zipf), so a few 10^5 entries answer most lookups,
+    only on chunks not seen yet. Natural text repeats its words (Zipf), so 10^5 entries answer most lookups,
     and a dict lookup costs a tenth of what the tokenizer spends on a word."""
 
     def __init__(self, encode_words):
@@ -178,6 +181,8 @@ class _ChunkCache:
         """Encode the distinct chunks in `missed`, append their ids to the pool; returns a code per entry of missed."""
         new = list(dict.fromkeys(missed))
         ids, lens = self.encode_words(new)
+        if len(lens) and int(lens.max()) >> _LEN_BITS:
+            raise RuntimeError(f"a chunk of {int(lens.max())} tokens does not fit the cache's {_LEN_BITS}-bit length")
         if self.used + len(ids) > len(self.pool):
             self.pool = np.resize(self.pool, max(2 * len(self.pool), self.used + len(ids)))
         self.pool[self.used:self.used + len(ids)] = ids
