@@ -535,3 +535,20 @@ def test_chunk_cache_refuses_tokenizers_it_cannot_reproduce(toks):
     for tok in (spaced, stripping, other_norm):
         ids, _, lens = prep._Encoder(tok)(text)
         assert ids.tolist() == tok.encode(text[0], add_special_tokens=False).ids
+
+
+def test_tokenizer_object_with_padding_and_truncation_packs_the_raw_stream(tmp_path, toks):
+    """A Tokenizer object that pads and truncates (as a sentence-transformers tokenizer.json does) is used without
+    either, as a tokenizer dir would be: the same shards, and the caller's object is left as it was."""
+    docs = make_docs(80, seed=21)
+    path = write_blank_line(tmp_path / "c.txt", docs)
+    tok = load_tokenizer(toks["wordpiece"])
+    tok.enable_padding(length=32)
+    tok.enable_truncation(4)
+    prep.prepare([str(path)], tok, 16, tmp_path / "obj", val_fraction=0.0, workers=1)
+    prep.prepare([str(path)], toks["wordpiece"], 16, tmp_path / "dir", val_fraction=0.0, workers=1)
+    files = lambda d: {f.relative_to(d): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}  # noqa: E731
+    a, b = files(tmp_path / "obj"), files(tmp_path / "dir")
+    a.pop(Path("meta.json")), b.pop(Path("meta.json"))  # names the tokenizer source, which differs
+    assert a == b and len(a) > 3
+    assert tok.padding is not None and tok.truncation is not None

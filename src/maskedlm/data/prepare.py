@@ -537,7 +537,12 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
         warn(f"--workers {workers} is more than {MAX_WORKERS_PER_CORE} per core; using {MAX_WORKERS_PER_CORE * _cores()}")
         workers = MAX_WORKERS_PER_CORE * _cores()
     check_options(input_format, doc_per)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if isinstance(tokenizer, Tokenizer):  # a copy without padding and truncation, as load_tokenizer gives
+        tok = Tokenizer.from_str(tokenizer.to_str())
+        tok.no_padding()
+        tok.no_truncation()
+    else:
+        tok = load_tokenizer(tokenizer)
     sp = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = fmt.id_dtype(vocab_size)
