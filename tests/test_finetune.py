@@ -310,9 +310,41 @@ def test_probe_tasks_during_pretraining_are_logged_beside_the_loss(runs, tmp_pat
     assert [e["step"] for e in evals] == [20, 40] and all(0 <= e["probe/cl/accuracy"] <= 1 for e in evals)
     again = finetune(out, files["train"], files["eval"], tmp_path / "p", probe=True)
     assert again["eval"]["accuracy"] == evals[-1]["probe/cl/accuracy"]
-    with pytest.raises(UserError, match="is not a directory"):
-        train("tiny", runs / "data", tmp_path / "bad", ["train.max_steps=2", "eval.every_steps=2",
-                                                       "eval.probe_tasks=['nowhere']", *QUIET[1:]])
+
+
+def test_bad_probe_tasks_are_refused_before_the_run_dir_is_written(tmp_path, capsys):
+    """eval.probe_tasks is read when the run starts: a bad task is one line, exit 2, and no RUN_DIR (not a run dir
+    with config.json and no checkpoint, which a second `train` without --resume would refuse)."""
+    data = make_data(tmp_path / "data", rows=64, val_rows=8, seq_len=16)
+    good = tmp_path / "ok"
+    good.mkdir()
+    _classify_files(good)
+    bad = {}
+    for name, files in {"json": {"train.jsonl": "not json\n"}, "column": {"train.jsonl": '{"txt": "w0", "label": "a"}\n'},
+                        "meta": {"task.json": "[1]"}, "kind": {"task.json": '{"task": "rank"}'},
+                        "noeval": {}}.items():
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("train.jsonl", "eval.jsonl"):
+            if name != "noeval" or f == "train.jsonl":
+                (d / f).write_text((good / f).read_text())
+        for f, text in files.items():
+            (d / f).write_text(text)
+        bad[name] = d
+    cases = {str(tmp_path / "nowhere"): "is not a directory", str(bad["json"]): "line 1 is not valid JSON",
+             str(bad["column"]): "line 1 has no column 'text'", str(bad["meta"]): "task.json is not a JSON object",
+             str(bad["kind"]): "task.json: task must be one of classify, regress, tokens, got 'rank'",
+             str(bad["noeval"]): "has no eval file"}
+    out = tmp_path / "run"
+    for task, message in cases.items():
+        err = _cli(["train", "--config", "tiny", "--data", str(data), "--out", str(out), "train.max_steps=4",
+                    "eval.every_steps=2", "checkpoint.every_steps=2", f"eval.probe_tasks=[{json.dumps(task)}]"], capsys)
+        assert err.startswith("maskedlm: error: eval.probe_tasks: ") and message in err, err
+        assert not out.exists(), task
+    # the good task beside a bad one: still refused, the list is checked whole
+    err = _cli(["train", "--config", "tiny", "--data", str(data), "--out", str(out), "train.max_steps=4",
+                f"eval.probe_tasks=[{json.dumps(str(good))}, {json.dumps(str(bad['json']))}]"], capsys)
+    assert "line 1 is not valid JSON" in err and not out.exists()
 
 
 def test_probe_imports_no_training_code():
