@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import maskedlm
-from maskedlm.checkpoint import STATE, load_checkpoint_model, save_checkpoint
+from maskedlm.checkpoint import STATE, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
@@ -475,8 +475,8 @@ def load_any_model(path, device="cpu", report=None):
         raise UserError(
             f"model {str(path)!r} does not exist; pass a run dir, a checkpoint dir or a local Hugging Face dir (for a "
             f"Hub name, download it first, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)")
-    if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir()):
-        return load_checkpoint_model(p, device=device)
+    if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir() or is_run_without_checkpoint(p)):
+        return load_checkpoint_model(p, device=device)  # a run dir with no checkpoint yet is refused there, by name
     model, cfg, tok, info = _load_hf(p, device=device)
     if info["initialised"]:
         say = report or (lambda m: print(m, file=sys.stderr))
