@@ -142,6 +142,41 @@ def test_finetune_learns_the_task_and_best_reloads_in_transformers(runs, tmp_pat
     assert [hm.config.id2label[k] for k in hf_pred] == preds
 
 
+def test_a_finetune_output_is_a_model_for_its_encoder_and_refused_where_the_mlm_head_counts(runs, tmp_path, capsys):
+    """DIR and DIR/best/ as MODEL: their encoder is the fine-tuned one (transformers' own hidden states) and finetune
+    takes it again; eval, fill, explain, score and export need the MLM head it lacks: one line naming what to pass.
+    A --probe DIR holds no model at all."""
+    from maskedlm.hf import load_any_model
+
+    files = _classify_files(tmp_path)
+    ft = tmp_path / "ft"
+    finetune(runs / "trained", files["train"], files["eval"], ft, overrides=["finetune.lr=1e-3", "finetune.max_steps=20"])
+    hm = transformers.AutoModelForSequenceClassification.from_pretrained(str(ft / "best"), local_files_only=True).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 30, 3]])  # (1, T): [CLS] w5 w6 w7 w25 [SEP]
+    with torch.no_grad():
+        want = hm.bert(input_ids=ids).last_hidden_state  # (1, T, C)
+        before = load_any_model(runs / "trained")[0].encoder(ids)
+        assert (before - want).abs().max() > 1e-3  # fine-tuning moved the encoder: the check below can tell them apart
+        for model in (ft, ft / "best"):
+            assert (load_any_model(model, mlm_head=False)[0].encoder(ids) - want).abs().max() < 1e-5
+    again = finetune(ft, files["train"], files["eval"], tmp_path / "again", overrides=["finetune.max_steps=2"])
+    assert again["max_abs_diff_transformers"] <= 1e-4 and (tmp_path / "again" / "best").is_dir()
+    capsys.readouterr()
+    for model in (str(ft), str(ft / "best")):
+        for argv in (["fill", model, "w0 [MASK]"], ["score", model, "w0 w1"], ["explain", model, "w0 w1", "--mask", "1"],
+                     ["eval", model, "--data", str(runs / "data")], ["export", model, "--out", str(tmp_path / "x")]):
+            err = _cli(argv, capsys)
+            assert f"{ft / 'best'} is a fine-tuned BertForSequenceClassification: it has no MLM head" in err, err
+            assert "pass the model it was fine-tuned from" in err
+    assert not (tmp_path / "x").exists()
+    finetune(runs / "trained", files["train"], files["eval"], tmp_path / "probe", probe=True)
+    err = _cli(["fill", str(tmp_path / "probe"), "w0 [MASK]"], capsys)
+    assert "is the output of `maskedlm finetune --probe`, which keeps no model; pass the MODEL that was probed" in err
+    with pytest.raises(UserError, match="keeps no model"):
+        finetune(tmp_path / "probe", files["train"], files["eval"], tmp_path / "p2")
+    assert not (tmp_path / "p2").exists()
+
+
 def test_probe_of_the_trained_model_beats_the_random_one(runs, tmp_path):
     """Eval examples use only the cluster members train examples never use: a probe can only succeed through what
     pretraining learnt (which words share a cluster); on random weights it is near chance (10%)."""

@@ -641,7 +641,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     if init_from is not None and has_run:
         print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
     elif init_from is not None:
-        init_model, full_cfg, init_tok = load_any_model(init_from)
+        init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
