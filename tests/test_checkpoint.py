@@ -159,3 +159,44 @@ def test_load_model_errors(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoint yet"):
         ckpt.load_checkpoint_model(tmp_path / "run")
+
+
+def test_a_run_dir_without_a_checkpoint_yet_is_named_as_such_as_model(tmp_path, capsys):
+    """What `train` leaves when killed before its first save (config.json, command.txt, metrics.jsonl; no
+    checkpoints/), or with checkpoints/ still empty, given as MODEL: one line saying so and what to do, exit 2, for
+    every command that takes MODEL; not transformers' "unsupported model_type" (config.json is not Hugging Face's)."""
+    import sys
+    from pathlib import Path
+
+    from maskedlm.cli import main
+    from maskedlm.hf import load_any_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_data import make_data
+
+    data = make_data(tmp_path / "data", rows=16, val_rows=4, seq_len=16)
+    cfg, model, opt = _model_and_opt()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # as train's _start_run writes it
+    (run / "command.txt").write_text("maskedlm train ...\n")
+    (run / "metrics.jsonl").write_text("")
+    commands = [["eval", str(run), "--data", str(data)], ["fill", str(run), "a [MASK]"], ["score", str(run), "a"],
+                ["explain", str(run), "a b", "--mask", "1"], ["export", str(run), "--out", str(tmp_path / "x")],
+                ["finetune", str(run), "--train", "t.csv", "--eval", "e.csv", "--out", str(tmp_path / "f")],
+                ["train", "--init-from", str(run), "--data", str(data), "--out", str(tmp_path / "r2"), "train.max_steps=1"]]
+    for empty_checkpoints in (False, True):
+        if empty_checkpoints:
+            (run / "checkpoints").mkdir()
+        with pytest.raises(UserError, match="no checkpoint yet"):
+            load_any_model(run)
+        for argv in commands:
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
+            assert err.startswith(f"maskedlm: error: run dir {run} has no checkpoint yet") and "wait for the first save" in err
+        assert not any((tmp_path / n).exists() for n in ("x", "f", "r2"))
+    _save(run, 1, model, opt, cfg)  # the first save: the same dir is a MODEL now
+    assert torch.equal(load_any_model(run)[0].state_dict()["encoder.tok_embeddings.weight"],
+                       model.state_dict()["encoder.tok_embeddings.weight"])

@@ -142,6 +142,41 @@ def test_finetune_learns_the_task_and_best_reloads_in_transformers(runs, tmp_pat
     assert [hm.config.id2label[k] for k in hf_pred] == preds
 
 
+def test_a_finetune_output_is_a_model_for_its_encoder_and_refused_where_the_mlm_head_counts(runs, tmp_path, capsys):
+    """DIR and DIR/best/ as MODEL: their encoder is the fine-tuned one (transformers' own hidden states) and finetune
+    takes it again; eval, fill, explain, score and export need the MLM head it lacks: one line naming what to pass.
+    A --probe DIR holds no model at all."""
+    from maskedlm.hf import load_any_model
+
+    files = _classify_files(tmp_path)
+    ft = tmp_path / "ft"
+    finetune(runs / "trained", files["train"], files["eval"], ft, overrides=["finetune.lr=1e-3", "finetune.max_steps=20"])
+    hm = transformers.AutoModelForSequenceClassification.from_pretrained(str(ft / "best"), local_files_only=True).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 30, 3]])  # (1, T): [CLS] w5 w6 w7 w25 [SEP]
+    with torch.no_grad():
+        want = hm.bert(input_ids=ids).last_hidden_state  # (1, T, C)
+        before = load_any_model(runs / "trained")[0].encoder(ids)
+        assert (before - want).abs().max() > 1e-3  # fine-tuning moved the encoder: the check below can tell them apart
+        for model in (ft, ft / "best"):
+            assert (load_any_model(model, mlm_head=False)[0].encoder(ids) - want).abs().max() < 1e-5
+    again = finetune(ft, files["train"], files["eval"], tmp_path / "again", overrides=["finetune.max_steps=2"])
+    assert again["max_abs_diff_transformers"] <= 1e-4 and (tmp_path / "again" / "best").is_dir()
+    capsys.readouterr()
+    for model in (str(ft), str(ft / "best")):
+        for argv in (["fill", model, "w0 [MASK]"], ["score", model, "w0 w1"], ["explain", model, "w0 w1", "--mask", "1"],
+                     ["eval", model, "--data", str(runs / "data")], ["export", model, "--out", str(tmp_path / "x")]):
+            err = _cli(argv, capsys)
+            assert f"{ft / 'best'} is a fine-tuned BertForSequenceClassification: it has no MLM head" in err, err
+            assert "pass the model it was fine-tuned from" in err
+    assert not (tmp_path / "x").exists()
+    finetune(runs / "trained", files["train"], files["eval"], tmp_path / "probe", probe=True)
+    err = _cli(["fill", str(tmp_path / "probe"), "w0 [MASK]"], capsys)
+    assert "is the output of `maskedlm finetune --probe`, which keeps no model; pass the MODEL that was probed" in err
+    with pytest.raises(UserError, match="keeps no model"):
+        finetune(tmp_path / "probe", files["train"], files["eval"], tmp_path / "p2")
+    assert not (tmp_path / "p2").exists()
+
+
 def test_probe_of_the_trained_model_beats_the_random_one(runs, tmp_path):
     """Eval examples use only the cluster members train examples never use: a probe can only succeed through what
     pretraining learnt (which words share a cluster); on random weights it is near chance (10%)."""
@@ -310,9 +345,41 @@ def test_probe_tasks_during_pretraining_are_logged_beside_the_loss(runs, tmp_pat
     assert [e["step"] for e in evals] == [20, 40] and all(0 <= e["probe/cl/accuracy"] <= 1 for e in evals)
     again = finetune(out, files["train"], files["eval"], tmp_path / "p", probe=True)
     assert again["eval"]["accuracy"] == evals[-1]["probe/cl/accuracy"]
-    with pytest.raises(UserError, match="is not a directory"):
-        train("tiny", runs / "data", tmp_path / "bad", ["train.max_steps=2", "eval.every_steps=2",
-                                                       "eval.probe_tasks=['nowhere']", *QUIET[1:]])
+
+
+def test_bad_probe_tasks_are_refused_before_the_run_dir_is_written(tmp_path, capsys):
+    """eval.probe_tasks is read when the run starts: a bad task is one line, exit 2, and no RUN_DIR (not a run dir
+    with config.json and no checkpoint, which a second `train` without --resume would refuse)."""
+    data = make_data(tmp_path / "data", rows=64, val_rows=8, seq_len=16)
+    good = tmp_path / "ok"
+    good.mkdir()
+    _classify_files(good)
+    bad = {}
+    for name, files in {"json": {"train.jsonl": "not json\n"}, "column": {"train.jsonl": '{"txt": "w0", "label": "a"}\n'},
+                        "meta": {"task.json": "[1]"}, "kind": {"task.json": '{"task": "rank"}'},
+                        "noeval": {}}.items():
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("train.jsonl", "eval.jsonl"):
+            if name != "noeval" or f == "train.jsonl":
+                (d / f).write_text((good / f).read_text())
+        for f, text in files.items():
+            (d / f).write_text(text)
+        bad[name] = d
+    cases = {str(tmp_path / "nowhere"): "is not a directory", str(bad["json"]): "line 1 is not valid JSON",
+             str(bad["column"]): "line 1 has no column 'text'", str(bad["meta"]): "task.json is not a JSON object",
+             str(bad["kind"]): "task.json: task must be one of classify, regress, tokens, got 'rank'",
+             str(bad["noeval"]): "has no eval file"}
+    out = tmp_path / "run"
+    for task, message in cases.items():
+        err = _cli(["train", "--config", "tiny", "--data", str(data), "--out", str(out), "train.max_steps=4",
+                    "eval.every_steps=2", "checkpoint.every_steps=2", f"eval.probe_tasks=[{json.dumps(task)}]"], capsys)
+        assert err.startswith("maskedlm: error: eval.probe_tasks: ") and message in err, err
+        assert not out.exists(), task
+    # the good task beside a bad one: still refused, the list is checked whole
+    err = _cli(["train", "--config", "tiny", "--data", str(data), "--out", str(out), "train.max_steps=4",
+                f"eval.probe_tasks=[{json.dumps(str(good))}, {json.dumps(str(bad['json']))}]"], capsys)
+    assert "line 1 is not valid JSON" in err and not out.exists()
 
 
 def test_probe_imports_no_training_code():

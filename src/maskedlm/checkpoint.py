@@ -293,20 +293,41 @@ def load_for_resume(run_dir: str | Path, warn=print) -> Checkpoint | None:
     return None
 
 
+def is_run_config(path: str | Path) -> bool:
+    """`path` is a config.json as `train` writes it into RUN_DIR (Config's sections), not a Hugging Face one."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(d, dict) and "model_type" not in d and isinstance(d.get("model"), dict)
+            and "family" in d["model"] and "train" in d)
+
+
+def is_run_without_checkpoint(path: str | Path) -> bool:
+    """A run dir whose run has not saved yet: `train` writes config.json at start, checkpoints/ at the first save
+    (a run killed before then leaves only config.json, command.txt and its logs)."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return False
+    if (path / "checkpoints").is_dir():
+        return not step_dirs(path / "checkpoints")
+    return is_run_config(path / CONFIG)
+
+
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A run dir (→ its latest checkpoint) or a checkpoint dir."""
     path = Path(path)
     if (path / STATE).is_file():
         return path
+    if is_run_without_checkpoint(path):
+        raise UserError(f"run dir {path} has no checkpoint yet (it has not reached its first save, or was stopped "
+                        "before it); wait for the first save, or pass a checkpoint dir or a run dir that has one")
     ck_root = path / "checkpoints"
     if ck_root.is_dir():
         latest = read_latest_name(ck_root)
         if latest and (ck_root / latest).is_dir():
             return ck_root / latest
-        dirs = step_dirs(ck_root)
-        if dirs:
-            return dirs[-1][1]
-        raise UserError(f"run dir {path} has no checkpoint yet")
+        return step_dirs(ck_root)[-1][1]
     if not path.exists():
         raise UserError(f"model {path} does not exist")
     raise UserError(f"{path} is neither a run dir nor a checkpoint dir (no {STATE}, no checkpoints/)")

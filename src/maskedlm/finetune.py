@@ -22,13 +22,13 @@ from maskedlm import downstream as ds
 from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
-from maskedlm.hf import load_any_model
+from maskedlm.hf import FINETUNE_MARKER, load_any_model
 from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
 from maskedlm.tokenizer import save_tokenizer, special_ids
 from maskedlm.train import OptimizerStep
 
-MARKER = ".maskedlm-finetune"  # how --overwrite recognises a directory that finetune wrote
+MARKER = FINETUNE_MARKER  # how --overwrite recognises a directory that finetune wrote (and MODEL finds best/)
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
 
@@ -222,7 +222,7 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     # --out never over, inside or around an input; --overwrite replaces only an earlier finetune's output
     inputs = [x for x in (model, train, eval, test) if isinstance(x, (str, os.PathLike))]
     out = check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(), what="a finetune output")
-    net, cfg, tok = load_any_model(model)
+    net, cfg, tok = load_any_model(model, mlm_head=False)  # the encoder is what is fine-tuned; a fine-tuned one too
     ds.check_tokenizer(net, tok, model)
     sp = special_ids(tok)
     max_len = min(fcfg.max_len, int(net.cfg.max_positions))

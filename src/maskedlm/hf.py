@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import maskedlm
-from maskedlm.checkpoint import STATE, load_checkpoint_model, save_checkpoint
+from maskedlm.checkpoint import STATE, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
@@ -462,25 +462,44 @@ def _load_hf(hf_dir, device="cpu"):
     return model.to(device).eval(), Config(model=mcfg), tok, info
 
 
-def load_any_model(path, device="cpu", report=None):
+FINETUNE_MARKER = ".maskedlm-finetune"  # in every `maskedlm finetune` DIR; its model is DIR/best/ (none with --probe)
+# transformers' task classes: an encoder and a task head, no MLM head (a fine-tuned DIR/best/ is one of the first two)
+TASK_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
     """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from any MODEL path: a maskedlm run dir (its latest
-    checkpoint) or checkpoint dir, or a local Hugging Face BERT / ModernBERT dir (BertModel, BertForMaskedLM,
-    BertForPreTraining, sentence-transformers, ModernBertForMaskedLM/Model). Every command that takes a MODEL uses it.
+    checkpoint) or checkpoint dir, a `maskedlm finetune` DIR (its best/) or a local Hugging Face BERT / ModernBERT dir
+    (BertModel, BertForMaskedLM, BertForPreTraining, sentence-transformers, ModernBertForMaskedLM/Model, and the
+    task classes such as finetune's best/). Every command that takes a MODEL uses it.
 
     MLM-head tensors a Hugging Face checkpoint lacks are initialised (BERT init, seed 0) and reported by name through
-    `report` (stderr by default).
+    `report` (stderr by default). mlm_head: the caller uses the MLM head ω (eval, fill, explain, score, export), so a
+    fine-tuned task model, whose MLM head was dropped for a task head, is refused; False: the encoder θ is what counts
+    (finetune, train --init-from) and any head is made fresh.
     """
     p = Path(path)
     if not p.exists():
         raise UserError(
             f"model {str(path)!r} does not exist; pass a run dir, a checkpoint dir or a local Hugging Face dir (for a "
             f"Hub name, download it first, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)")
-    if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir()):
-        return load_checkpoint_model(p, device=device)
+    if p.is_dir() and (p / FINETUNE_MARKER).is_file():
+        if not (p / "best").is_dir():
+            raise UserError(f"{path} is the output of `maskedlm finetune --probe`, which keeps no model; pass the "
+                            "MODEL that was probed")
+        p = p / "best"
+    if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir() or is_run_without_checkpoint(p)):
+        return load_checkpoint_model(p, device=device)  # a run dir with no checkpoint yet is refused there, by name
     model, cfg, tok, info = _load_hf(p, device=device)
+    task = [a for a in info["architectures"] or [] if isinstance(a, str) and a.endswith(TASK_CLASSES)]
+    if mlm_head and task and info["initialised"]:
+        # Its MLM head would be made up (fresh weights): the numbers, fills or export would look real and mean nothing.
+        raise UserError(f"{p} is a fine-tuned {task[0]}: it has no MLM head, which this command needs; pass the model "
+                        "it was fine-tuned from (finetune and train --init-from take a fine-tuned model's encoder, and "
+                        "transformers loads it as it is)")
     if info["initialised"]:
         say = report or (lambda m: print(m, file=sys.stderr))
-        say(f"note: {path} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
+        say(f"note: {p} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
     return model, cfg, tok
 
 

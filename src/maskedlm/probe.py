@@ -128,16 +128,31 @@ def _split_file(d: Path, split: str) -> Path:
 
 def load_probe_task(spec, tok, max_len: int) -> tuple[str, ds.TaskData]:
     """(name, task) from a task directory: train.* and eval.* labelled files and an optional task.json
-    {"task", "name", "text_field", "text_pair_field", "label_field"}; the name defaults to the directory's."""
+    {"task", "name", "text_field", "text_pair_field", "label_field"}; the name defaults to the directory's.
+    A bad one is a UserError that starts with eval.probe_tasks, the key that named it."""
+    try:
+        return _load_probe_task(spec, tok, max_len)
+    except UserError as e:
+        raise UserError(f"eval.probe_tasks: {e}") from None
+
+
+def _load_probe_task(spec, tok, max_len: int) -> tuple[str, ds.TaskData]:
     d = Path(spec)
     if not d.is_dir():
-        raise UserError(f"eval.probe_tasks: {spec!r} is not a directory (it holds train.* and eval.* labelled files)")
+        raise UserError(f"{str(spec)!r} is not a directory (it holds train.* and eval.* labelled files)")
     meta = {}
     if (d / "task.json").is_file():
         try:
             meta = json.loads((d / "task.json").read_text())
         except ValueError as e:
             raise UserError(f"{d / 'task.json'} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{d / 'task.json'} is not a JSON object")
+        # load_task names its own arguments after finetune's options; here they are task.json's keys
+        if meta.get("task", "classify") not in ds.TASKS:
+            raise UserError(f"{d / 'task.json'}: task must be one of {', '.join(ds.TASKS)}, got {meta['task']!r}")
+        if meta.get("task") == "tokens" and meta.get("text_pair_field"):
+            raise UserError(f"{d / 'task.json'}: text_pair_field does not apply to the tokens task")
     data = ds.load_task(tok, special_ids(tok), meta.get("task", "classify"),
                         {"train": _split_file(d, "train"), "eval": _split_file(d, "eval")}, meta.get("text_field"),
                         meta.get("text_pair_field"), meta.get("label_field"), max_len, warn=lambda m: None)

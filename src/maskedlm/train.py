@@ -252,7 +252,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, model: MaskedLM, data: DataDir | None = None, out: Path | None = None, *,
-                 device: torch.device | None = None, logger=None, sources: list[DataDir] | None = None):
+                 device: torch.device | None = None, logger=None, sources: list[DataDir] | None = None,
+                 probe_tasks: list | None = None):
         self.cfg, self.data, self.out = cfg, data, (Path(out) if out is not None else None)
         # A mixture's sources, `data` first (it stands for all: they share tokenizer and row length).
         self.sources = list(sources) if sources else ([data] if data is not None else [])
@@ -279,7 +280,7 @@ class Trainer:
         self.val_store = self._open_val() if data is not None else None
         self.logger = logger if logger is not None else NullLogger()
         self.lock = None  # the run dir's files.lock_dir lock, held by train() on rank 0
-        self._probe_tasks = None  # eval.probe_tasks, read at the first evaluation
+        self._probe_tasks = probe_tasks  # eval.probe_tasks as load_probe_tasks reads them; None: at the first evaluation
 
         self.step = 0  # optimizer steps taken
         self.skipped = 0  # steps whose update was skipped, over the whole run
@@ -426,11 +427,7 @@ class Trainer:
         probes = {}
         if self.cfg.eval.probe_tasks:  # downstream quality beside the masked loss; the tasks are read once
             if self._probe_tasks is None:
-                if d.tokenizer_file is None:
-                    raise UserError(f"eval.probe_tasks needs the tokenizer.json of {d.path}; prepare the data again")
-                tok = load_tokenizer(d.tokenizer_file)
-                self._probe_tasks = [load_probe_task(t, tok, min(d.seq_len, self.cfg.model.max_positions))
-                                     for t in self.cfg.eval.probe_tasks]
+                self._probe_tasks = load_probe_tasks(self.cfg, d)
             probes = probe_record(self.model, self._probe_tasks, self.device)
         self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
                          **{f"val_{k}": v for k, v in r.items()}, **probes})
@@ -618,6 +615,16 @@ def _check_sources(cfg: Config, sources: list[DataDir], init_tok) -> None:
             source.token_counts("masking.random_token_dist='unigram'")
 
 
+def load_probe_tasks(cfg: Config, data: DataDir) -> list:
+    """eval.probe_tasks read, checked and tokenized with the data's tokenizer: all a probe needs but the model."""
+    if not cfg.eval.probe_tasks:
+        return []
+    if data.tokenizer_file is None:
+        raise UserError(f"eval.probe_tasks needs the tokenizer.json of {data.path}; prepare the data again")
+    tok = load_tokenizer(data.tokenizer_file)
+    return [load_probe_task(t, tok, min(data.seq_len, cfg.model.max_positions)) for t in cfg.eval.probe_tasks]
+
+
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -634,12 +641,15 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     if init_from is not None and has_run:
         print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
     elif init_from is not None:
-        init_model, full_cfg, init_tok = load_any_model(init_from)
+        init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
     _check_same_config(stored, cfg, out)
     _check_sources(cfg, sources, init_tok)
+    # Read now, not at the first evaluation: a missing or bad task file is refused before the run dir is written
+    # and before any training time is spent. The Trainer keeps them, so they are still read only once.
+    probe_tasks = load_probe_tasks(cfg, data)
 
     info = dist.init(cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     if cfg.train.reuse_host_memory and info.device.type == "cpu":
@@ -667,7 +677,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
-    trainer = Trainer(cfg, model, data, out, sources=sources)
+    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks)
     trainer.lock = lock
     done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
     trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
