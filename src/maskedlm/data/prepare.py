@@ -150,12 +150,13 @@ class _ChunkCache:
     def __init__(self, encode_words):
         self.encode_words = encode_words  # list of chunks -> (ids, lens)
         self.pool = np.zeros(1 << 16, dtype=np.uint32)
+        self.resets = -1  # times the cache started over (the first _reset is its start)
         self._reset()
 
     def _reset(self) -> None:
         self.cache: dict[str, int] = {"": 0}  # runs of spaces give empty chunks: no ids
         self.used = 0
-        self.resets = getattr(self, "resets", -1) + 1
+        self.resets += 1
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if len(self.cache) > CACHE_WORDS or self.used > CACHE_POOL_IDS:
@@ -257,7 +258,7 @@ def _batches(lists, batch_chars: int):
 
 
 def _encoded_batches(pieces, tok, workers: int, batch_chars: int):
-    """(ids, word-start flags, lens, starts) per batch, in order; at most 2 batches per worker in flight."""
+    """(ids, word-start flags, lens, document keys) per batch, in order; at most 2 batches per worker in flight."""
     if workers <= 1:
         encode = _Encoder(tok)
         for texts, starts in _batches(pieces, batch_chars):
