@@ -116,10 +116,10 @@ def _write_parquet(corpus: Path, path: Path) -> None:
             w.write_table(pa.table({"text": lines}, schema=schema))
 
 
-def _train_tokenizer(tok_dir: Path, vocab_size: int) -> None:
+def _train_tokenizer(tok_dir: Path, vocab_size: int, kind: str) -> None:
     from maskedlm.tokenizer import train_tokenizer
 
-    train_tokenizer([str(f) for f in shakespeare_files()], vocab_size, "wordpiece", tok_dir, lowercase=True)
+    train_tokenizer([str(f) for f in shakespeare_files()], vocab_size, kind, tok_dir, lowercase=True)
 
 
 # -------------------------------------------------------------------------------------------- child processes
@@ -233,6 +233,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/maskedlm_bench_prepare")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], default="wordpiece",
+                   help="the tokenizer both pipelines use, trained by maskedlm on the Shakespeare corpus")
     p.add_argument("--workers", type=int, nargs="+", default=[0], help="maskedlm --workers values to run (0: one per core)")
     p.add_argument("--num-proc", type=int, default=None, help="datasets map num_proc (run_mlm's default: None)")
     p.add_argument("--skip-hf", action="store_true")
@@ -252,10 +254,10 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = work / "tokenizer"
+    tok_dir = work / ("tokenizer" if a.kind == "wordpiece" else f"tokenizer_{a.kind}")
     if not (tok_dir / "tokenizer.json").exists():
-        forked(_train_tokenizer, tok_dir, a.vocab_size)
-    print(f"# corpus: {a.corpus}  cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
+        forked(_train_tokenizer, tok_dir, a.vocab_size, a.kind)
+    print(f"# corpus: {a.corpus}  tokenizer: {a.kind}  cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
     print(f"{'size MB':>8} {'format':<8} {'pipeline':<22} {'time s':>8} {'cpu s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} "
           f"{'maxrss MB':>10} {'tree RSS MB':>11} {'anon MB':>8}")
     results = []
