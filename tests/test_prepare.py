@@ -182,7 +182,7 @@ def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks)
                                        ("fast", prep.word_start_table, None, None), ("word_ids", None, None, None)):
         monkeypatch.setattr(prep, "word_start_table", table or (lambda t: None))
         monkeypatch.setattr(prep, "_joiner", joiner or (lambda t: None))
-        monkeypatch.setattr(prep, "chunk_cacheable", cache or (lambda t: False))
+        monkeypatch.setattr(prep, "chunk_cacheable", cache or (lambda t: None))
         for workers in (1, 2):
             d = tmp_path / f"{name}{workers}"
             prep.prepare([str(path)], toks["wordpiece"], 16, d, val_fraction=0.1, workers=workers)
@@ -499,7 +499,7 @@ def test_chunk_cache_gives_the_tokenizers_own_ids(monkeypatch, toks, norm):
     vocab = load_tokenizer(toks["wordpiece"]).get_vocab()
     tok = _bert_like(vocab, **norm)
     tok.add_tokens(["zzyzx", "ka-lo"])  # normalized added tokens, matched inside chunks
-    assert prep.chunk_cacheable(tok)
+    assert prep.chunk_cacheable(tok) == "whitespace"
     monkeypatch.setattr(prep, "CACHE_WORDS", 50)  # starts over many times below
     texts = HOSTILE + make_docs(200, seed=5) + HOSTILE + [d + " zzyzx ka-lo kazzyzx" for d in make_docs(50, seed=6)]
     enc = prep._Encoder(tok)
@@ -514,12 +514,12 @@ def test_chunk_cache_gives_the_tokenizers_own_ids(monkeypatch, toks, norm):
 
 
 def test_chunk_cache_refuses_tokenizers_it_cannot_reproduce(toks):
-    from tokenizers import AddedToken, normalizers
+    from tokenizers import AddedToken, Tokenizer, normalizers
 
     vocab = load_tokenizer(toks["wordpiece"]).get_vocab()
-    assert prep.chunk_cacheable(load_tokenizer(toks["wordpiece"]))
+    assert prep.chunk_cacheable(load_tokenizer(toks["wordpiece"])) == "whitespace"
     for kind in ("bpe", "unigram"):
-        assert not prep.chunk_cacheable(load_tokenizer(toks[kind]))
+        assert prep.chunk_cacheable(load_tokenizer(toks[kind])) == "space"
     spaced = _bert_like(vocab, lowercase=True)
     spaced.add_tokens(["new york"])  # would match across a cut
     stripping = _bert_like(vocab, lowercase=True)
@@ -529,7 +529,18 @@ def test_chunk_cache_refuses_tokenizers_it_cannot_reproduce(toks):
     truncating = _bert_like(vocab, lowercase=True)
     truncating.enable_truncation(8)
     for tok in (spaced, stripping, other_norm, truncating):
-        assert not prep.chunk_cacheable(tok)
+        assert prep.chunk_cacheable(tok) is None
+    # Byte-level BPE: no cut without GPT-2's regex, with a normalizer that can make spaces (NFKC), or with dropout.
+    for change in ({"pre_tokenizer": {"use_regex": False}}, {"normalizer": {"type": "NFKC"}}, {"model": {"dropout": 0.1}}):
+        spec = json.loads(load_tokenizer(toks["bpe"]).to_str())
+        for key, val in change.items():
+            spec[key] = val if key == "normalizer" else {**spec[key], **val}
+        assert prep.chunk_cacheable(Tokenizer.from_str(json.dumps(spec))) is None, change
+    # ... nor with an added token matched after normalizing (the cut looks for added tokens in the raw text).
+    for kind in ("bpe", "unigram"):
+        tok = load_tokenizer(toks[kind])
+        tok.add_tokens(["zzyzx"])
+        assert prep.chunk_cacheable(tok) is None
     # And where it refuses, the encoder still gives the tokenizer's own ids (by the uncached path).
     text = ["new york is not new  york <mask>x ka " * 3]
     for tok in (spaced, stripping, other_norm):
@@ -552,3 +563,51 @@ def test_tokenizer_object_with_padding_and_truncation_packs_the_raw_stream(tmp_p
     a.pop(Path("meta.json")), b.pop(Path("meta.json"))  # names the tokenizer source, which differs
     assert a == b and len(a) > 3
     assert tok.padding is not None and tok.truncation is not None
+
+
+# Runs of spaces and other whitespace in every arrangement GPT-2's regex treats differently, chars that NFKC turns into
+# a space plus a mark (U+00A8) or a space (NBSP), and chars some regex engines take for whitespace.
+SPACE_HOSTILE = ["a   b", "a \t b", "a\t b", "a ¨b", "a  ¨b", "x\u00a0 y", " leading", "trailing  ", "\u180e b",
+                 "a \u200bb", "a \ufeffb c\u2060 d", "[SEP] b", "a [MASK]b  [CLS]", "b \t [SEP]x", "it's 'll 's", "12 345 6.7",
+                 "  ", " ", "a\n b\n\n c", "\u3000a \u3000 b", "über straße ǅ ΟΔΟΣ", "漢字 漢 字", "ka" * 40]
+
+
+def _word_starts(enc) -> list[bool]:
+    """Word starts from tokenizers' own word ids: a new word id, or none (an added token), starts a word."""
+    w = enc.word_ids
+    return [i == 0 or w[i] is None or w[i] != w[i - 1] for i in range(len(w))]
+
+
+@pytest.mark.parametrize("variant", ["bpe", "bpe-prefix-space", "bpe-no-normalizer", "unigram", "unigram-first",
+                                     "unigram-never", "unigram-nfkd"])
+def test_space_chunk_cache_gives_the_tokenizers_own_ids_and_word_starts(monkeypatch, toks, variant):
+    """Byte-level BPE and Metaspace Unigram through the cache: ids and word starts equal encode()'s and its word
+    ids' on each whole text, with the cache starting over mid-corpus."""
+    from tokenizers import AddedToken, Tokenizer
+
+    kind = variant.split("-")[0]
+    spec = json.loads(load_tokenizer(toks[kind]).to_str())
+    if variant == "bpe-prefix-space":
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+    elif variant == "bpe-no-normalizer":
+        spec["normalizer"] = None
+    elif variant in ("unigram-first", "unigram-never"):
+        spec["pre_tokenizer"]["prepend_scheme"] = variant.split("-")[1]
+    elif variant == "unigram-nfkd":
+        spec["normalizer"] = {"type": "NFKD"}
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_tokens([AddedToken("zzyzx", normalized=False), AddedToken("#(", normalized=False)])
+    assert prep.chunk_cacheable(tok) == "space"
+    monkeypatch.setattr(prep, "CACHE_WORDS", 40)
+    texts = (SPACE_HOSTILE + HOSTILE + make_docs(150, seed=8) + SPACE_HOSTILE
+             + [d + "  zzyzx kazzyzx \t #( x  #(" for d in make_docs(30, seed=9)])
+    enc = prep._Encoder(tok)
+    assert enc.cache is not None and enc.cache.mode == "space"
+    for i in range(0, len(texts), 29):
+        batch = texts[i:i + 29]
+        ids, flags, lens = enc(batch)
+        ref = tok.encode_batch(batch, add_special_tokens=False)
+        assert lens.tolist() == [len(r) for r in ref]
+        assert ids.tolist() == [t for r in ref for t in r.ids]
+        assert ((flags & FLAG_WORD_START) > 0).tolist() == [x for r in ref for x in _word_starts(r)]
+    assert enc.cache.resets > 3

@@ -11,6 +11,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import string
 import sys
 from bisect import bisect_left
@@ -114,84 +115,158 @@ def _encode_joined(texts: list[str], tok, joiner: tuple[str, int]):
     return ids[~is_sep], np.diff(ends, prepend=-1) - 1
 
 
-def chunk_cacheable(tok) -> bool:
-    """Whether a text's ids are always the ids of its chunks between ' ', '\\t', '\\n' and '\\r', concatenated, so
-    that each distinct chunk need be tokenized once (_ChunkCache).
+# Normalizers that never turn a char into whitespace (only compatibility forms, NFKC/NFKD, can: U+00A8 becomes a
+# space and a combining mark), so the spaces the "space" cut relies on are the text's own; Metaspace does not care.
+_NO_NEW_SPACE = {"NFC", "NFD", "Lowercase"}
+_ANY_NORMALIZER = _NO_NEW_SPACE | {"NFKC", "NFKD"}
 
-    True for WordPiece behind BertPreTokenizer (word_start_table's condition) with BERT's normalizer or none, no
-    added token holding one of those four characters or stripping or matching whole words, and no truncation. Why it
-    holds: BertPreTokenizer cuts at every whitespace char, and the four are whitespace whether or not BERT's
-    normalizer turns them into spaces first; every step of that normalizer (control chars dropped, CJK chars spaced,
-    accents stripped, lowercase) maps each char by itself, and NFD's reordering of accents never crosses a space;
-    WordPiece sees one pre-token at a time; an added token without whitespace in it cannot match across a cut.
+
+def _normalizer_types(spec) -> list[str] | None:
+    """The normalizer steps' types from tokenizer.json's "normalizer" entry; None for one this cannot list."""
+    if spec is None:
+        return []
+    if spec.get("type") == "Sequence":
+        steps = [_normalizer_types(n) for n in spec.get("normalizers", [])]
+        return None if any(t is None for t in steps) else [t for ts in steps for t in ts]
+    return [spec.get("type")]
+
+
+def chunk_cacheable(tok) -> str | None:
+    """How a text may be cut into chunks that the tokenizer encodes independently, so that each distinct chunk need
+    be tokenized once (_ChunkCache): "whitespace", "space", or None where no cut is known to give the tokenizer's own
+    ids and word starts.
+
+    "whitespace": chunks between ' ', '\\t', '\\n' and '\\r', for WordPiece behind BertPreTokenizer (word_start_table's
+    condition) with BERT's normalizer or none. BertPreTokenizer cuts at every whitespace char, and the four are
+    whitespace whether or not BERT's normalizer turns them into spaces first; every step of that normalizer (control
+    chars dropped, CJK chars spaced, accents stripped, lowercase) maps each char by itself, and NFD's reordering of
+    accents never crosses a space; WordPiece sees one pre-token at a time.
+
+    "space": a cut before each ' ' that is followed by a non-whitespace char other than an added token's first
+    char, the space going with the word after it, for BPE (no dropout) or Unigram behind byte-level (GPT-2's regex)
+    or Metaspace pre-tokenizers. Such a space always starts a pre-token: GPT-2's regex takes " ?" before letters,
+    digits and other symbols and its whitespace rule stops before it; Metaspace makes every space a "▁" that starts a
+    piece. Before an added token the space ends the text the regex sees instead ("b  [SEP]": one pre-token of two
+    spaces), hence the exception, which needs added tokens matched in the raw text (normalized=False). A chunk that
+    starts with a space gets no prefix space or "▁" added. The normalizers allowed map chars one by one and, for
+    byte-level, never make a space.
+
+    Both need added tokens without whitespace in them (one could match across a cut) that strip no spaces and match
+    anywhere, and no truncation.
     """
-    if word_start_table(tok) is None or tok.truncation is not None:
-        return False
-    if tok.normalizer is not None and not isinstance(tok.normalizer, normalizers.BertNormalizer):
-        return False
-    return not any(t.lstrip or t.rstrip or t.single_word or any(c in t.content for c in " \t\n\r")
-                   for t in tok.get_added_tokens_decoder().values())
+    if tok.truncation is not None:
+        return None
+    if any(t.lstrip or t.rstrip or t.single_word or any(c in t.content for c in " \t\n\r")
+           for t in tok.get_added_tokens_decoder().values()):
+        return None
+    if word_start_table(tok) is not None:  # WordPiece behind BertPreTokenizer
+        if tok.normalizer is None or isinstance(tok.normalizer, normalizers.BertNormalizer):
+            return "whitespace"
+        return None
+    spec = json.loads(tok.to_str())
+    model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, _normalizer_types(spec.get("normalizer"))
+    if model.get("type") not in ("BPE", "Unigram") or model.get("dropout") not in (None, 0, 0.0) or norm is None:
+        return None
+    if any(t.normalized for t in tok.get_added_tokens_decoder().values()):
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and set(norm) <= _NO_NEW_SPACE:
+        return "space"
+    if pre.get("type") == "Metaspace" and pre.get("split", True) and set(norm) <= _ANY_NORMALIZER:
+        return "space"
+    return None
 
 
 CACHE_WORDS = 1 << 17  # chunks remembered per process (~20 MB); the cache starts over when full
 CACHE_WORD_CHARS = 48  # longer chunks are encoded each time they come: rare, and they would crowd the cache out
-CACHE_POOL_IDS = 1 << 21  # ids kept for the cached chunks (8 MB) before the cache starts over
+CACHE_POOL_IDS = 1 << 21  # ids kept for the cached chunks (10 MB with their word starts) before the cache starts over
 # A cache value is (start in the pool << _LEN_BITS) + number of ids: one int per chunk. corpus.py cuts documents into
-# pieces of at most CHUNK_CHARS (65,536) chars, and BERT's normalizer turns a char into at most a few, so a chunk's
-# ids stay far below 2^20; _learn checks it all the same.
+# pieces of at most CHUNK_CHARS (65,536) chars, and a normalizer turns a char into at most a few, so a chunk's ids stay
+# far below 2^20; _learn checks it all the same.
 _LEN_BITS = 20
+# Where the "space" cut falls: before a space followed by a char that no regex engine takes for whitespace (Python's
+# \s is Unicode's White_Space and more; U+180E, U+200B, U+2060 and U+FEFF were or are taken for it by some), and not
+# by an added token (chunk_cacheable).
+_SPACE_CUT = r" (?=[^\s\u180e\u200b\u2060\ufeff])"
+
+
+def _space_cut(added: list[str]) -> re.Pattern:
+    return re.compile(_SPACE_CUT + (f"(?!{'|'.join(map(re.escape, added))})" if added else ""))
+
+_FIRST = "\n"  # "space" keys: a text's first chunk is _FIRST + chunk, any other chunk is itself without its space
 
 
 class _ChunkCache:
-    """Texts → (ids, lens per text) by looking each chunk up in a dict (see chunk_cacheable), the tokenizer running
-    only on chunks not seen yet. Natural text repeats its words (Zipf), so 10^5 entries answer most lookups,
-    and a dict lookup costs a tenth of what the tokenizer spends on a word."""
+    """Texts → (ids, word starts, lens per text) by looking each chunk (see chunk_cacheable) up in a dict, the
+    tokenizer running only on chunks not seen yet. Natural text repeats its words (Zipf), so 10^5 entries answer
+    most lookups, and a dict lookup costs a tenth of what the tokenizer spends on a word."""
 
-    def __init__(self, encode_words):
-        self.encode_words = encode_words  # list of chunks -> (ids, lens)
+    def __init__(self, mode: str, encode_chunks, added: list[str]):
+        self.mode = mode
+        self.encode_chunks = encode_chunks  # list of chunk texts -> (ids, word starts, lens)
+        self.cut = _space_cut(added).split  # "space" mode: added tokens' texts, never cut before
         self.pool = np.zeros(1 << 16, dtype=np.uint32)
+        self.pool_start = np.zeros(1 << 16, dtype=bool)
         self.resets = -1  # times the cache started over (the first _reset is its start)
         self._reset()
 
     def _reset(self) -> None:
-        self.cache: dict[str, int] = {"": 0}  # runs of spaces give empty chunks: no ids
+        self.cache: dict[str, int] = {}
         self.used = 0
         self.resets += 1
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _keys(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """Every text's chunks as cache keys, in order, and the number of keys per text (at least one each)."""
+        if self.mode == "whitespace":
+            joined = " ".join(texts)  # one split for the batch: the join's spaces end each text's last chunk
+            if "\n" in joined or "\t" in joined or "\r" in joined:
+                texts = [t.replace("\n", " ").replace("\t", " ").replace("\r", " ") for t in texts]
+                joined = " ".join(texts)
+            per_text = np.fromiter(map(str.count, texts, repeat(" ")), dtype=np.int64, count=len(texts)) + 1
+            return joined.split(" "), per_text
+        keys, per_text, cut = [], [], self.cut
+        for t in texts:
+            parts = cut(t)
+            parts[0] = _FIRST + parts[0]
+            keys += parts
+            per_text.append(len(parts))
+        return keys, np.asarray(per_text, dtype=np.int64)
+
+    def _chunk_text(self, key: str) -> str:
+        if self.mode == "whitespace":
+            return key
+        return key[1:] if key.startswith(_FIRST) else " " + key
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(self.cache) > CACHE_WORDS or self.used > CACHE_POOL_IDS:
             self._reset()  # between batches: this batch's codes point into the pool as it stands
-        joined = " ".join(texts)  # one split for the batch: the join's spaces end each text's last chunk
-        if "\n" in joined or "\t" in joined or "\r" in joined:
-            texts = [t.replace("\n", " ").replace("\t", " ").replace("\r", " ") for t in texts]
-            joined = " ".join(texts)
-        words = joined.split(" ")
-        code = np.fromiter(map(self.cache.get, words, repeat(-1)), dtype=np.int64, count=len(words))
+        if not texts:
+            return np.zeros(0, np.uint32), np.zeros(0, bool), np.zeros(0, np.int64)
+        keys, per_text = self._keys(texts)
+        code = np.fromiter(map(self.cache.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         miss = np.flatnonzero(code < 0)
         if len(miss):
-            code[miss] = self._learn([words[i] for i in miss.tolist()])
+            code[miss] = self._learn([keys[i] for i in miss.tolist()])
         n = code & ((1 << _LEN_BITS) - 1)
         ends = np.cumsum(n)
-        ids = self.pool[np.repeat((code >> _LEN_BITS) - (ends - n), n) + np.arange(int(ends[-1]) if len(ends) else 0)]
-        if not texts:
-            return ids, np.zeros(0, dtype=np.int64)
-        per_text = np.fromiter(map(str.count, texts, repeat(" ")), dtype=np.int64, count=len(texts)) + 1
-        return ids, np.add.reduceat(n, np.cumsum(per_text) - per_text)  # every text has a chunk, maybe ""
+        at = np.repeat((code >> _LEN_BITS) - (ends - n), n) + np.arange(int(ends[-1]))
+        return self.pool[at], self.pool_start[at], np.add.reduceat(n, np.cumsum(per_text) - per_text)
 
     def _learn(self, missed: list[str]) -> list[int]:
-        """Encode the distinct chunks in `missed`, append their ids to the pool; returns a code per entry of missed."""
+        """Encode the distinct chunks in `missed`, append them to the pool; returns a code per entry of missed."""
         new = list(dict.fromkeys(missed))
-        ids, lens = self.encode_words(new)
+        ids, start, lens = self.encode_chunks([self._chunk_text(k) for k in new])
         if len(lens) and int(lens.max()) >> _LEN_BITS:
             raise RuntimeError(f"a chunk of {int(lens.max())} tokens does not fit the cache's {_LEN_BITS}-bit length")
         if self.used + len(ids) > len(self.pool):
-            self.pool = np.resize(self.pool, max(2 * len(self.pool), self.used + len(ids)))
+            size = max(2 * len(self.pool), self.used + len(ids))
+            self.pool, self.pool_start = np.resize(self.pool, size), np.resize(self.pool_start, size)
         self.pool[self.used:self.used + len(ids)] = ids
+        self.pool_start[self.used:self.used + len(ids)] = start
         starts = self.used + np.cumsum(lens) - lens
         self.used += len(ids)
         codes = dict(zip(new, ((starts << _LEN_BITS) + lens).tolist()))
-        self.cache.update((w, c) for w, c in codes.items() if len(w) <= CACHE_WORD_CHARS)
-        return [codes[w] for w in missed]
+        self.cache.update((k, c) for k, c in codes.items() if len(k) <= CACHE_WORD_CHARS)
+        return [codes[k] for k in missed]
 
 
 class _Encoder:
@@ -203,35 +278,45 @@ class _Encoder:
         self.tok = tok
         self.table = word_start_table(tok)
         self.joiner = _joiner(tok) if self.table is not None else None
-        self.cache = _ChunkCache(self._fast) if self.table is not None and chunk_cacheable(tok) else None
+        mode = chunk_cacheable(tok)
+        added = [t.content for t in tok.get_added_tokens_decoder().values()]
+        self.cache = None if mode is None else _ChunkCache(mode, self._fast if self.table is not None else self._word_ids,
+                                                           added)
 
-    def _fast(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, lens per text) from encode_batch_fast (no offsets: ~25% less tokenizer time), joined if it can be."""
-        if self.joiner is not None:
-            res = _encode_joined(texts, self.tok, self.joiner)
-            if res is not None:
-                return res
-        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+    def _fast(self, texts: list[str]):
+        """(ids, word starts, lens per text) by encode_batch_fast (no offsets: ~25% less tokenizer time) and the
+        word-start table, on texts joined by [SEP] where that gives the same."""
+        res = _encode_joined(texts, self.tok, self.joiner) if self.joiner is not None else None
+        if res is None:
+            encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+            # One merge in Rust, then one list per batch: no Python loop over the (often ~10-token) encodings.
+            ids = Encoding.merge(encs, growing_offsets=False).ids if encs else []
+            res = np.asarray(ids, dtype=np.uint32), np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
+        return res[0], self.table[res[0]], res[1]
+
+    def _word_ids(self, texts: list[str]):
+        """(ids, word starts, lens per text) by encode_batch and its word_ids: any tokenizer."""
+        encs = self.tok.encode_batch(texts, add_special_tokens=False)
         lens = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
-        # One merge in Rust, then one list per batch: no Python loop over the (often ~10-token) encodings.
-        ids = Encoding.merge(encs, growing_offsets=False).ids if encs else []
-        return np.asarray(ids, dtype=np.uint32), lens
+        merged = Encoding.merge(encs, growing_offsets=False) if encs else None
+        ids = np.asarray(merged.ids if encs else [], dtype=np.uint32)
+        # A token starts a word when its word id differs from the previous token's; None (an added token such as a
+        # literal "[MASK]" in the text) becomes NaN, which differs from everything: a word of its own.
+        w = np.asarray(merged.word_ids if encs else [], dtype=np.float64)
+        start = np.ones(len(w), dtype=bool)
+        if len(w) > 1:
+            start[1:] = w[1:] != w[:-1]
+        bounds = np.cumsum(lens)[:-1]
+        start[bounds[bounds < len(ids)]] = True  # a text's first token starts a word, whatever its word id
+        return ids, start, lens
 
     def __call__(self, texts: list[str]):
-        if self.table is not None:
-            ids, lens = self.cache.encode(texts) if self.cache is not None else self._fast(texts)
-            start = self.table[ids]
+        if self.cache is not None:
+            ids, start, lens = self.cache.encode(texts)
+        elif self.table is not None:
+            ids, start, lens = self._fast(texts)
         else:
-            encs = self.tok.encode_batch(texts, add_special_tokens=False)
-            lens = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
-            merged = Encoding.merge(encs, growing_offsets=False) if encs else None
-            ids = np.asarray(merged.ids if encs else [], dtype=np.uint32)
-            # A token starts a word when its word id differs from the previous token's; None (an added token such
-            # as a literal "[MASK]" in the text) becomes NaN, which differs from everything: a word of its own.
-            w = np.asarray(merged.word_ids if encs else [], dtype=np.float64)
-            start = np.ones(len(w), dtype=bool)
-            if len(w) > 1:
-                start[1:] = w[1:] != w[:-1]
+            ids, start, lens = self._word_ids(texts)
         bounds = np.cumsum(lens)[:-1]
         start[bounds[bounds < len(ids)]] = True  # each piece starts a word: pieces are cut at whitespace
         return ids, start.astype(np.uint8) * np.uint8(fmt.FLAG_WORD_START), lens
