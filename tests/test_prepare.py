@@ -611,3 +611,24 @@ def test_space_chunk_cache_gives_the_tokenizers_own_ids_and_word_starts(monkeypa
         assert ids.tolist() == [t for r in ref for t in r.ids]
         assert ((flags & FLAG_WORD_START) > 0).tolist() == [x for r in ref for x in _word_starts(r)]
     assert enc.cache.resets > 3
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_space_chunk_cache_writes_the_same_data_dir(tmp_path, monkeypatch, toks, kind):
+    """End to end, in-process and with worker processes: the cached path writes byte for byte the data dir of the
+    text-by-text path (ids, word starts, splits, counts), on documents with the hostile texts inside them."""
+    docs = make_docs(40, seed=13) + [" ".join(SPACE_HOSTILE[i:i + 4]) for i in range(0, len(SPACE_HOSTILE), 4)]
+    docs += make_docs(40, seed=14)
+    path = write_blank_line(tmp_path / "c.txt", docs)
+    monkeypatch.setattr(prep, "CACHE_WORDS", 64)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 700)
+    out = {}
+    for name, cacheable in (("cache", prep.chunk_cacheable), ("plain", lambda t: None)):
+        monkeypatch.setattr(prep, "chunk_cacheable", cacheable)
+        for workers in (1, 2):
+            d = tmp_path / f"{name}{workers}"
+            prep.prepare([str(path)], toks[kind], 16, d, val_fraction=0.1, workers=workers)
+            out[name, workers] = {f.relative_to(d): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+    assert len(out["plain", 1]) > 5 and all(o == out["plain", 1] for o in out.values())
+    ids, flags = all_rows(tmp_path / "cache1")
+    assert ((flags & FLAG_WORD_START) == 0).any()  # pieces that continue a word, so word starts are exercised
