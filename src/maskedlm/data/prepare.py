@@ -95,8 +95,9 @@ def _joiner(tok) -> tuple[str, int] | None:
 JOIN_TEXTS = 64  # texts per joined string: ~64 Encoding objects fewer each, still many strings for the threads
 
 
-def _encode_joined(texts: list[str], tok, joiner: tuple[str, int]):
-    """(ids, lens per text) from encode_batch_fast on texts joined by a special token; None when the check fails.
+def _encode_joined(texts: list[str], tok, joiner: tuple[str, int], word_starts: bool = False):
+    """(ids, lens per text) from encode_batch_fast on texts joined by a special token, or with `word_starts`
+    (ids, word starts, lens) from encode_batch and its word ids; None when the check fails.
 
     For short texts (a line each, or a word each from the chunk cache) most of the tokenizer's time is per
     Encoding; this makes one per JOIN_TEXTS."""
@@ -104,15 +105,23 @@ def _encode_joined(texts: list[str], tok, joiner: tuple[str, int]):
     joined = [sep_text.join(texts[i:i + JOIN_TEXTS]) + sep_text for i in range(0, len(texts), JOIN_TEXTS)]
     if sum(j.count(sep_text) for j in joined) != len(texts):
         return None  # the separator's text occurs in a text: encode one by one
-    ids = np.asarray(Encoding.merge(tok.encode_batch_fast(joined, add_special_tokens=False), growing_offsets=False).ids,
-                     dtype=np.uint32)
+    encode = tok.encode_batch if word_starts else tok.encode_batch_fast
+    merged = Encoding.merge(encode(joined, add_special_tokens=False), growing_offsets=False)
+    ids = np.asarray(merged.ids, dtype=np.uint32)
     is_sep = ids == sep_id
     ends = np.flatnonzero(is_sep)
     # Exactly one [SEP] id per text means every separator was matched on its own (an added token overlapping it
-    # would swallow it, and the model cannot produce the special id), so each text was encoded alone.
+    # would swallow it, and one the model made itself would add one), so each text was encoded alone.
     if len(ends) != len(texts):
         return None
-    return ids[~is_sep], np.diff(ends, prepend=-1) - 1
+    lens = np.diff(ends, prepend=-1) - 1
+    if not word_starts:
+        return ids[~is_sep], lens
+    w = np.asarray(merged.word_ids, dtype=np.float64)  # None (an added token) becomes NaN: a word of its own
+    start = np.ones(len(w), dtype=bool)
+    start[1:] = w[1:] != w[:-1]
+    start[ends[:-1] + 1] = True  # a text's first token starts a word, whatever its word id
+    return ids[~is_sep], start[~is_sep], lens
 
 
 # Normalizers that never turn a char into whitespace (only compatibility forms, NFKC/NFKD, can: U+00A8 becomes a
@@ -174,6 +183,15 @@ def chunk_cacheable(tok) -> str | None:
     if pre.get("type") == "Metaspace" and pre.get("split", True) and set(norm) <= _ANY_NORMALIZER:
         return "space"
     return None
+
+
+def _joins_alone(tok) -> bool:
+    """Whether a text between two [SEP]s is pre-tokenized as it would be alone, for the "space" tokenizers: true of
+    byte-level without a prefix space and of Metaspace's "always" (each section between added tokens gets its
+    "▁"), not of "first" (only the text's first section does). tokenizer train makes the two that join."""
+    pre = json.loads(tok.to_str()).get("pre_tokenizer") or {}
+    return ((pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space"))
+            or (pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "always"))
 
 
 CACHE_WORDS = 1 << 17  # chunks remembered per process (~20 MB); the cache starts over when full
@@ -277,8 +295,8 @@ class _Encoder:
     def __init__(self, tok):
         self.tok = tok
         self.table = word_start_table(tok)
-        self.joiner = _joiner(tok) if self.table is not None else None
         mode = chunk_cacheable(tok)
+        self.joiner = _joiner(tok) if self.table is not None or (mode == "space" and _joins_alone(tok)) else None
         added = [t.content for t in tok.get_added_tokens_decoder().values()]
         self.cache = None if mode is None else _ChunkCache(mode, self._fast if self.table is not None else self._word_ids,
                                                            added)
@@ -295,7 +313,11 @@ class _Encoder:
         return res[0], self.table[res[0]], res[1]
 
     def _word_ids(self, texts: list[str]):
-        """(ids, word starts, lens per text) by encode_batch and its word_ids: any tokenizer."""
+        """(ids, word starts, lens per text) by encode_batch and its word_ids: any tokenizer; joined by [SEP] where
+        that gives the same (the chunk cache's chunks)."""
+        res = _encode_joined(texts, self.tok, self.joiner, word_starts=True) if self.joiner is not None else None
+        if res is not None:
+            return res
         encs = self.tok.encode_batch(texts, add_special_tokens=False)
         lens = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
         merged = Encoding.merge(encs, growing_offsets=False) if encs else None
