@@ -477,7 +477,11 @@ def test_50mb_line_peak_memory(tmp_path, toks):
 # past WordPiece's 100-char limit, runs of cuts, and text that tokenizes to nothing.
 HOSTILE = ["a\tb\nc\rd  e", "x\u00a0y z\u3000w", "p\u0085q r\x1cs\x1dt\x1eu\x1fv", " \u0301e e\u0301 \u0308",
            "ΟΔΟΣ Σ σς", "漢字漢字漢字 かな", "\x07\x08 \x00z\ufffd", "[MASK]x y[SEP]z [CLS] [SEP][SEP]",
-           "ka" * 30, "lo" * 60, "   ", "", "\n\n\t", "Zéro NAÏVE Ǆemal ﬁne", "##a ## #", "İstanbul ǅ"]
+           "ka" * 30, "lo" * 60, "   ", "", "\n\n\t", "Zéro NAÏVE Ǆemal ﬁne", "##a ## #", "İstanbul ǅ",
+           # CJK ideographs, cut on both sides where BERT's normalizer spaces them, at the ends of its ranges and
+           # just outside them (U+4DC0, U+33FF, U+2B820), beside Latin, punctuation, kana and control chars
+           "ab漢cd漢字，漢字。x", "\u3400\u4dbf\u4dc0\u33ff\u4e00\u9fff\ua000", "\uf900\uf901z \U0002b820\U0002b920\U0002ceaf",
+           "漢\x07字 かな漢字カナ ka漢lo", "a\U0002b820b x\u4dc0y"]
 
 
 def _bert_like(vocab: dict, **norm) -> "Tokenizer":  # noqa: F821 (tokenizers' type, imported where used)
@@ -504,6 +508,7 @@ def test_chunk_cache_gives_the_tokenizers_own_ids(monkeypatch, toks, norm):
     texts = HOSTILE + make_docs(200, seed=5) + HOSTILE + [d + " zzyzx ka-lo kazzyzx" for d in make_docs(50, seed=6)]
     enc = prep._Encoder(tok)
     assert enc.cache is not None
+    assert (enc.cache.cjk is not None) == (norm.get("handle_chinese_chars", True) and bool(norm))
     for i in range(0, len(texts), 37):
         batch = texts[i:i + 37]
         ids, flags, lens = enc(batch)

@@ -213,15 +213,39 @@ def _space_cut(added: list[str]) -> re.Pattern:
 _FIRST = "\n"  # "space" keys: a text's first chunk is _FIRST + chunk, any other chunk is itself without its space
 
 
+# The chars BERT's normalizer puts spaces around (handle_chinese_chars: CJK ideographs), so each is a word of its own
+# and a cut on both sides, which lets text without spaces (Chinese) use the cache. Read off tokenizers' BertNormalizer
+# by normalize_str over every code point; _cjk_cut checks them at both ends of each range before relying on them.
+_CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2B81F),
+               (0x2B920, 0x2CEAF), (0x2F800, 0x2FA1F))
+
+
+def _cjk_cut(tok) -> re.Pattern | None:
+    """A pattern of the chars the tokenizer's BERT normalizer spaces, for the "whitespace" cut; None when it spaces
+    none or not exactly _CJK_RANGES (another tokenizers release), where cutting there could split a word."""
+    norm = tok.normalizer
+    if not isinstance(norm, normalizers.BertNormalizer):
+        return None
+
+    def spaced(c: int) -> bool:  # " x " (x itself, or with accents stripped its canonical decomposition: U+F900)
+        r = norm.normalize_str(chr(c))
+        return len(r) >= 3 and r[0] == r[-1] == " " and " " not in r[1:-1]
+
+    if not all(spaced(a) and spaced(b) and not spaced(a - 1) and not spaced(b + 1) for a, b in _CJK_RANGES):
+        return None
+    return re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _CJK_RANGES) + "]")
+
+
 class _ChunkCache:
     """Texts → (ids, word starts, lens per text) by looking each chunk (see chunk_cacheable) up in a dict, the
     tokenizer running only on chunks not seen yet. Natural text repeats its words (Zipf), so 10^5 entries answer
     most lookups, and a dict lookup costs a tenth of what the tokenizer spends on a word."""
 
-    def __init__(self, mode: str, encode_chunks, added: list[str]):
+    def __init__(self, mode: str, encode_chunks, added: list[str], cjk: re.Pattern | None = None):
         self.mode = mode
         self.encode_chunks = encode_chunks  # list of chunk texts -> (ids, word starts, lens)
         self.cut = _space_cut(added).split  # "space" mode: added tokens' texts, never cut before
+        self.cjk = cjk  # "whitespace" mode: chars that are words of their own, cut on both sides
         self.pool = np.zeros(1 << 16, dtype=np.uint32)
         self.pool_start = np.zeros(1 << 16, dtype=bool)
         self.resets = -1  # times the cache started over (the first _reset is its start)
@@ -238,6 +262,9 @@ class _ChunkCache:
             joined = " ".join(texts)  # one split for the batch: the join's spaces end each text's last chunk
             if "\n" in joined or "\t" in joined or "\r" in joined:
                 texts = [t.replace("\n", " ").replace("\t", " ").replace("\r", " ") for t in texts]
+                joined = " ".join(texts)
+            if self.cjk is not None and self.cjk.search(joined):
+                texts = [self.cjk.sub(r" \g<0> ", t) for t in texts]
                 joined = " ".join(texts)
             per_text = np.fromiter(map(str.count, texts, repeat(" ")), dtype=np.int64, count=len(texts)) + 1
             return joined.split(" "), per_text
@@ -299,7 +326,7 @@ class _Encoder:
         self.joiner = _joiner(tok) if self.table is not None or (mode == "space" and _joins_alone(tok)) else None
         added = [t.content for t in tok.get_added_tokens_decoder().values()]
         self.cache = None if mode is None else _ChunkCache(mode, self._fast if self.table is not None else self._word_ids,
-                                                           added)
+                                                           added, _cjk_cut(tok) if mode == "whitespace" else None)
 
     def _fast(self, texts: list[str]):
         """(ids, word starts, lens per text) by encode_batch_fast (no offsets: ~25% less tokenizer time) and the
