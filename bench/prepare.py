@@ -6,7 +6,8 @@ the sums of RSS and of its anonymous part (RssAnon: without the pages of shared 
 tree (workers too), sampled every 0.1 s. `--formats text parquet` also gives both the same lines as a Parquet
 file (a row per line; datasets reads it with load_dataset("parquet")). `--corpus zipf` replaces Shakespeare, which
 repeats itself past 5 MB and so flatters maskedlm's per-word cache, by generated words that follow Zipf's law over a
-million-word vocabulary. Run: python bench/prepare.py --sizes-mb 50 200 (files under --work).
+million-word vocabulary; `--corpus cjk` by generated Chinese-like text without spaces. `--kind` picks the tokenizer
+(WordPiece, byte-level BPE or Unigram). Run: python bench/prepare.py --sizes-mb 50 200 (files under --work).
 """
 
 from __future__ import annotations
@@ -92,6 +93,34 @@ def _write_zipf(path: Path, size_mb: float, vocab: int, exponent: float) -> None
             n += len(block)
 
 
+def make_cjk_corpus(path: Path, size_mb: float, seed: int = 0) -> Path:
+    """Generated Chinese-like text: ideographs (the first 20,000 of U+4E00..) drawn by Zipf's law, a full-width comma
+    after about every eighth and a full stop ending each line of 20 to 60, no spaces: text that only the cut around
+    CJK chars lets the chunk cache serve. `size_mb` counts UTF-8 bytes (3 a char)."""
+    if not (path.exists() and path.stat().st_size >= int(size_mb * 1e6)):
+        forked(_write_cjk, path, size_mb, seed)
+    return path
+
+
+def _write_cjk(path: Path, size_mb: float, seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    chars = np.array([chr(0x4E00 + i) for i in range(20_000)] + ["，"])
+    cdf = np.cumsum(1.0 / np.arange(1, len(chars)) ** 1.05)
+    with open(path, "w", encoding="utf-8") as f:
+        n = 0
+        while n < int(size_mb * 1e6):
+            draw = np.searchsorted(cdf, rng.random(100_000) * cdf[-1])
+            draw[rng.random(len(draw)) < 0.12] = len(chars) - 1
+            text = "".join(chars[draw])
+            cuts = np.cumsum(rng.integers(20, 61, len(text) // 20))
+            lines = [text[a:b] + "。" for a, b in zip([0, *cuts[:-1]], cuts) if b <= len(text)]
+            block = "\n".join(lines) + "\n"
+            f.write(block)
+            n += len(block.encode("utf-8"))
+
+
 def make_parquet(corpus: Path) -> Path:
     """The corpus's lines as a Parquet file with a "text" column, a row group per 10,000 lines."""
     path = corpus.with_suffix(".parquet")
@@ -116,10 +145,10 @@ def _write_parquet(corpus: Path, path: Path) -> None:
             w.write_table(pa.table({"text": lines}, schema=schema))
 
 
-def _train_tokenizer(tok_dir: Path, vocab_size: int, kind: str) -> None:
+def _train_tokenizer(tok_dir: Path, vocab_size: int, kind: str, inputs: list[str]) -> None:
     from maskedlm.tokenizer import train_tokenizer
 
-    train_tokenizer([str(f) for f in shakespeare_files()], vocab_size, kind, tok_dir, lowercase=True)
+    train_tokenizer(inputs, vocab_size, kind, tok_dir, lowercase=True)
 
 
 # -------------------------------------------------------------------------------------------- child processes
@@ -240,8 +269,9 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--formats", nargs="+", choices=["text", "parquet"], default=["text"],
                    help="the corpus as a text file and/or as Parquet (the same lines)")
-    p.add_argument("--corpus", choices=["shakespeare", "zipf"], default="shakespeare",
-                   help="Shakespeare repeated to each size, or generated Zipf-distributed words (no repetition)")
+    p.add_argument("--corpus", choices=["shakespeare", "zipf", "cjk"], default="shakespeare",
+                   help="Shakespeare repeated to each size, generated Zipf-distributed words (no repetition), or "
+                        "generated Chinese-like text without spaces")
     p.add_argument("--child", choices=["maskedlm", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
@@ -255,15 +285,19 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / ("tokenizer" if a.kind == "wordpiece" else f"tokenizer_{a.kind}")
+    inputs = [str(f) for f in shakespeare_files()]
+    if a.corpus == "cjk":  # a tokenizer that knows the ideographs, from 2 MB of the same generator (another seed)
+        tok_dir = work / f"tokenizer_cjk_{a.kind}"
+        inputs = [str(make_cjk_corpus(work / "cjk_tokenizer_text.txt", 2, seed=1))]
     if not (tok_dir / "tokenizer.json").exists():
-        forked(_train_tokenizer, tok_dir, a.vocab_size, a.kind)
+        forked(_train_tokenizer, tok_dir, a.vocab_size, a.kind, inputs)
     print(f"# corpus: {a.corpus}  tokenizer: {a.kind}  cpus: {os.cpu_count()}  load average at start: {os.getloadavg()}")
     print(f"{'size MB':>8} {'format':<8} {'pipeline':<22} {'time s':>8} {'cpu s':>8} {'MB/s':>7} {'Mtok/s':>7} {'rows':>9} "
           f"{'maxrss MB':>10} {'tree RSS MB':>11} {'anon MB':>8}")
     results = []
     for size, fmt in [(s, f) for s in a.sizes_mb for f in a.formats]:
-        corpus = (make_corpus(work / f"corpus_{size:g}MB.txt", size) if a.corpus == "shakespeare" else
-                  make_zipf_corpus(work / f"zipf_{size:g}MB.txt", size))
+        corpus = {"shakespeare": make_corpus, "zipf": make_zipf_corpus,
+                  "cjk": make_cjk_corpus}[a.corpus](work / f"{a.corpus}_{size:g}MB.txt", size)
         mb = corpus.stat().st_size / 1e6  # text MB either way, so the two formats' MB/s compare
         corpus = make_parquet(corpus) if fmt == "parquet" else corpus
         common = ["--input", str(corpus), "--tokenizer", str(tok_dir), "--seq-len", str(a.seq_len)]

@@ -221,7 +221,7 @@ _CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0
 
 
 def _cjk_cut(tok) -> re.Pattern | None:
-    """A pattern of the chars the tokenizer's BERT normalizer spaces, for the "whitespace" cut; None when it spaces
+    """A pattern capturing each char the tokenizer's BERT normalizer spaces, for the "whitespace" cut; None when it spaces
     none or not exactly _CJK_RANGES (another tokenizers release), where cutting there could split a word."""
     norm = tok.normalizer
     if not isinstance(norm, normalizers.BertNormalizer):
@@ -233,7 +233,7 @@ def _cjk_cut(tok) -> re.Pattern | None:
 
     if not all(spaced(a) and spaced(b) and not spaced(a - 1) and not spaced(b + 1) for a, b in _CJK_RANGES):
         return None
-    return re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _CJK_RANGES) + "]")
+    return re.compile("([" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _CJK_RANGES) + "])")
 
 
 class _ChunkCache:
@@ -264,7 +264,10 @@ class _ChunkCache:
                 texts = [t.replace("\n", " ").replace("\t", " ").replace("\r", " ") for t in texts]
                 joined = " ".join(texts)
             if self.cjk is not None and self.cjk.search(joined):
-                texts = [self.cjk.sub(r" \g<0> ", t) for t in texts]
+                # A space each side of every CJK char: split's captured chars joined back with spaces (re.sub's
+                # template would run Python code per char).
+                split = self.cjk.split
+                texts = [" ".join(split(t)) for t in texts]
                 joined = " ".join(texts)
             per_text = np.fromiter(map(str.count, texts, repeat(" ")), dtype=np.int64, count=len(texts)) + 1
             return joined.split(" "), per_text
