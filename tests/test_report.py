@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_data import make_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-CURVES = {"train-loss-tokens", "train-loss-time", "eval-loss", "eval-accuracy", "lr", "grad-norm", "throughput"}
+CURVES = {"train-loss-tokens", "train-loss-time", "eval-loss", "eval-loss-time", "eval-accuracy", "lr", "grad-norm",
+          "throughput"}
 
 
 class _Page(HTMLParser):

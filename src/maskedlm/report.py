@@ -200,6 +200,7 @@ def curve_figures(plt, runs: list[Run]) -> list[tuple[str, str, object]]:
         ("train-loss-tokens", "loss", "tokens", "training loss (raw faint, smoothed solid; red x: skipped steps)", "nats", "train", True),
         ("train-loss-time", "loss", "elapsed_s", "training loss against wall time", "nats", "train", True),
         ("eval-loss", "val_loss", "tokens", "evaluation loss at the fixed evaluation mask", "nats", "eval", False),
+        ("eval-loss-time", "val_loss", "elapsed_s", "evaluation loss against wall time", "nats", "eval", False),
         ("eval-accuracy", "val_accuracy", "tokens", "evaluation top-1 accuracy at A(x)", "accuracy", "eval", False),
         ("lr", "lr", "tokens", "learning rate", "lr", "train", False),
         ("grad-norm", "grad_norm", "tokens", "gradient norm before clipping", "norm", "train", True),

@@ -430,7 +430,7 @@ class Trainer:
                 self._probe_tasks = load_probe_tasks(self.cfg, d)
             probes = probe_record(self.model, self._probe_tasks, self.device)
         self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
-                         **{f"val_{k}": v for k, v in r.items()}, **probes})
+                         "elapsed_s": self.elapsed(), **{f"val_{k}": v for k, v in r.items()}, **probes})
         shown = "".join(f", {k} {v:.4f}" for k, v in probes.items() if k.endswith(("/accuracy", "/spearman", "_f1")))
         self.logger.write(f"eval step {self.step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, "
                           f"perplexity {r['perplexity']:.2f}{shown}")
