@@ -117,11 +117,19 @@ def _encode_joined(texts: list[str], tok, joiner: tuple[str, int], word_starts: 
     lens = np.diff(ends, prepend=-1) - 1
     if not word_starts:
         return ids[~is_sep], lens
-    w = np.asarray(merged.word_ids, dtype=np.float64)  # None (an added token) becomes NaN: a word of its own
+    start = _word_starts(merged.word_ids, ends[:-1] + 1)
+    return ids[~is_sep], start[~is_sep], lens
+
+
+def _word_starts(word_ids: list, firsts: np.ndarray) -> np.ndarray:
+    """Word starts from merged word ids: a token whose word id differs from the previous token's, and every position
+    in `firsts` (each text's first token, whatever its word id). None (an added token such as a literal "[MASK]" in
+    the text) becomes NaN, which differs from everything: a word of its own."""
+    w = np.asarray(word_ids, dtype=np.float64)
     start = np.ones(len(w), dtype=bool)
     start[1:] = w[1:] != w[:-1]
-    start[ends[:-1] + 1] = True  # a text's first token starts a word, whatever its word id
-    return ids[~is_sep], start[~is_sep], lens
+    start[firsts[firsts < len(w)]] = True
+    return start
 
 
 # Normalizers that never turn a char into whitespace (only compatibility forms, NFKC/NFKD, can: U+00A8 becomes a
@@ -355,15 +363,7 @@ class _Encoder:
         lens = np.fromiter(map(len, encs), dtype=np.int64, count=len(encs))
         merged = Encoding.merge(encs, growing_offsets=False) if encs else None
         ids = np.asarray(merged.ids if encs else [], dtype=np.uint32)
-        # A token starts a word when its word id differs from the previous token's; None (an added token such as a
-        # literal "[MASK]" in the text) becomes NaN, which differs from everything: a word of its own.
-        w = np.asarray(merged.word_ids if encs else [], dtype=np.float64)
-        start = np.ones(len(w), dtype=bool)
-        if len(w) > 1:
-            start[1:] = w[1:] != w[:-1]
-        bounds = np.cumsum(lens)[:-1]
-        start[bounds[bounds < len(ids)]] = True  # a text's first token starts a word, whatever its word id
-        return ids, start, lens
+        return ids, _word_starts(merged.word_ids if encs else [], np.cumsum(lens)[:-1]), lens
 
     def __call__(self, texts: list[str]):
         if self.cache is not None:
