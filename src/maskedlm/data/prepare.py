@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from maskedlm.data.corpus import check_options, iter_pieces, new_stats, report_i
 from maskedlm.data.encode import encoded_batches
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, link_or_copy, replace_dir
-from maskedlm.tokenizer import load_tokenizer, special_ids, tokenizer_hash
+from maskedlm.tokenizer import SpecialIds, load_tokenizer, special_ids, tokenizer_hash
 
 SEQ_LEN_MIN, SEQ_LEN_MAX = 8, 8192
 BATCH_CHARS = 1 << 17  # text per encoder call / worker task: ~30k tokens; 256 kB cost ~5 MB more peak for ~3% less CPU
@@ -254,6 +255,66 @@ def _inputs_hash(files: list[Path]) -> str:
     return hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one prepare run (or one part of it) reads and how; _prepare_into writes it into a temp dir."""
+
+    files: list[Path]  # the whole input list: a document's key numbers its file in it, whichever part reads it
+    file_index: list[int]  # the files this run reads: all of them, or part I of N
+    tok: Tokenizer
+    sp: SpecialIds
+    seq_len: int
+    val_fraction: float
+    input_format: str | None
+    text_field: str
+    doc_per: str
+    workers: int
+    seed: int
+    progress: bool | None
+    buffer: bool  # hold a small corpus to guarantee each split a row (not in parts: their split is by hash alone)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+
+def _checked_numbers(seq_len, val_fraction, workers) -> tuple[int, float, int]:
+    """seq_len, val_fraction and the worker count (0: automatic) checked and normalised; UserError naming the value."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or not SEQ_LEN_MIN <= seq_len <= SEQ_LEN_MAX:
+        raise UserError(f"seq_len must be an integer in [{SEQ_LEN_MIN}, {SEQ_LEN_MAX}], got {seq_len}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if int(workers) < 0:
+        raise UserError(f"workers must be >= 0 (0: one per core), got {workers}")
+    workers = int(workers) or _auto_workers()
+    if workers > MAX_WORKERS_PER_CORE * _cores():
+        warn(f"--workers {workers} is more than {MAX_WORKERS_PER_CORE} per core; using {MAX_WORKERS_PER_CORE * _cores()}")
+        workers = MAX_WORKERS_PER_CORE * _cores()
+    return int(seq_len), float(val_fraction), workers
+
+
+def _own_tokenizer(tokenizer) -> Tokenizer:
+    """The tokenizer to encode with: loaded from a path, or a copy of a Tokenizer without padding and truncation (as
+    load_tokenizer gives)."""
+    if not isinstance(tokenizer, Tokenizer):
+        return load_tokenizer(tokenizer)
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _part_files(files: list[Path], part: tuple[int, int] | None) -> list[int]:
+    """Indices of the input files that part I of N reads (i % N == I); all of them without a part."""
+    file_index = list(range(len(files)))
+    if part is None:
+        return file_index
+    if not file_index[part[0]::part[1]]:
+        raise UserError(f"--shard {part[0]}/{part[1]} gets no input file: the input has {len(files)} files; "
+                        f"split it into at most {len(files)} parts")
+    return file_index[part[0]::part[1]]
+
+
 def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=None, text_field="text",
             doc_per="blank-line", workers=0, seed=0, overwrite=False, *, shard=None,
             progress: bool | None = None) -> dict:
@@ -264,45 +325,22 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     is by hash alone). Returns the meta dict. `progress`: None shows a bar on a terminal only; True/False force it.
     """
     # -- every check that needs no reading comes first, so bad options fail before any work
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or not SEQ_LEN_MIN <= seq_len <= SEQ_LEN_MAX:
-        raise UserError(f"seq_len must be an integer in [{SEQ_LEN_MIN}, {SEQ_LEN_MAX}], got {seq_len}")
-    seq_len = int(seq_len)
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    val_fraction = float(val_fraction)
-    if int(workers) < 0:
-        raise UserError(f"workers must be >= 0 (0: one per core), got {workers}")
-    workers = int(workers) or _auto_workers()
-    if workers > MAX_WORKERS_PER_CORE * _cores():
-        warn(f"--workers {workers} is more than {MAX_WORKERS_PER_CORE} per core; using {MAX_WORKERS_PER_CORE * _cores()}")
-        workers = MAX_WORKERS_PER_CORE * _cores()
+    seq_len, val_fraction, workers = _checked_numbers(seq_len, val_fraction, workers)
     check_options(input_format, doc_per)
-    if isinstance(tokenizer, Tokenizer):  # a copy without padding and truncation, as load_tokenizer gives
-        tok = Tokenizer.from_str(tokenizer.to_str())
-        tok.no_padding()
-        tok.no_truncation()
-    else:
-        tok = load_tokenizer(tokenizer)
+    tok = _own_tokenizer(tokenizer)
     sp = special_ids(tok)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = fmt.id_dtype(vocab_size)
     part = parse_shard(shard)
     files = resolve_inputs(inputs)
-    file_index = list(range(len(files)))
-    if part is not None:
-        file_index = file_index[part[0]::part[1]]
-        if not file_index:
-            raise UserError(f"--shard {part[0]}/{part[1]} gets no input file: the input has {len(files)} files; "
-                            f"split it into at most {len(files)} parts")
+    job = _Job(files, _part_files(files, part), tok, sp, seq_len, val_fraction, input_format, text_field, doc_per,
+               workers, seed, progress, buffer=part is None)
     named = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     inputs_seen = [*named, *files, tokenizer if not isinstance(tokenizer, Tokenizer) else None]
     out = Path(out)
     check_data_out(out, overwrite, inputs_seen)
 
     with building(out, "prepare") as tmp:
-        meta = _prepare_into(tmp, files, file_index, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format,
-                             text_field, doc_per, workers, seed, progress, tokenizer_hash(tok), buffer=part is None)
-        meta["sources"] = [str(x) for x in (inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs])]
+        meta = _prepare_into(tmp, job)
+        meta["sources"] = [str(x) for x in named]
         if part is not None:
             meta["part"] = {"index": part[0], "count": part[1], "inputs_hash": _inputs_hash(files)}
         _install(tmp, meta, out, overwrite, inputs_seen)
@@ -313,48 +351,51 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     return meta
 
 
-def _prepare_into(tmp, all_files, file_index, tok, sp, vocab_size, dtype, seq_len, val_fraction, input_format,
-                  text_field, doc_per, workers, seed, progress, tok_hash, buffer: bool) -> dict:
-    """Write shards, token counts and tokenizer.json into `tmp` from the files `file_index` of `all_files`; returns
-    the meta dict (sources still empty). `buffer`: a small corpus is held to guarantee each split a row."""
-    files = [all_files[k] for k in file_index]
+def _prepare_into(tmp: Path, job: _Job) -> dict:
+    """Write shards, token counts and tokenizer.json into `tmp` from the files `job` reads; returns the meta dict
+    (sources still empty)."""
+    files = [job.files[k] for k in job.file_index]
     stats = new_stats()
     stats["bytes_total"] = sum(f.stat().st_size for f in files)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    writers = {s: fmt.ShardWriter(tmp / s, seq_len, dtype) for s in fmt.SPLITS}
-    packers = {s: _Packer(writers[s], seq_len, sp.cls, sp.sep, counts if s == "train" else None) for s in fmt.SPLITS}
+    counts = np.zeros(job.vocab_size, dtype=np.int64)
+    writers = {s: fmt.ShardWriter(tmp / s, job.seq_len, fmt.id_dtype(job.vocab_size)) for s in fmt.SPLITS}
+    packers = {s: _Packer(writers[s], job.seq_len, job.sp.cls, job.sp.sep, counts if s == "train" else None)
+               for s in fmt.SPLITS}
     bar = tqdm(total=stats["bytes_total"], unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
-               disable=(not progress) if progress is not None else None, dynamic_ncols=True)
-    pieces = _keyed_pieces(files, file_index, input_format, text_field, doc_per, stats)
+               disable=(not job.progress) if job.progress is not None else None, dynamic_ncols=True)
+    pieces = _keyed_pieces(files, job.file_index, job.input_format, job.text_field, job.doc_per, stats)
     try:
-        buffered = _route_stream(encoded_batches(pieces, tok, workers, BATCH_CHARS), packers, seed, val_fraction,
-                                 stats, bar, buffer)
+        batches = encoded_batches(pieces, job.tok, job.workers, BATCH_CHARS)
+        buffered = _route_stream(batches, packers, job.seed, job.val_fraction, stats, bar, job.buffer)
     finally:
         bar.close()
-    report_input(stats, text_field, files)
+    report_input(stats, job.text_field, files)
     if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
-        _route_small_corpus(buffered, packers, seq_len, seed, val_fraction)
+        _route_small_corpus(buffered, packers, job.seq_len, job.seed, job.val_fraction)
 
     dropped = {s: packers[s].finish() for s in fmt.SPLITS}
     if writers["train"].rows == 0:
-        raise UserError(f"corpus too small: no train row of seq_len {seq_len}; add text, lower --seq-len or --val-fraction")
-    if val_fraction > 0 and writers["val"].rows == 0:
-        warn(f"the val split got no row (val_fraction {val_fraction}); raise --val-fraction for a validation set")
+        raise UserError(f"corpus too small: no train row of seq_len {job.seq_len}; add text, lower --seq-len or --val-fraction")
+    if job.val_fraction > 0 and writers["val"].rows == 0:
+        warn(f"the val split got no row (val_fraction {job.val_fraction}); raise --val-fraction for a validation set")
     np.save(tmp / "token_counts.npy", counts)
-    atomic_write_text(tmp / "tokenizer.json", tok.to_str())
+    atomic_write_text(tmp / "tokenizer.json", job.tok.to_str())
+    splits = {s: {"rows": writers[s].rows, "tokens": writers[s].rows * job.seq_len, "documents": packers[s].documents,
+                  "document_tokens": packers[s].document_tokens, "shards": writers[s].shards,
+                  "dropped_tail_tokens": dropped[s]} for s in fmt.SPLITS}
+    return _meta(job, splits, stats)
+
+
+def _meta(job: _Job, splits: dict, stats: dict) -> dict:
+    """meta.json's dict (sources still empty) from the run's settings, its splits and corpus.py's reading stats."""
     return {
         "format_version": fmt.FORMAT_VERSION,
-        "vocab_size": vocab_size,
-        "special_ids": sp.as_dict(),
-        "seq_len": seq_len,
-        "dtype": dtype.name,
-        "tokenizer_hash": tok_hash,
-        "splits": {
-            s: {"rows": writers[s].rows, "tokens": writers[s].rows * seq_len, "documents": packers[s].documents,
-                "document_tokens": packers[s].document_tokens, "shards": writers[s].shards,
-                "dropped_tail_tokens": dropped[s]}
-            for s in fmt.SPLITS
-        },
+        "vocab_size": job.vocab_size,
+        "special_ids": job.sp.as_dict(),
+        "seq_len": job.seq_len,
+        "dtype": fmt.id_dtype(job.vocab_size).name,
+        "tokenizer_hash": tokenizer_hash(job.tok),
+        "splits": splits,
         "sources": [],
         "files": stats["files"],
         "input_bytes": stats["bytes_total"],
@@ -364,12 +405,12 @@ def _prepare_into(tmp, all_files, file_index, tok, sp, vocab_size, dtype, seq_le
         "jsonl_records": stats["records"],
         "jsonl_missing_text_field": stats["missing_field"],
         "empty_text_records": stats["empty_text"],
-        "dropped_tail_tokens": int(sum(dropped.values())),
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "doc_per": doc_per,
-        "input_format": input_format,
-        "text_field": text_field,
+        "dropped_tail_tokens": int(sum(s["dropped_tail_tokens"] for s in splits.values())),
+        "val_fraction": job.val_fraction,
+        "seed": job.seed,
+        "doc_per": job.doc_per,
+        "input_format": job.input_format,
+        "text_field": job.text_field,
         "flags": {"doc_start": fmt.FLAG_DOC_START, "word_start": fmt.FLAG_WORD_START},
     }
 
