@@ -20,7 +20,8 @@ import importlib.util, json, os, sys, time
 path, corpus_path, encode_path, inp, tok, out, batch, join = sys.argv[1:9]
 def load(name, file):
     spec = importlib.util.spec_from_file_location(name, file)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # registered first: dataclasses look it up
+    spec.loader.exec_module(mod)
     return mod
 if corpus_path:  # before anything imports the working tree's corpus reader
     sys.modules["maskedlm.data.corpus"] = load("maskedlm.data.corpus", corpus_path)
