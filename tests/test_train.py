@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import make_data
 
 from maskedlm.checkpoint import load_checkpoint_model, read_checkpoint
 from maskedlm.errors import UserError
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.log_every_steps=1000", "eval.every_steps=0", "checkpoint.every_steps=0"]
