@@ -154,7 +154,7 @@ def _mark_ran():
     return None
 
 
-def test_load_model_errors(tmp_path):
+def test_a_missing_dir_and_a_run_without_checkpoints_are_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ckpt.load_checkpoint_model(tmp_path / "nope")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

@@ -168,7 +168,7 @@ def test_incompatible_data_is_refused(run, data, tmp_path):
         (dict(split="test"), "split"),
     ],
 )
-def test_bad_eval_input(run, data, tmp_path, args, message):
+def test_evaluate_model_refuses_bad_input_with_what_is_wrong(run, data, tmp_path, args, message):
     kw = dict(model_path=run, data=data) | args
     if kw["model_path"] == "missing-dir":
         kw["model_path"] = tmp_path / "missing-dir"
