@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from train_data import make_data
 
 from maskedlm import checkpoint as ckpt
 from maskedlm import files
@@ -153,7 +154,7 @@ def _mark_ran():
     return None
 
 
-def test_load_model_errors(tmp_path):
+def test_a_missing_dir_and_a_run_without_checkpoints_are_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ckpt.load_checkpoint_model(tmp_path / "nope")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
@@ -165,14 +166,8 @@ def test_a_run_dir_without_a_checkpoint_yet_is_named_as_such_as_model(tmp_path, 
     """What `train` leaves when killed before its first save (config.json, command.txt, metrics.jsonl; no
     checkpoints/), or with checkpoints/ still empty, given as MODEL: one line saying so and what to do, exit 2, for
     every command that takes MODEL; not transformers' "unsupported model_type" (config.json is not Hugging Face's)."""
-    import sys
-    from pathlib import Path
-
     from maskedlm.cli import main
     from maskedlm.hf import load_any_model
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_data import make_data
 
     data = make_data(tmp_path / "data", rows=16, val_rows=4, seq_len=16)
     cfg, model, opt = _model_and_opt()

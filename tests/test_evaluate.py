@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from inference_data import make_data, train_tiny
+from train_data import make_data as make_cluster_data
 
 from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.config import EvalConfig, MaskingConfig
@@ -167,7 +168,7 @@ def test_incompatible_data_is_refused(run, data, tmp_path):
         (dict(split="test"), "split"),
     ],
 )
-def test_bad_eval_input(run, data, tmp_path, args, message):
+def test_evaluate_model_refuses_bad_input_with_what_is_wrong(run, data, tmp_path, args, message):
     kw = dict(model_path=run, data=data) | args
     if kw["model_path"] == "missing-dir":
         kw["model_path"] = tmp_path / "missing-dir"
@@ -213,13 +214,7 @@ def _two_token_words(data):
 @pytest.fixture(scope="module")
 def word_run(tmp_path_factory):
     """A run trained with whole-word masking (masking.unit=word), evaluated periodically with the default eval.*."""
-    import sys
-    from pathlib import Path
-
     from maskedlm.train import train
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_data import make_data as make_cluster_data
 
     root = tmp_path_factory.mktemp("wordrun")
     data = _two_token_words(make_cluster_data(root / "data", rows=64, val_rows=24, seq_len=32))

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_data import make_data
 
 from maskedlm import downstream as ds
 from maskedlm.config import ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.finetune import finetune
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -160,7 +160,7 @@ def test_bad_text_is_a_user_error(trained, call, message):
         call(trained)
 
 
-def test_missing_model_path(tmp_path, capsys):
+def test_a_missing_model_path_is_a_one_line_error_in_the_api_and_the_cli(tmp_path, capsys):
     from maskedlm.cli import main
 
     with pytest.raises(UserError, match="does not exist"):
