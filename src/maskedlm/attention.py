@@ -24,7 +24,7 @@ class _Bf16Scores(torch.autograd.Function):
     fp32 accumulation and fp32 output (mkldnn fp32_precision "bf16": lossless here, the inputs are bf16 already) at
     about twice the speed of an fp32 matmul of the upcast values. Backward: bf16 matmuls with the scores' gradient
     rounded to bf16 once, as flash attention does; q and k take bf16 gradients in any case. bench/RESULTS.md:
-    attention forward + backward 36 → 20 ms at B 32, H 4, T 128, D 64; tests/test_speed.py: gradients as close to
+    attention forward + backward 36 → 20 ms at B 32, H 4, T 128, D 64; tests/test_attention.py: gradients as close to
     fp32 as SDPA's own bf16 kernel gets."""
 
     @staticmethod
