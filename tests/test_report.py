@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
+from maskedlm.models import load_checkpoint_model
 from maskedlm.report import calibration, smooth, write_report
 from maskedlm.train import train
 

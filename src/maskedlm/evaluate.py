@@ -20,7 +20,7 @@ from maskedlm import masking
 from maskedlm.config import EvalConfig, load_config
 from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
-from maskedlm.hf import load_any_model
+from maskedlm.models import load_any_model
 from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
 from maskedlm.tokenizer import special_ids, tokenizer_hash
 

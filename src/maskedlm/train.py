@@ -31,12 +31,13 @@ from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_
 from maskedlm.errors import UserError
 from maskedlm.evaluate import check_compatible, evaluate
 from maskedlm.files import atomic_write_text, check_out, lock_dir
-from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.optim import Schedule, build_optimizer, set_lr
+from maskedlm.models import is_run_dir, load_any_model
+from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import load_probe_task, probe_record
+from maskedlm.step import OptimizerStep
 from maskedlm.tokenizer import load_tokenizer
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
@@ -179,53 +180,6 @@ def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint |
         raise UserError(f"{data.path} was prepared with a different tokenizer than the run in {out} was trained on; "
                         "resume with the run's data")
     return ck
-
-
-# ------------------------------------------------------------------------------------------------ the step
-class OptimizerStep:
-    """The one optimizer step every training in maskedlm takes: pretraining (`Trainer.train_step`) and fine-tuning.
-
-    The caller gives the step's micro-batches, how many items carry a loss on this rank, and a function that returns
-    a micro-batch's Σ loss (and one more number to report). The loss is that sum over the whole step, every
-    micro-batch and rank, divided by the global count of items, known before any backward pass; so splitting a step
-    by accumulation or across ranks changes nothing. The gradient is clipped; a step with a non-finite loss or
-    gradient, or with nothing to learn from anywhere, leaves weights and optimizer state untouched. Nothing here waits
-    for the device.
-    """
-
-    def __init__(self, sync_model, optimizer, schedule: Schedule, params: list, clip_grad_norm: float, device):
-        self.sync_model, self.optimizer, self.schedule, self.params, self.device = (
-            sync_model, optimizer, schedule, params, device)
-        self.clip = clip_grad_norm if clip_grad_norm > 0 else float("inf")
-        # A skipped step is decided on the device where the fused AdamW can take it (a found_inf tensor leaves
-        # parameters, moments and its step count alone); elsewhere the host reads the flag first.
-        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not dist.is_sharded(params)
-
-    def __call__(self, micro: list, count_local: int, loss_sums, step: int, time_fraction: float | None = None):
-        """(lr, global count, (2,) sums over all ranks, grad norm, skipped) of the step taken after `step` steps."""
-        device = self.device
-        count = dist.global_sum([count_local], device)[0]  # () float64, summed over ranks without the host waiting
-        norm_by = count.clamp(min=1.0).float()
-        lr = self.schedule.lr(step, time_fraction)
-        set_lr(self.optimizer, lr)
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        other = torch.zeros((), dtype=torch.float32, device=device)
-        for i, mb in enumerate(micro):
-            with dist.grad_sync(self.sync_model, sync=i == len(micro) - 1):  # gradients reduced after the last only
-                loss_sum, extra = loss_sums(mb)
-                (loss_sum / norm_by).backward()
-            total += loss_sum.detach().float()
-            other += extra.float()
-        sums = dist.all_reduce_sum(torch.stack([total, other]))
-        grad_norm = dist.clip_grad_norm(self.params, self.clip)
-        bad = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm)) | (count == 0)
-        if self.skip_on_device:
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-        elif not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr, count, sums, grad_norm, bad
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -589,15 +543,11 @@ def _record_command(out: Path) -> None:
     atomic_write_text(path, before + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
 
 
-def _has_run(out: Path) -> bool:
-    return (out / "config.json").exists() or (out / "checkpoints").exists()
-
-
 def _take_run_dir(out: Path, resume: bool):
     """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir. A refusal is
     raised on every rank (dist.on_main), so under torchrun no rank waits for a rank 0 that has gone."""
     lock = dist.on_main(lock_dir, out)
-    if not resume and _has_run(out):  # another run took `out` between the first check and the lock
+    if not resume and is_run_dir(out):  # another run took `out` between the first check and the lock
         if lock is not None:
             lock.release()
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
@@ -634,7 +584,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     data = sources[0]
     check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=lambda d: True,
               what="a run")  # not an input
-    has_run = _has_run(out)
+    has_run = is_run_dir(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
     init_model = init_cfg = init_tok = None
