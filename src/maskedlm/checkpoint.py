@@ -18,8 +18,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import safetensors
+import tokenizers
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import maskedlm
 from maskedlm.errors import UserError
@@ -41,8 +45,6 @@ def step_dir_name(step: int) -> str:
 
 # -- low-level writers (one place each, so tests can simulate a full disk; text goes through files.py) ---------------
 def _write_weights(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -73,12 +75,8 @@ def _file_record(path: Path) -> dict:
 
 
 def library_versions() -> dict:
-    import numpy
-    import safetensors
-    import tokenizers
-
     return {
-        "maskedlm": maskedlm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+        "maskedlm": maskedlm.__version__, "torch": torch.__version__, "numpy": np.__version__,
         "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__,
         "python": platform.python_version(),
     }
@@ -94,8 +92,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-
     dec = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
     if "cpu" in state:
         torch.set_rng_state(dec(state["cpu"]))
@@ -250,8 +246,6 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({e})") from None
     try:
-        from safetensors.torch import load_file
-
         model_state = load_file(str(path / WEIGHTS))
     except Exception as e:  # safetensors raises its own error type on a bad header or short file
         raise CheckpointError(f"checkpoint {path}: {WEIGHTS} is unreadable ({e})") from None

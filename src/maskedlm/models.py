@@ -1,5 +1,6 @@
 """What a MODEL path is, and loading any of them: the on-disk layouts of a run dir, a checkpoint dir, a finetune
-DIR and an export, each defined once here, and `load_any_model`, which every command that takes a MODEL uses.
+DIR and an export, each defined once here; `load_any_model`, which every command that takes a MODEL uses; and
+`check_compatible`, whether a model can read a data dir.
 
 Reading the checkpoint format is checkpoint.py's; reading a Hugging Face dir (key maps) is hf.py's.
 """
@@ -14,10 +15,11 @@ import torch
 
 from maskedlm.checkpoint import CONFIG, STATE, TOKENIZER, CheckpointError, checkpoint_candidates, read_checkpoint, read_latest_name, step_dirs
 from maskedlm.config import config_from_dict
+from maskedlm.data.shards import DataDir
 from maskedlm.errors import UserError
 from maskedlm.hf import load_hf_dir
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.tokenizer import load_tokenizer
+from maskedlm.tokenizer import load_tokenizer, tokenizer_hash
 
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/step_N: what train and import write, what a run dir is known by
 FINETUNE_MARKER = ".maskedlm-finetune"  # in every `maskedlm finetune` DIR; its model is DIR/best/ (none with --probe)
@@ -151,3 +153,23 @@ def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
         say = report or (lambda m: print(m, file=sys.stderr))
         say(f"note: {p} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
     return model, cfg, tok
+
+
+def check_compatible(model_cfg, tokenizer, data: DataDir) -> None:
+    """Refuse data that the model cannot read: another vocabulary, another tokenizer, or rows longer than its positions."""
+    if data.vocab_size != int(model_cfg.vocab_size):
+        raise UserError(
+            f"data {data.path} has vocab_size {data.vocab_size} but the model has {model_cfg.vocab_size}; "
+            "prepare the data with the model's tokenizer"
+        )
+    want = data.tokenizer_hash
+    if want and tokenizer is not None and tokenizer_hash(tokenizer) != want:
+        raise UserError(
+            f"data {data.path} was prepared with a different tokenizer than the model's (tokenizer_hash {want[:12]}… vs "
+            f"{tokenizer_hash(tokenizer)[:12]}…); prepare the data with the model's tokenizer"
+        )
+    if data.seq_len > int(model_cfg.max_positions):
+        raise UserError(
+            f"data {data.path} has seq_len {data.seq_len} but the model takes at most {model_cfg.max_positions} positions; "
+            "prepare the data with a smaller --seq-len"
+        )

@@ -29,16 +29,15 @@ from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
-from maskedlm.evaluate import check_compatible, evaluate
+from maskedlm.evaluate import evaluate, weighted_metrics
 from maskedlm.files import atomic_write_text, check_out, lock_dir
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.models import is_run_dir, load_any_model
+from maskedlm.models import check_compatible, is_run_dir, load_any_model
 from maskedlm.optim import Schedule, build_optimizer
-from maskedlm.probe import load_probe_task, probe_record
+from maskedlm.probe import load_probe_tasks, probe_record
 from maskedlm.step import OptimizerStep
-from maskedlm.tokenizer import load_tokenizer
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
 # context within ~150 steps, while bert-mini stays on the unigram plateau far longer.
@@ -203,11 +202,13 @@ class Trainer:
     model: the MaskedLM to train, its weights already loaded (a resume or --init-from loads them before wrapping).
     data: the prepared data dir to train on; None builds only what `train_step` needs (bench/throughput.py and the
     step tests feed their own batches). out: the run dir to log and save into; None logs and saves nothing.
+    logger: None opens the run dir's (rank 0). lock: the run dir's lock, for train() to release. resume: the
+    checkpoint to continue from (its counters, loader position, RNG and optimizer state; the weights are in `model`).
     """
 
     def __init__(self, cfg: Config, model: MaskedLM, data: DataDir | None = None, out: Path | None = None, *,
                  device: torch.device | None = None, logger=None, sources: list[DataDir] | None = None,
-                 probe_tasks: list | None = None):
+                 probe_tasks: list | None = None, lock=None, resume: Checkpoint | None = None):
         self.cfg, self.data, self.out = cfg, data, (Path(out) if out is not None else None)
         # A mixture's sources, `data` first (it stands for all: they share tokenizer and row length).
         self.sources = list(sources) if sources else ([data] if data is not None else [])
@@ -232,8 +233,7 @@ class Trainer:
                                      [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm, self.device)
         self.loader = self._build_loader() if data is not None else None
         self.val_store = self._open_val() if data is not None else None
-        self.logger = logger if logger is not None else NullLogger()
-        self.lock = None  # the run dir's files.lock_dir lock, held by train() on rank 0
+        self.lock = lock  # the run dir's files.lock_dir lock: rank 0 of train() holds it, train() releases it
         self._probe_tasks = probe_tasks  # eval.probe_tasks as load_probe_tasks reads them; None: at the first evaluation
 
         self.step = 0  # optimizer steps taken
@@ -247,8 +247,19 @@ class Trainer:
         self._last_record: dict = {"step": 0}
         self._pending: list[StepResult] = []  # steps queued on the device whose numbers the host has not read yet
         self._agree = dist.LaggedMax(self.lag)
+        if resume is not None:
+            self.load_state_dict(resume.state, resume.optimizer_state)
+        self.logger = logger if logger is not None else self._open_logger()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
+    def _open_logger(self):
+        """metrics.jsonl and the progress bar of the run dir on rank 0 (a resumed bar starts where the run is); a
+        logger that does nothing on other ranks and without a run dir."""
+        if self.out is None:
+            return NullLogger()
+        done = self._done(self.step, self.elapsed_before)
+        return dist.on_main(MetricsLogger, self.out, self.budget(), start=done, wait=False) or NullLogger()
+
     def _build_loader(self) -> RowLoader:
         cfg, data, t = self.cfg, self.data, self.cfg.train
         k_max = config_k_max(cfg.masking, data.seq_len)  # one K for the whole run: static shapes for torch.compile
@@ -397,12 +408,7 @@ class Trainer:
         d, w = self.data, self.mixture_weights()
         per = [evaluate(self.model, st, self.cfg.eval, d.special, d.vocab_size, device=self.device,
                         precision=self.cfg.train.precision) if st is not None else None for st in self.val_store]
-        have = [(wi, r) for wi, r in zip(w, per) if r is not None]
-        total = sum(wi for wi, _ in have)
-        loss = sum(wi * r["loss"] for wi, r in have) / total
-        return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in have) / total,
-                "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": sum(r["tokens"] for _, r in have),
-                "rows": sum(r["rows"] for _, r in have), "sources": per}
+        return weighted_metrics(w, per)
 
     def maybe_evaluate(self) -> None:
         every = self.cfg.eval.every_steps
@@ -565,16 +571,6 @@ def _check_sources(cfg: Config, sources: list[DataDir], init_tok) -> None:
             source.token_counts("masking.random_token_dist='unigram'")
 
 
-def load_probe_tasks(cfg: Config, data: DataDir) -> list:
-    """eval.probe_tasks read, checked and tokenized with the data's tokenizer: all a probe needs but the model."""
-    if not cfg.eval.probe_tasks:
-        return []
-    if data.tokenizer_file is None:
-        raise UserError(f"eval.probe_tasks needs the tokenizer.json of {data.path}; prepare the data again")
-    tok = load_tokenizer(data.tokenizer_file)
-    return [load_probe_task(t, tok, min(data.seq_len, cfg.model.max_positions)) for t in cfg.eval.probe_tasks]
-
-
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -627,12 +623,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
-    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks)
-    trainer.lock = lock
-    done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
-    trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
+    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks, lock=lock, resume=ck)
     if ck is not None:
-        trainer.load_state_dict(ck.state, ck.optimizer_state)
         dist.print0(f"resuming from {ck.path} (step {trainer.step})")
     dist.print0(trainer.summary(schedule_from))
     return trainer
