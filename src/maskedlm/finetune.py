@@ -85,7 +85,7 @@ def _step(stepper: OptimizerStep, model, step: int, batch, task: str, autocast) 
 def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
     """Fine-tune a fresh copy of `net` with `seed`; returns {seed, best_step, eval (best), state (best weights)}."""
     info = dist.info()
-    torch.manual_seed(seed + info.rank)  # dropout: rank 0 of N draws as one process would
+    dist.seed_ranks(seed)  # dropout
     model = ds.TaskModel.from_mlm(net, data.task, len(data.names) if data.task != "regress" else 1,
                                   fcfg.dropout, seed).to(device)
     sync = dist.wrap_model(model, "ddp")  # under torchrun each rank takes its share of every batch; else the model
@@ -110,7 +110,7 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
             index = perm[start:start + fcfg.batch_rows]
             if len(index) < info.world_size:  # a last batch too small to give every rank a row: left out
                 break
-            index = index[info.rank::info.world_size]  # this rank's share; the step's count is summed over ranks
+            index = dist.shard_list(index)  # this rank's share; the step's count is summed over ranks
             ids, mask, types = ds.collate(enc, index, 0)
             y = ds.label_tensor(data.task, labels, index, data.names, enc, ids.shape[1])
             batch = tuple(t.to(device) for t in (ids, mask, types, y))

@@ -444,9 +444,9 @@ class Trainer:
             dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         if self.loader is not None and "loader" in state:
             self.loader.load_state_dict(state["loader"])
-        per_rank = state.get("rng_ranks") or []
-        if len(per_rank) == dist.info().world_size:
-            set_rng_state(per_rank[dist.info().rank])  # the same world size: each rank's dropout stream continues
+        mine = dist.own_entry(state.get("rng_ranks") or [])
+        if mine is not None:
+            set_rng_state(mine)  # the same world size: each rank's dropout stream continues
         self.step = self.last_saved = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped = int(state.get("skipped_steps", 0))
@@ -585,7 +585,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
     init_model = init_cfg = init_tok = None
     if init_from is not None and has_run:
-        print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
+        dist.print0(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
     elif init_from is not None:
         init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
@@ -610,7 +610,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
         del init_model
-    torch.manual_seed(cfg.train.seed + info.rank)
+    dist.seed_ranks(cfg.train.seed)
     ck = _checkpoint_to_resume(out, cfg, data) if resume and has_run else None
     if ck is not None:
         model.load_state_dict(ck.model_state)  # before wrapping
