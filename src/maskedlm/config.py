@@ -480,6 +480,20 @@ def config_diff(a: Config, b: Config, ignore=RESUME_FREE_KEYS) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and norm(fa.get(k)) != norm(fb.get(k)))
 
 
+def check_resume_config(stored: Config, cfg: Config, run_dir) -> str | None:
+    """--resume takes the stored run's config: UserError for a change outside RESUME_FREE_KEYS and RESUME_NOTED_KEYS;
+    a note naming the changed RESUME_NOTED_KEYS (a changed optimizer schedule), or None."""
+    diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
+    fs, fc = flat_config(stored), flat_config(cfg)
+    if diff:
+        shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
+        raise UserError(f"--resume with a different config than the run in {run_dir} ({shown}); resume with the same "
+                        "config or start a new --out")
+    noted = [k for k in config_diff(stored, cfg) if k in RESUME_NOTED_KEYS]
+    if not noted:
+        return None
+    return "note: --resume with a changed optimizer schedule: " + ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in noted)
+
 def config_hash(cfg: Config, ignore=RESUME_FREE_KEYS) -> str:
     """sha256 of the canonical JSON of the keys that decide the weights (RESUME_FREE_KEYS left out)."""
     flat = {k: v for k, v in flat_config(cfg).items() if k not in ignore}

@@ -8,13 +8,10 @@ for one CPU and N torchrun processes: only distributed.py knows about ranks.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import shlex
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +22,7 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
-from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
+from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
@@ -37,6 +34,7 @@ from maskedlm.model import MaskedLM, plan_model
 from maskedlm.models import check_compatible, is_run_dir, load_any_model
 from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import load_probe_tasks, probe_record
+from maskedlm.process import StopFlag, reuse_host_memory
 from maskedlm.step import OptimizerStep
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
@@ -44,30 +42,6 @@ from maskedlm.step import OptimizerStep
 DEFAULT_PRESET = "modern-mini"
 HOST_READ_LAG = None  # steps between queuing a step and reading its numbers on the host; None: 1 on CUDA, 0 else
 PREFETCH_STEPS = 2  # steps read and masked ahead; two hide the data path behind a step without holding much memory
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks between steps (so the save happens at a step boundary)."""
-
-    def __init__(self):
-        self.reason: str | None = None
-        self._old = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread (e.g. train() called from a worker thread)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
-        self.reason = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
 
 
 # ------------------------------------------------------------------------------------------------ run set-up
@@ -119,21 +93,6 @@ def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
     return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
 
 
-def _check_same_config(stored: Config | None, cfg: Config, out: Path) -> None:
-    if stored is None:
-        return
-    diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
-    noted = [k for k in config_diff(stored, cfg) if k in RESUME_NOTED_KEYS]
-    if noted and not diff:
-        fs, fc = flat_config(stored), flat_config(cfg)
-        dist.print0("note: --resume with a changed optimizer schedule: "
-                    + ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in noted))
-    if diff:
-        fs, fc = flat_config(stored), flat_config(cfg)
-        shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
-        raise UserError(f"--resume with a different config than the run in {out} ({shown}); resume with the same config or start a new --out")
-
-
 def _rate_text(cfg: Config, schedule_from: str | None) -> str:
     m = cfg.masking
     if m.rate_schedule == "constant":
@@ -145,22 +104,6 @@ def _rate_text(cfg: Config, schedule_from: str | None) -> str:
 
 def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
-
-
-def reuse_host_memory() -> bool:
-    """glibc only: serve every allocation from the heap (no mmap) and never trim it back to the OS.
-
-    A CPU train step frees and re-allocates the same large activation buffers every step; glibc's defaults serve them
-    with fresh mmaps, so each step page-faults (and the kernel zeroes) hundreds of MB again: ~100k minor faults and
-    ~0.2 s of system time per step at bench/throughput.py's default shape, gone with this setting (bench/RESULTS.md),
-    for ~10% more peak memory. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint | None:
@@ -462,7 +405,7 @@ class Trainer:
         return path
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def _should_stop(self, stop: _StopFlag) -> tuple[str | None, float | None]:
+    def _should_stop(self, stop: StopFlag) -> tuple[str | None, float | None]:
         """(why the loop must stop or None, the elapsed fraction of a time budget). Every rank must agree (time and
         signals differ per process), so the flags are max-reduced and read `lag` steps late like other numbers."""
         time_fraction = min(1.0, self.elapsed() / self.max_seconds) if self.max_seconds else 0.0
@@ -478,7 +421,7 @@ class Trainer:
         numbers (the last step's record, the last evaluation, the checkpoint)."""
         if self.loader is None or self.out is None:
             raise UserError("Trainer.fit needs a data dir and a run dir")
-        stop = _StopFlag()
+        stop = StopFlag()
         stop.install()
         self._t0 = time.perf_counter()
         self._window = (time.perf_counter(), 0)
@@ -591,7 +534,9 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
-    _check_same_config(stored, cfg, out)
+    note = check_resume_config(stored, cfg, out) if stored is not None else None
+    if note:
+        dist.print0(note)
     _check_sources(cfg, sources, init_tok)
     # Read now, not at the first evaluation: a missing or bad task file is refused before the run dir is written
     # and before any training time is spent. The Trainer keeps them, so they are still read only once.
