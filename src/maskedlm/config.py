@@ -457,11 +457,16 @@ def load_config(config: "str | Path | Config | dict | None" = None, overrides=()
     else:
         cfg = _read_toml(_resolve(str(config)))
     for item in overrides or ():
-        key, eq, text = str(item).partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"override {item!r} must look like section.key=value")
-        _set(cfg, key.strip(), _parse_scalar(text.strip()))
+        _set(cfg, *_split_override(item))
     return cfg.validate()
+
+
+def _split_override(item, form: str = "section.key=value") -> tuple[str, object]:
+    """The one override parser: `key=value` → (key, the value as TOML reads a scalar); UserError naming `form`."""
+    key, eq, text = str(item).partition("=")
+    if not eq or not key.strip():
+        raise UserError(f"override {item!r} must look like {form}")
+    return key.strip(), _parse_scalar(text.strip())
 
 
 def config_from_dict(data: dict) -> Config:
@@ -543,12 +548,9 @@ def load_finetune_config(overrides=()) -> FinetuneConfig:
     hints = get_type_hints(FinetuneConfig)
     known = [f"finetune.{f.name}" for f in fields(FinetuneConfig)]
     for item in overrides or ():
-        key, eq, text = str(item).partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UserError(f"override {item!r} must look like finetune.key=value")
+        key, value = _split_override(item, "finetune.key=value")
         section, _, name = key.partition(".")
         if section != "finetune" or name not in hints:
             raise _unknown(key, known)
-        setattr(cfg, name, _coerce(key, _parse_scalar(text.strip()), hints[name]))
+        setattr(cfg, name, _coerce(key, value, hints[name]))
     return cfg.validate()
