@@ -212,16 +212,15 @@ def missing_head_keys(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[
 # Configs
 
 
-# Long: one keyword per field of transformers' BertConfig / ModernBertConfig, listed flat so each is easy to check.
 def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
-    """config.json content (also the kwargs of BertConfig / ModernBertConfig) for our ModelConfig.
+    """config.json content (also the kwargs of BertConfig / ModernBertConfig) for our ModelConfig: one keyword per
+    field of transformers' config, listed flat so each is easy to check.
 
     special: optional {"pad", "cls", "sep", "mask", ...} token ids, written as HF's *_token_id fields.
     The modern config states which layers are global (all, by default) both ways transformers has spelled it:
     layer_types (v5) and global_attn_every_n_layers with global/local_rope_theta (v4.48+).
     """
     special = dict(special or {})
-    n = cfg.global_attn_every_n_layers
     common = dict(
         vocab_size=int(cfg.vocab_size),
         hidden_size=cfg.hidden,
@@ -234,21 +233,24 @@ def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
         pad_token_id=special.get("pad", 0 if cfg.family == "bert" else None),
     )
     if cfg.family == "bert":
-        return dict(
-            architectures=["BertForMaskedLM"],
-            model_type="bert",
-            **common,
-            hidden_act="gelu",
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.attention_dropout,
-            type_vocab_size=cfg.type_vocab_size,
-            layer_norm_eps=cfg.layer_norm_eps,
-            position_embedding_type="absolute",
-        )
+        return dict(architectures=["BertForMaskedLM"], model_type="bert", **common, **_bert_fields(cfg))
+    return dict(architectures=["ModernBertForMaskedLM"], model_type="modernbert", **common, **_modern_fields(cfg, special))
+
+
+def _bert_fields(cfg: ModelConfig) -> dict:
     return dict(
-        architectures=["ModernBertForMaskedLM"],
-        model_type="modernbert",
-        **common,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        position_embedding_type="absolute",
+    )
+
+
+def _modern_fields(cfg: ModelConfig, special: dict) -> dict:
+    n = cfg.global_attn_every_n_layers
+    return dict(
         bos_token_id=special.get("cls"),
         cls_token_id=special.get("cls"),
         eos_token_id=special.get("sep"),
