@@ -26,8 +26,9 @@ from maskedlm.config import Config, MaskingConfig, ModelConfig, OptimConfig, Tra
 from maskedlm.data.loader import MicroBatch, StepBatch
 from maskedlm.masking import MaskedBatch, default_k_max, mask_batch
 from maskedlm.model import MaskedLM
+from maskedlm.process import reuse_host_memory
 from maskedlm.tokenizer import SpecialIds
-from maskedlm.train import Trainer, reuse_host_memory
+from maskedlm.train import Trainer
 
 # Everything a system can be; the default list is chosen in main() from --dtype and what is installed.
 MASKEDLM_SYSTEMS = ["maskedlm-bert-bf16", "maskedlm-modern-bf16", "maskedlm-bert-fp32", "maskedlm-modern-fp32"]

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from inference_data import make_data, train_tiny
 from train_data import make_data as make_cluster_data
 
-from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.config import EvalConfig, MaskingConfig
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate, evaluate_model
+from maskedlm.models import load_checkpoint_model
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,9 @@ def run(tmp_path_factory, data):
 
 
 def test_cli_eval_prints_the_metrics_of_the_run(run, data, capsys):
-    from maskedlm.checkpoint import load_checkpoint_model
     from maskedlm.cli import main
     from maskedlm.data.shards import open_split
+    from maskedlm.models import load_checkpoint_model
 
     main(["eval", str(run), "--data", str(data)])
     printed = json.loads(capsys.readouterr().out)

@@ -10,7 +10,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
-from maskedlm.hf import export, hf_config, import_checkpoint, load_any_model, model_config_from_hf
+from maskedlm.hf import hf_config, model_config_from_hf
+from maskedlm.interop import export, import_checkpoint
+from maskedlm.models import load_any_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,7 +154,7 @@ def test_import_each_architecture(tmp_path, arch):
     if not has_head:
         assert "cls.predictions.transform.dense.weight" in result["initialised"] or "head.dense.weight" in result["initialised"]
         assert "initialised fresh" in result["report"]
-    from maskedlm.checkpoint import load_checkpoint_model
+    from maskedlm.models import load_checkpoint_model
 
     ours, cfg, _ = load_checkpoint_model(out)
     x = probe(tok)

@@ -11,8 +11,8 @@ import torch
 from inference_data import WORDS, make_data, tiny_config, train_tiny
 
 from maskedlm.errors import UserError
-from maskedlm.hf import load_any_model
 from maskedlm.inference import explain, fill, format_explain, format_fill, score
+from maskedlm.models import load_any_model
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def _same_fill(a, b, text="golf golf [MASK] golf"):
 
 
 def test_model_from_run_dir_checkpoint_dir_and_hugging_face_dir(tmp_path, run_dir, trained):
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     _same_fill(trained, load_any_model(run_dir))
     _same_fill(trained, load_any_model(run_dir / "checkpoints" / "step_0000400"))

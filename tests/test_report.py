@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from train_data import make_data
 
-from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
+from maskedlm.models import load_checkpoint_model
 from maskedlm.report import calibration, smooth, write_report
 from maskedlm.train import train
 

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from train_data import make_data
 
-from maskedlm.checkpoint import load_checkpoint_model, read_checkpoint
+from maskedlm.checkpoint import read_checkpoint
 from maskedlm.errors import UserError
+from maskedlm.models import load_checkpoint_model
 from maskedlm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +270,7 @@ def test_cli_reports_a_config_typo_in_one_line(data, tmp_path, capsys):
 
 
 def test_init_from_a_hugging_face_dir_starts_from_its_weights(data, tmp_path):
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     first = tmp_path / "first"
     train("tiny", data, first, ["train.max_steps=5", *QUIET])

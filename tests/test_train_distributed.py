@@ -134,7 +134,7 @@ _EVAL_WORKER = """
 import json, sys
 from pathlib import Path
 from maskedlm import distributed as dist
-from maskedlm.checkpoint import load_checkpoint_model
+from maskedlm.models import load_checkpoint_model
 from maskedlm.config import EvalConfig
 from maskedlm.data.shards import open_split
 from maskedlm.evaluate import evaluate

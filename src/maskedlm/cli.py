@@ -88,8 +88,8 @@ def _fill(a):
 
 
 def _explain(a):
-    from maskedlm.hf import load_any_model
     from maskedlm.inference import explain, format_explain
+    from maskedlm.models import load_any_model
 
     loaded = load_any_model(a.model)
     result = explain(loaded, _text(a.text), mask=a.mask, seed=a.seed)
@@ -109,13 +109,13 @@ def _demo(a):
 
 
 def _export(a):
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     print(export(a.model, out=a.out, overwrite=a.overwrite)["report"])
 
 
 def _import(a):
-    from maskedlm.hf import import_checkpoint
+    from maskedlm.interop import import_checkpoint
 
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 

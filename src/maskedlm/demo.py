@@ -27,9 +27,9 @@ from maskedlm.downstream import load_task
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
 from maskedlm.files import atomic_write_text
-from maskedlm.hf import load_any_model
 from maskedlm.inference import fill
 from maskedlm.model import MaskedLM
+from maskedlm.models import load_any_model
 from maskedlm.probe import run_probe
 from maskedlm.report import write_report
 from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
