@@ -44,8 +44,8 @@ def _rows(path: Path) -> tuple[list[str], list[str]]:
 def theirs(a, files, work: Path) -> tuple[dict, float]:
     import transformers
 
-    from maskedlm.downstream import classify_metrics
     from maskedlm.hf import export
+    from maskedlm.tasks.metrics import classify_metrics
 
     hf_dir = work / "hf"
     export(a.model, hf_dir, overwrite=True, verify=False)
