@@ -173,6 +173,9 @@ def run_one(a) -> dict:
     model, cfg, tok = _load_model(run_dir / "run")
     held = open_data_dir(held_dir)
     ev = evaluate(model, held.open("train"), cfg.eval, special_ids(tok), held.vocab_size)
+    curves = work / "curves"  # the training curve outlives the run dir (the weights do not: disk)
+    curves.mkdir(exist_ok=True)
+    shutil.copy(run_dir / "run" / "metrics.jsonl", curves / f"{a.corpus}-{a.name}-m{a.minutes:g}-s{a.seed}.jsonl")
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"variant": a.name, "overrides": a.overrides, "seed": a.seed, "corpus": a.corpus, "minutes": a.minutes,
             "tokens": a.tokens, "steps": int(res["step"]), "loss": ev["loss"], "accuracy": ev["accuracy"],
