@@ -39,6 +39,7 @@ VARIANTS = {
     "warm10": ("optim.warmup_steps=10",),
     "warm100": ("optim.warmup_steps=100",),
     "b16": ("train.global_batch_rows=16", "train.micro_batch_rows=16"),
+    "b8": ("train.global_batch_rows=8", "train.micro_batch_rows=8"),
     "b64": ("train.global_batch_rows=64", "train.micro_batch_rows=64"),
     "decay0.4": ("optim.decay_fraction=0.4",),
     "decay0.3": ("optim.decay_fraction=0.3",),
