@@ -257,6 +257,42 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan_jobs(a, variants: dict[str, tuple]) -> list[dict]:
+    """One job per (budget, seed, variant); a variant's tokens scale with its shape's rate from --rates."""
+    rates = json.loads(Path(a.rates).read_text()) if a.rates else {}
+    jobs = []
+    for m in a.minutes:
+        for seed in a.seeds:
+            for name, ov in variants.items():
+                rel = rates.get(shape_key(ov), 1.0)
+                if shape_key(ov) not in rates and shape_key(ov) != "base":
+                    print(f"note: no rate for {shape_key(ov)}: budget at the baseline's rate")
+                tokens = int(m * 60 * a.base_rate * rel)
+                jobs.append({"name": name, "overrides": list(ov), "seed": seed, "minutes": m, "tokens": tokens})
+    return jobs
+
+
+def run_jobs(a, jobs: list[dict], results_path: Path) -> None:
+    """Each job in a child process (OMP_NUM_THREADS=--threads), at most --jobs at once; logs under WORK/logs."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    running: list[tuple[subprocess.Popen, dict]] = []
+    logs = Path(a.work) / "logs"
+    logs.mkdir(exist_ok=True)
+    while jobs or running:
+        while jobs and len(running) < a.jobs:
+            j = jobs.pop(0)
+            log = open(logs / f"{j['name']}-m{j['minutes']:g}-s{j['seed']}-{a.corpus}.log", "w")
+            cmd = [sys.executable, __file__, "--one", json.dumps({**j, "corpus": a.corpus}), "--work", a.work,
+                   "--results", str(results_path), "--threads", str(a.threads), "--corpus", a.corpus]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), j))
+            print(f"started {j['name']} ({j['minutes']:g} min = {j['tokens']:,} tokens, seed {j['seed']})", flush=True)
+        time.sleep(2)
+        for proc, j in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, j))
+                print(f"finished {j['name']} m{j['minutes']:g} s{j['seed']}: rc {proc.returncode}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="*", default=["base"],
@@ -303,33 +339,7 @@ def main(argv=None):
         if a.rates:  # written for the runs' --rates
             Path(a.rates).write_text(json.dumps(rates, indent=2))
         return
-    rates = json.loads(Path(a.rates).read_text()) if a.rates else {}
-    jobs = []
-    for m in a.minutes:
-        for seed in a.seeds:
-            for name, ov in variants.items():
-                rel = rates.get(shape_key(ov), 1.0)
-                if shape_key(ov) not in rates and shape_key(ov) != "base":
-                    print(f"note: no rate for {shape_key(ov)}: budget at the baseline's rate")
-                tokens = int(m * 60 * a.base_rate * rel)
-                jobs.append({"name": name, "overrides": list(ov), "seed": seed, "minutes": m, "tokens": tokens})
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    running: list[tuple[subprocess.Popen, dict]] = []
-    logs = Path(a.work) / "logs"
-    logs.mkdir(exist_ok=True)
-    while jobs or running:
-        while jobs and len(running) < a.jobs:
-            j = jobs.pop(0)
-            log = open(logs / f"{j['name']}-m{j['minutes']:g}-s{j['seed']}-{a.corpus}.log", "w")
-            cmd = [sys.executable, __file__, "--one", json.dumps({**j, "corpus": a.corpus}), "--work", a.work,
-                   "--results", str(results_path), "--threads", str(a.threads), "--corpus", a.corpus]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), j))
-            print(f"started {j['name']} ({j['minutes']:g} min = {j['tokens']:,} tokens, seed {j['seed']})", flush=True)
-        time.sleep(2)
-        for proc, j in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, j))
-                print(f"finished {j['name']} m{j['minutes']:g} s{j['seed']}: rc {proc.returncode}", flush=True)
+    run_jobs(a, plan_jobs(a, variants), results_path)
     print(table([json.loads(x) for x in results_path.read_text().splitlines() if x.strip()]))
 
 
