@@ -125,10 +125,7 @@ def _corpus_files(corpus: str, work: Path) -> tuple[list[Path], Path]:
 # ---- one run (a child process) -------------------------------------------------------------------------------------
 
 def _load_model(run_dir: Path):
-    try:
-        from maskedlm.models import load_any_model  # after the layout refactor (issue 21)
-    except ImportError:
-        from maskedlm.hf import load_any_model
+    from maskedlm.models import load_any_model
     return load_any_model(run_dir)
 
 
