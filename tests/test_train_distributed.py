@@ -130,6 +130,24 @@ def test_each_rank_gets_a_disjoint_share_of_the_items_and_the_same_number_of_ite
     assert dist.shard_items(5) == [0, 1, 2, 3, 4]  # one process: everything, in order
 
 
+
+def test_a_list_is_shared_out_whole_and_disjoint_or_on_no_rank_when_too_short(monkeypatch):
+    from maskedlm import distributed as dist
+
+    for world in (1, 2, 3, 4):
+        for n in (0, 1, 2, 3, 5, 8):
+            items = [f"x{i}" for i in range(n)]
+            shares = []
+            for r in range(world):
+                monkeypatch.setattr(dist, "_INFO", dist.DistInfo(rank=r, world_size=world))
+                shares.append(dist.shard_list(items))
+            if n < world:  # some rank would get nothing: every rank is told so alike
+                assert shares == [None] * world
+            else:
+                assert all(s for s in shares) and sorted(x for s in shares for x in s) == sorted(items)
+    monkeypatch.setattr(dist, "_INFO", dist.DistInfo())
+    assert dist.shard_list([3, 1, 2]) == [3, 1, 2]  # one process: everything, in order
+
 _EVAL_WORKER = """
 import json, sys
 from pathlib import Path

@@ -184,9 +184,12 @@ def shard_items(n_items: int) -> list[int | None]:
     return mine + [None] * (per_rank - len(mine))
 
 
-def shard_list(items: list) -> list:
+def shard_list(items: list) -> list | None:
     """This rank's share of a list: item i goes to rank i % world_size, as in shard_items; the whole list on one
-    process. The caller sees that every rank gets one."""
+    process. None on every rank when the list is too short to give each rank an item: the same answer everywhere, so
+    no rank runs a step that the others skip."""
+    if len(items) < _INFO.world_size:
+        return None
     return items[_INFO.rank::_INFO.world_size]
 
 

@@ -90,16 +90,17 @@ def _setup_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, to
     return model, sync, OptimizerStep(sync, optimizer, Schedule(ocfg, total), params, ocfg.clip_grad_norm, device)
 
 
-def _batches(n: int, batch_rows: int, seed: int, info):
+def _batches(n: int, batch_rows: int, seed: int):
     """This rank's share of each batch, epoch after epoch without end, in an order drawn from `seed`."""
     order_gen = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(n, generator=order_gen).tolist()
         for start in range(0, n, batch_rows):
             index = perm[start:start + batch_rows]
-            if len(index) < info.world_size:  # a last batch too small to give every rank a row: left out
+            share = dist.shard_list(index)  # this rank's share; the step's count is summed over ranks
+            if share is None:  # a last batch too small to give every rank a row: left out
                 break
-            yield dist.shard_list(index)  # this rank's share; the step's count is summed over ranks
+            yield share
 
 
 def _keep_best(best: dict, metrics: dict, step: int, model, task) -> bool:
@@ -121,13 +122,13 @@ def _total_steps(n: int, fcfg: FinetuneConfig) -> tuple[int, int]:
 def train_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
     """Fine-tune a fresh copy of `net` with `seed`, evaluating every finetune.eval_every_steps (or epoch) and stopping
     early after finetune.patience evaluations without a better one; returns {seed, best_step, eval, state} (best)."""
-    info, task = dist.info(), data.task
+    task = data.task
     dist.seed_ranks(seed)  # dropout: rank 0 of N draws as one process would
     enc, labels = data.encoded["train"], data.examples["train"].labels
     per_epoch, total = _total_steps(len(enc.ids), fcfg)
     model, sync, stepper = _setup_seed(net, data, fcfg, seed, device, total)
     autocast, every = _autocast(fcfg, device), fcfg.eval_every_steps or per_epoch
-    batches = _batches(len(enc.ids), fcfg.batch_rows, seed, info)
+    batches = _batches(len(enc.ids), fcfg.batch_rows, seed)
     best = {"seed": seed, "best_step": 0, "eval": None, "state": None}
     since_best, losses = 0, []
     model.train()
@@ -247,7 +248,7 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     own_group = not dist.in_process_group()  # a group the caller set up is left to the caller
     info = dist.init(device or "auto") if own_group else dist.info()
     try:
-        if len(data.examples["train"].labels) < info.world_size:
+        if dist.shard_list(data.examples["train"].labels) is None:  # some rank would have no example to train on
             raise UserError(f"--train has {len(data.examples['train'].labels)} examples, fewer than the "
                             f"{info.world_size} processes; run on fewer processes")
         records: list[dict] = []

@@ -132,7 +132,6 @@ def _normalise_hf_keys(sd: dict[str, torch.Tensor], family: str) -> dict[str, to
     return out
 
 
-# Long: one pass over every tensor family (mapped pairs, split q/k/v, padded vocabulary rows), each naming what is missing.
 def from_hf_state_dict(
     sd: dict[str, torch.Tensor], cfg: ModelConfig, allow_missing_head: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -143,29 +142,42 @@ def from_hf_state_dict(
     initialised ones (see `missing_head_keys`). Unused HF tensors (pooler, NSP head) are ignored.
     """
     sd = _normalise_hf_keys(sd, cfg.family)
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    # one pass per tensor family (mapped pairs, split q/k/v, padded vocabulary rows), each adding what it lacks
+    for ours, hf in _pairs(cfg):
+        if hf in sd:
+            out[ours] = sd[hf]
+        elif not (ours.startswith("head.") and allow_missing_head):
+            missing.append(hf)
+    if cfg.family == "bert":
+        _take_bert_qkv(sd, cfg.layers, out, missing)
+    _take_vocab_rows(sd, cfg, allow_missing_head, out, missing)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"the checkpoint lacks tensors a {cfg.family} model with {cfg.layers} layers needs: {shown}")
+    # no copies beyond the q/k/v concatenation and vocabulary padding: load_state_dict copies into the model anyway,
+    # and a bert-base checkpoint held three times over is memory a laptop may not have
+    return {k: t.detach().contiguous() for k, t in out.items()}
+
+
+def _take_bert_qkv(sd: dict, layers: int, out: dict, missing: list[str]) -> None:
+    """BERT's separate query/key/value tensors → our fused qkv, in [q; k; v] row order."""
+    for i in range(layers):
+        pre = f"bert.encoder.layer.{i}.attention.self"
+        for wb in ("weight", "bias"):
+            parts = [f"{pre}.{n}.{wb}" for n in ("query", "key", "value")]
+            if all(p in sd for p in parts):
+                out[f"encoder.blocks.{i}.attn.qkv.{wb}"] = torch.cat([sd[p] for p in parts], dim=0)
+            else:
+                missing += [p for p in parts if p not in sd]
+
+
+def _take_vocab_rows(sd: dict, cfg: ModelConfig, allow_missing_head: bool, out: dict, missing: list[str]) -> None:
+    """The vocabulary-sized tensors (embedding, output bias, untied decoder), padded with zero rows to our width."""
     V = int(cfg.vocab_size)
     Vp = padded_vocab_size(V, cfg.pad_vocab_multiple)
     keys = _vocab_keys(cfg.family)
-    out: dict[str, torch.Tensor] = {}
-    missing: list[str] = []
-
-    def take(hf_key: str, ours: str, head: bool) -> None:
-        if hf_key in sd:
-            out[ours] = sd[hf_key]
-        elif not (head and allow_missing_head):
-            missing.append(hf_key)
-
-    for ours, hf in _pairs(cfg):
-        take(hf, ours, head=ours.startswith("head."))
-    if cfg.family == "bert":
-        for i in range(cfg.layers):
-            pre = f"bert.encoder.layer.{i}.attention.self"
-            for wb in ("weight", "bias"):
-                parts = [f"{pre}.{n}.{wb}" for n in ("query", "key", "value")]
-                if all(p in sd for p in parts):
-                    out[f"encoder.blocks.{i}.attn.qkv.{wb}"] = torch.cat([sd[p] for p in parts], dim=0)
-                else:
-                    missing += [p for p in parts if p not in sd]
 
     def pad_rows(t: torch.Tensor, name: str) -> torch.Tensor:
         if t.shape[0] != V:
@@ -187,12 +199,6 @@ def from_hf_state_dict(
             out["head.decoder"] = pad_rows(sd[keys["decoder"]], keys["decoder"])
         elif not allow_missing_head:
             missing.append(keys["decoder"])
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserError(f"the checkpoint lacks tensors a {cfg.family} model with {cfg.layers} layers needs: {shown}")
-    # no copies beyond the q/k/v concatenation and vocabulary padding: load_state_dict copies into the model anyway,
-    # and a bert-base checkpoint held three times over is memory a laptop may not have
-    return {k: t.detach().contiguous() for k, t in out.items()}
 
 
 def missing_head_keys(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[str]:
@@ -289,74 +295,97 @@ def _expect(d: dict, key: str, allowed, default) -> None:
         raise UserError(f"unsupported Hugging Face config: {key}={value!r} (maskedlm supports {allowed!r})")
 
 
-# Long: the inverse of hf_config, field by field for both architectures, refusing what ModelConfig cannot express.
 def model_config_from_hf(d: dict) -> ModelConfig:
-    """config.json of a BERT or ModernBERT checkpoint → ModelConfig; UserError for what we cannot represent."""
+    """config.json of a BERT or ModernBERT checkpoint → ModelConfig; UserError for what we cannot represent.
+
+    The inverse of hf_config, field by field for both architectures.
+    """
     model_type = d.get("model_type")
     if model_type == "bert":
-        _expect(d, "hidden_act", ["gelu"], "gelu")
-        _expect(d, "position_embedding_type", ["absolute"], "absolute")
-        cfg = ModelConfig(
-            family="bert",
-            vocab_size=int(d["vocab_size"]),
-            hidden=int(d.get("hidden_size", 768)),
-            layers=int(d.get("num_hidden_layers", 12)),
-            heads=int(d.get("num_attention_heads", 12)),
-            intermediate=int(d.get("intermediate_size", 3072)),
-            max_positions=int(d.get("max_position_embeddings", 512)),
-            type_vocab_size=int(d.get("type_vocab_size", 2)),
-            dropout=float(d.get("hidden_dropout_prob", 0.1)),
-            attention_dropout=float(d.get("attention_probs_dropout_prob", 0.1)),
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
-            initializer_range=float(d.get("initializer_range", 0.02)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-        )
+        cfg = _bert_config(d)
     elif model_type == "modernbert":
-        for key, value, default in (
-            ("hidden_activation", "gelu", "gelu"), ("classifier_activation", "gelu", "gelu"),
-            ("norm_bias", False, False), ("attention_bias", False, False), ("mlp_bias", False, False),
-            ("classifier_bias", False, False), ("decoder_bias", True, True),
-        ):
-            _expect(d, key, [value], default)
-        L = int(d.get("num_hidden_layers", 22))
-        layer_types = d.get("layer_types")
-        if layer_types is None:  # transformers < 5 spelled the pattern with one number
-            layer_types = [_layer_type(i, int(d.get("global_attn_every_n_layers", 3))) for i in range(L)]
-        globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-        every_n = globals_[1] if len(globals_) > 1 else L
-        if len(layer_types) != L or any(t != _layer_type(i, every_n) for i, t in enumerate(layer_types)):
-            raise UserError(
-                f"unsupported ModernBERT layer_types {layer_types!r}: maskedlm reads the pattern where every n-th "
-                "layer (0, n, 2n, ...) is 'full_attention' and the others 'sliding_attention'")
-        ropes = d.get("rope_parameters") or {}
-        rope, local_rope = ropes.get("full_attention") or {}, ropes.get("sliding_attention") or {}
-        theta = rope.get("rope_theta", d.get("global_rope_theta", 160000.0))
-        local_theta = local_rope.get("rope_theta", d.get("local_rope_theta", 10000.0))
-        for r in (rope, local_rope):
-            if r.get("rope_type", "default") != "default":
-                raise UserError(f"unsupported Hugging Face config: rope_type={r.get('rope_type')!r} (only 'default')")
-        cfg = ModelConfig(
-            family="modern",
-            vocab_size=int(d["vocab_size"]),
-            hidden=int(d.get("hidden_size", 768)),
-            layers=L,
-            heads=int(d.get("num_attention_heads", 12)),
-            intermediate=int(d.get("intermediate_size", 1152)),
-            max_positions=int(d.get("max_position_embeddings", 8192)),
-            dropout=float(d.get("mlp_dropout", 0.0)),
-            attention_dropout=float(d.get("attention_dropout", 0.0)),
-            layer_norm_eps=float(d.get("norm_eps", 1e-5)),
-            initializer_range=float(d.get("initializer_range", 0.02)),
-            rope_theta=float(theta),
-            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-            global_attn_every_n_layers=every_n,
-            local_attention_tokens=int(d.get("local_attention", 128)),
-            local_rope_theta=float(local_theta),
-        )
+        cfg = _modern_config(d)
     else:
         raise UserError(f"unsupported Hugging Face model_type {model_type!r}: maskedlm imports 'bert' and 'modernbert'")
     cfg.validate()
     return cfg
+
+
+def _bert_config(d: dict) -> ModelConfig:
+    _expect(d, "hidden_act", ["gelu"], "gelu")
+    _expect(d, "position_embedding_type", ["absolute"], "absolute")
+    return ModelConfig(
+        family="bert",
+        vocab_size=int(d["vocab_size"]),
+        hidden=int(d.get("hidden_size", 768)),
+        layers=int(d.get("num_hidden_layers", 12)),
+        heads=int(d.get("num_attention_heads", 12)),
+        intermediate=int(d.get("intermediate_size", 3072)),
+        max_positions=int(d.get("max_position_embeddings", 512)),
+        type_vocab_size=int(d.get("type_vocab_size", 2)),
+        dropout=float(d.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(d.get("attention_probs_dropout_prob", 0.1)),
+        layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+    )
+
+
+def _modern_config(d: dict) -> ModelConfig:
+    # every field that ModelConfig has no switch for must hold the one value our modern family implements
+    for key, value, default in (
+        ("hidden_activation", "gelu", "gelu"), ("classifier_activation", "gelu", "gelu"),
+        ("norm_bias", False, False), ("attention_bias", False, False), ("mlp_bias", False, False),
+        ("classifier_bias", False, False), ("decoder_bias", True, True),
+    ):
+        _expect(d, key, [value], default)
+    L = int(d.get("num_hidden_layers", 22))
+    every_n = _global_every_n(d, L)
+    theta, local_theta = _rope_thetas(d)
+    return ModelConfig(
+        family="modern",
+        vocab_size=int(d["vocab_size"]),
+        hidden=int(d.get("hidden_size", 768)),
+        layers=L,
+        heads=int(d.get("num_attention_heads", 12)),
+        intermediate=int(d.get("intermediate_size", 1152)),
+        max_positions=int(d.get("max_position_embeddings", 8192)),
+        dropout=float(d.get("mlp_dropout", 0.0)),
+        attention_dropout=float(d.get("attention_dropout", 0.0)),
+        layer_norm_eps=float(d.get("norm_eps", 1e-5)),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        rope_theta=float(theta),
+        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        global_attn_every_n_layers=every_n,
+        local_attention_tokens=int(d.get("local_attention", 128)),
+        local_rope_theta=float(local_theta),
+    )
+
+
+def _global_every_n(d: dict, L: int) -> int:
+    """n of ModernBERT's layer pattern (layers 0, n, 2n, ... global); UserError for any other pattern."""
+    layer_types = d.get("layer_types")
+    if layer_types is None:  # transformers < 5 spelled the pattern with one number
+        layer_types = [_layer_type(i, int(d.get("global_attn_every_n_layers", 3))) for i in range(L)]
+    globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    every_n = globals_[1] if len(globals_) > 1 else L
+    if len(layer_types) != L or any(t != _layer_type(i, every_n) for i, t in enumerate(layer_types)):
+        raise UserError(
+            f"unsupported ModernBERT layer_types {layer_types!r}: maskedlm reads the pattern where every n-th "
+            "layer (0, n, 2n, ...) is 'full_attention' and the others 'sliding_attention'")
+    return every_n
+
+
+def _rope_thetas(d: dict) -> tuple:
+    """(global, local) RoPE theta, from rope_parameters (transformers 5) or the older flat fields."""
+    ropes = d.get("rope_parameters") or {}
+    rope, local_rope = ropes.get("full_attention") or {}, ropes.get("sliding_attention") or {}
+    theta = rope.get("rope_theta", d.get("global_rope_theta", 160000.0))
+    local_theta = local_rope.get("rope_theta", d.get("local_rope_theta", 10000.0))
+    for r in (rope, local_rope):
+        if r.get("rope_type", "default") != "default":
+            raise UserError(f"unsupported Hugging Face config: rope_type={r.get('rope_type')!r} (only 'default')")
+    return theta, local_theta
 
 
 # ---------------------------------------------------------------------------------------------------------------
