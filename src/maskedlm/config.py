@@ -153,6 +153,9 @@ class MaskingConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw: torch's AdamW. stable_adamw: AdamW with per-tensor update clipping (Wortsman et al. 2023), as ModernBERT
+    # trains; adamw stays the default until a measurement here says otherwise (bench/RESULTS.md).
+    name: str = "adamw"
     lr: float = 1e-3  # peak LR; small encoders tolerate 1e-3 (Cramming); bert-base presets use 5e-4
     weight_decay: float = 0.01  # BERT's value, applied to matrices only (not biases, norms, embeddings)
     decay_embeddings: bool = False  # set true to also decay embedding matrices
@@ -161,6 +164,9 @@ class OptimConfig:
     schedule: str = "linear"  # warmup then: linear | cosine | constant | wsd (constant then decay)
     warmup_steps: int = 100
     decay_fraction: float = 0.1  # wsd: share of the run spent decaying at the end
+    # wsd: shape of that decay: linear (MiniCPM's), cosine, or 1-sqrt (Hägele et al. 2024; ModernBERT's final decay).
+    # linear by default: what every wsd run here was measured with.
+    decay_shape: str = "linear"
     min_lr_ratio: float = 0.0  # final LR as a share of peak
     clip_grad_norm: float = 1.0  # 0 turns clipping off
 
@@ -169,7 +175,11 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _check(self.name in ("adamw", "stable_adamw"), f"optim.name must be adamw or stable_adamw, got {self.name!r}")
         _check(self.schedule in ("linear", "cosine", "constant", "wsd"), f"optim.schedule must be linear, cosine, constant or wsd, got {self.schedule!r}")
+        _check(self.decay_shape in ("linear", "cosine", "1-sqrt"), f"optim.decay_shape must be linear, cosine or 1-sqrt, got {self.decay_shape!r}")
+        _check(self.decay_shape == "linear" or self.schedule == "wsd",
+               f"optim.decay_shape shapes the decay phase of optim.schedule=wsd, got decay_shape={self.decay_shape!r} with schedule={self.schedule!r}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.decay_fraction <= 1, f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -316,7 +326,7 @@ RESUME_FREE_KEYS = frozenset({
 # Keys a --resume may change with a printed note: the optimizer's schedule (peak LR, warmup, where and how it ends).
 # Lowering optim.lr and resuming from the last good checkpoint is the standard recovery from a divergence, and a
 # longer budget continues a finished run.
-RESUME_NOTED_KEYS = frozenset({"optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.decay_fraction",
+RESUME_NOTED_KEYS = frozenset({"optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.decay_fraction", "optim.decay_shape",
                                "train.max_steps", "train.max_tokens", "train.max_minutes"})
 
 
