@@ -205,6 +205,17 @@ class TrainConfig:
     # weights, gradients and optimizer state across ranks (torch.distributed.fsdp.fully_shard) for larger models.
     parallel: str = "ddp"
     dist_timeout_minutes: float = 10.0  # a collective waiting this long (a dead peer) fails instead of hanging
+    # Batch-size warmup (ModernBERT's): the global batch grows linearly in tokens seen, from batch_warmup_start_rows
+    # to global_batch_rows over the first batch_warmup_tokens, in multiples of the start. 0: off, every step full.
+    batch_warmup_tokens: int = 0
+    batch_warmup_start_rows: int = 0  # must divide global_batch_rows and be split evenly across ranks
+    # Sequence-length phases, e.g. "64:0.3,128": rows of 64 tokens until 30% of the run's tokens, then 128. Each
+    # prepared row is cut into exact shorter rows, each starting with [CLS] (no re-prepare). Empty: the prepared length.
+    seq_len_phases: str = ""
+    # Loss-spike guard: a step whose loss exceeds the median of the last spike_window_steps by spike_guard_nats rolls
+    # back to the last checkpoint and skips the data read since. 0: off (a short run has no checkpoint to go back to).
+    spike_guard_nats: float = 0.0
+    spike_window_steps: int = 50
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -222,6 +233,34 @@ class TrainConfig:
         )
         _check(self.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         _check(self.parallel in ("ddp", "fsdp2"), f"train.parallel must be 'ddp' or 'fsdp2', got {self.parallel!r}")
+        _check(self.batch_warmup_tokens >= 0, f"train.batch_warmup_tokens must be >= 0, got {self.batch_warmup_tokens}")
+        if self.batch_warmup_tokens:
+            g, s = self.global_batch_rows, self.batch_warmup_start_rows
+            _check(0 < s < g and g % s == 0, f"train.batch_warmup_start_rows must be a divisor of train.global_batch_rows "
+                                             f"({g}) below it, got {s}")
+        seq_len_phases(self.seq_len_phases)  # refuses a malformed value
+        _check(self.spike_guard_nats >= 0, f"train.spike_guard_nats must be >= 0, got {self.spike_guard_nats}")
+        _check(self.spike_window_steps >= 3, f"train.spike_window_steps must be >= 3, got {self.spike_window_steps}")
+
+
+def seq_len_phases(text: str) -> list[tuple[int, float]]:
+    """train.seq_len_phases as [(row length, fraction of the run's tokens where its phase ends)], the last ending at
+    1.0; [] when empty. "64:0.3,128" → [(64, 0.3), (128, 1.0)]."""
+    if not text.strip():
+        return []
+    bad = f"train.seq_len_phases must look like '64:0.3,128' (lengths >= 8, increasing fractions in (0, 1), the last without one), got {text!r}"
+    out = []
+    parts = [p.strip() for p in text.split(",")]
+    for i, part in enumerate(parts):
+        length, colon, until = part.partition(":")
+        try:
+            n, f = int(length), (float(until) if colon else 1.0)
+        except ValueError:
+            raise UserError(bad) from None
+        last = i == len(parts) - 1
+        _check(n >= 8 and bool(colon) != last and (last or 0 < f < 1) and (not out or f > out[-1][1]), bad)
+        out.append((n, f))
+    return out
 
 
 @dataclass
@@ -302,6 +341,8 @@ class Config:
         _check_finite(self)  # first: NaN passes every `a <= x <= b` test below by comparing False both ways
         for f in fields(self):
             getattr(self, f.name).validate()
+        _check(not self.train.spike_guard_nats or self.checkpoint.every_steps > 0,
+               "train.spike_guard_nats rolls back to the last checkpoint: it needs checkpoint.every_steps > 0, got 0")
         return self
 
     def to_dict(self) -> dict:

@@ -1,17 +1,20 @@
-"""Parameter groups, AdamW (or StableAdamW) and learning-rate schedules.
+"""Parameter groups, AdamW (or StableAdamW), learning-rate and batch schedules.
 
-Weight decay applies to weight matrices only: biases, norms and embeddings are left alone unless configured. The LR is
-a pure function of (step, progress), so resuming needs only the step; nothing here touches data, ranks or files.
+Weight decay applies to weight matrices only: biases, norms and embeddings are left alone unless configured. The LR and
+the batch plan (rows and row length per step) are pure functions of the step and the config, so resuming needs only the
+step; nothing here touches data, ranks or files.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 from torch import nn
 
-from maskedlm.config import OptimConfig
+from maskedlm.config import OptimConfig, TrainConfig, seq_len_phases
+from maskedlm.errors import UserError
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -111,25 +114,29 @@ class Schedule:
     Progress through the run is a fraction in [0, 1]. With a step or token budget it is counted in steps after warmup,
     so decay ends exactly at the last step. With a time budget the caller passes the elapsed fraction of max_minutes
     (the larger of the two when both are set), so decay ends exactly when the time runs out.
+
+    With a batch warmup the schedule's clock is `clock(step)`, the tokens seen in full-batch steps (BatchPlan.clock):
+    warmup and decay then count tokens, not the smaller steps of the ramp.
     """
 
-    def __init__(self, cfg: OptimConfig, total_steps: int | None):
+    def __init__(self, cfg: OptimConfig, total_steps: int | None, clock=None):
         self.cfg = cfg
         self.total_steps = total_steps
+        self.clock = clock
 
     def progress(self, step: int, time_fraction: float | None = None) -> float:
         """Fraction of the decay phase done at `step` (0-based count of optimizer steps already taken)."""
         fracs = []
         if self.total_steps:
-            span = max(1, self.total_steps - self.cfg.warmup_steps)
-            fracs.append((step - self.cfg.warmup_steps) / span)
+            span = max(1, self._clock(self.total_steps) - self.cfg.warmup_steps)
+            fracs.append((self._clock(step) - self.cfg.warmup_steps) / span)
         if time_fraction is not None:
             fracs.append(time_fraction)
         return min(1.0, max(0.0, max(fracs))) if fracs else 0.0
 
     def factor(self, step: int, time_fraction: float | None = None) -> float:
         c = self.cfg
-        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
+        warm = min(1.0, self._clock(step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
         q = self.progress(step, time_fraction)
         lo = c.min_lr_ratio
         if c.schedule == "constant":
@@ -142,6 +149,9 @@ class Schedule:
             start = 1.0 - c.decay_fraction
             decay = 1.0 if q <= start or c.decay_fraction == 0 else 1.0 - (1.0 - lo) * _fall(c.decay_shape, (q - start) / c.decay_fraction)
         return warm * decay
+
+    def _clock(self, step: int) -> float:
+        return self.clock(step) if self.clock else step
 
     def lr(self, step: int, time_fraction: float | None = None) -> float:
         return self.cfg.lr * self.factor(step, time_fraction)
@@ -159,3 +169,77 @@ def _fall(shape: str, x: float) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+class BatchPlan:
+    """What optimizer step s trains on: how many prepared rows (the batch warmup), cut to which length (the sequence
+    length phases), and the tokens before it; a pure function of train.* and the prepared row length.
+
+    The warmup grows the batch linearly in tokens seen, from batch_warmup_start_rows to global_batch_rows over
+    batch_warmup_tokens, in multiples of the start, so every step splits evenly across ranks whatever the world size
+    (ModernBERT ramps its batch over its first tokens the same way). A prepared row counts seq_len tokens whatever
+    length it is cut to. Off (the default), step s takes global_batch_rows rows and s·G·seq_len tokens came before it.
+    """
+
+    def __init__(self, t: TrainConfig, seq_len: int):
+        self.G, self.T = t.global_batch_rows, seq_len
+        self.phases = seq_len_phases(t.seq_len_phases)
+        for n, _ in self.phases:
+            if seq_len % n:
+                raise UserError(f"train.seq_len_phases: {n} does not divide the prepared seq_len {seq_len} (each row is cut "
+                                f"into whole rows of that length); use a divisor of {seq_len}")
+        # (first step, rows before it, rows per step) of each level of the ramp; the last level is the full batch
+        self.levels = self._ramp(t.batch_warmup_tokens, t.batch_warmup_start_rows)
+        self._firsts = [lv[0] for lv in self.levels]
+        self.total_tokens: int | None = None  # the run's tokens, which phase fractions are of (set by the trainer)
+
+    def _ramp(self, warm_tokens: int, start: int) -> list[tuple[int, int, int]]:
+        G, T = self.G, self.T
+        if not warm_tokens:
+            return [(0, 0, G)]
+        levels, s, rows_before = [], 0, 0
+        for k in range(1, G // start):
+            # k·start rows per step until the tokens seen reach the point where the line start + (G − start)·τ/W
+            # crosses (k + 1)·start: τ ≥ k·start·W / (G − start)
+            until = -(-k * start * warm_tokens // (G - start))
+            n = max(0, -(-(until - rows_before * T) // (k * start * T)))
+            if n:
+                levels.append((s, rows_before, k * start))
+                s, rows_before = s + n, rows_before + n * k * start
+        return levels + [(s, rows_before, G)]
+
+    def _level(self, step: int) -> tuple[int, int, int]:
+        return self.levels[bisect.bisect_right(self._firsts, step) - 1]
+
+    def rows(self, step: int) -> int:
+        """Prepared rows in global batch `step`."""
+        return self._level(step)[2]
+
+    def rows_before(self, step: int) -> int:
+        first, before, rows = self._level(step)
+        return before + (step - first) * rows
+
+    def tokens_before(self, step: int) -> int:
+        return self.rows_before(step) * self.T
+
+    def clock(self, step: int) -> float:
+        """Tokens seen before `step`, in full-batch steps: `step` itself when there is no warmup."""
+        return self.rows_before(step) / self.G
+
+    def steps_for_tokens(self, tokens: int) -> int:
+        """The fewest steps whose tokens reach `tokens`."""
+        first, before, _ = self.levels[-1]
+        if before * self.T >= tokens:  # within the ramp
+            lo, hi = 0, first
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if self.tokens_before(mid) < tokens else (lo, mid)
+            return lo
+        return first + -(-(tokens - before * self.T) // (self.G * self.T))
+
+    def row_len(self, step: int) -> int:
+        """The length the rows of global batch `step` are cut to: its phase's, by the share of the run's tokens seen."""
+        if not self.phases:
+            return self.T
+        seen = self.tokens_before(step) / self.total_tokens
+        return next((n for n, until in self.phases if seen < until), self.phases[-1][0])

@@ -8,6 +8,7 @@ for one CPU and N torchrun processes: only distributed.py knows about ranks.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import math
@@ -35,7 +36,7 @@ from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.optim import Schedule, build_optimizer, set_lr
+from maskedlm.optim import BatchPlan, Schedule, build_optimizer, set_lr
 from maskedlm.probe import load_probe_task, probe_record
 from maskedlm.tokenizer import load_tokenizer
 
@@ -44,6 +45,7 @@ from maskedlm.tokenizer import load_tokenizer
 DEFAULT_PRESET = "modern-mini"
 HOST_READ_LAG = None  # steps between queuing a step and reading its numbers on the host; None: 1 on CUDA, 0 else
 PREFETCH_STEPS = 2  # steps read and masked ahead; two hide the data path behind a step without holding much memory
+MAX_ROLLBACKS = 3  # loss-spike rollbacks in a row to the same checkpoint before the run stops: the spikes are not data
 
 
 class _StopFlag:
@@ -92,15 +94,27 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     return cfg.validate(), stored
 
 
-def _budget(cfg: Config, tokens_per_step: int) -> tuple[int | None, float | None]:
+def _budget(cfg: Config, plan: BatchPlan) -> tuple[int | None, float | None]:
     t = cfg.train
     if not (t.max_steps or t.max_tokens or t.max_minutes):
         raise UserError("no training budget: set train.max_steps, train.max_tokens or train.max_minutes (e.g. train.max_minutes=10)")
-    steps = [s for s in (t.max_steps, math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens else 0) if s]
+    steps = [s for s in (t.max_steps, plan.steps_for_tokens(t.max_tokens) if t.max_tokens else 0) if s]
     return (min(steps) if steps else None), (t.max_minutes * 60.0 if t.max_minutes else None)
 
 
-def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
+def _plan(cfg: Config, seq_len: int) -> BatchPlan:
+    """The run's BatchPlan, its phases measured against the run's tokens (a time budget alone has no such number)."""
+    plan = BatchPlan(cfg.train, seq_len)
+    steps, _ = _budget(cfg, plan)
+    if plan.phases:
+        if steps is None:
+            raise UserError(f"train.seq_len_phases ends its phases at fractions of the run's tokens; a time budget alone "
+                            f"(train.max_minutes={cfg.train.max_minutes:g}) has none: set train.max_tokens or train.max_steps")
+        plan.total_tokens = plan.tokens_before(steps)
+    return plan
+
+
+def _fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
     """A linear/cosine mask-rate schedule with masking.rate_schedule_steps 0 runs over the whole run: fill in the run's
     total steps (train.max_steps, or the steps train.max_tokens makes) before the config is saved or compared, so the
     saved config.json holds the number and a resume follows the same schedule (it is keyed by step). Returns where
@@ -108,7 +122,7 @@ def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
     m, t = cfg.masking, cfg.train
     if m.rate_schedule == "constant" or m.rate_schedule_steps > 0:
         return None
-    steps, _ = _budget(cfg, tokens_per_step)
+    steps, _ = _budget(cfg, plan)
     if steps is None:
         raise UserError(
             f"masking.rate_schedule={m.rate_schedule!r} with a time budget alone (train.max_minutes={t.max_minutes:g}) "
@@ -271,9 +285,11 @@ class Trainer:
         self.lag = HOST_READ_LAG if HOST_READ_LAG is not None else (1 if self.device.type == "cuda" else 0)
 
         self.seq_len = data.seq_len if data is not None else None
-        self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)
-        self.max_steps, self.max_seconds = _budget(cfg, self.tokens_per_step) if data is not None else (None, None)
-        self.schedule = Schedule(cfg.optim, self.max_steps)
+        self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)  # of a full step (after any batch warmup)
+        self.plan = _plan(cfg, data.seq_len) if data is not None else None
+        self.max_steps, self.max_seconds = _budget(cfg, self.plan) if data is not None else (None, None)
+        ramp = self.plan is not None and len(self.plan.levels) > 1
+        self.schedule = Schedule(cfg.optim, self.max_steps, clock=self.plan.clock if ramp else None)
         self.stepper = OptimizerStep(self.sync_model, self.optimizer, self.schedule,
                                      [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm, self.device)
         self.loader = self._build_loader() if data is not None else None
@@ -286,6 +302,9 @@ class Trainer:
         self.skipped = 0  # steps whose update was skipped, over the whole run
         self.bad_in_row = 0
         self.elapsed_before = 0.0  # seconds of training before this process (a resumed run continues its clock)
+        self._recent = collections.deque(maxlen=t.spike_window_steps)  # the loss-spike guard's window of losses
+        self._spike: dict | None = None  # a spike seen, waiting for the loop to roll back
+        self._rollbacks = 0  # rollbacks since the last checkpoint was saved
         self.last_saved: int | None = None  # the step of the newest checkpoint (resuming a finished run saves nothing)
         self.last_eval: dict | None = None
         self._t0 = time.perf_counter()
@@ -297,7 +316,8 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _build_loader(self) -> RowLoader:
         cfg, data, t = self.cfg, self.data, self.cfg.train
-        k_max = config_k_max(cfg.masking, data.seq_len)  # one K for the whole run: static shapes for torch.compile
+        # One K per row length (one for the whole run without train.seq_len_phases): static shapes for torch.compile.
+        k_max = {n: config_k_max(cfg.masking, n) for n in {data.seq_len, *(n for n, _ in self.plan.phases)}}
         counts = None
         if cfg.masking.random_token_dist == "unigram":
             # a mixture draws random tokens by the frequencies of all its sources together (one tokenizer, one vocab)
@@ -306,16 +326,16 @@ class Trainer:
         def make_masks(mb, position):
             # Masks are keyed by (masking.seed, epoch, row index): the same whatever the batch split or world size.
             return mask_batch(mb.ids, mb.row_index, mb.epoch, cfg.masking, data.special, data.vocab_size, flags=mb.flags,
-                              step=position, k_max=k_max, token_counts=counts)
+                              step=position, k_max=k_max[mb.ids.shape[1]], token_counts=counts)
 
         info = dist.info()
         prefetch = PREFETCH_STEPS if t.prefetch else 0
         if len(self.sources) > 1 or cfg.data.weights:
             return MixLoader([d.open("train") for d in self.sources], self.mixture_weights(), t.global_batch_rows,
                              t.micro_batch_rows, seed=t.seed, rank=info.rank, world_size=info.world_size,
-                             transform=make_masks, prefetch_steps=prefetch)
+                             transform=make_masks, prefetch_steps=prefetch, plan=self.plan)
         return RowLoader(data.open("train"), t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
-                         world_size=info.world_size, transform=make_masks, prefetch_steps=prefetch)
+                         world_size=info.world_size, transform=make_masks, prefetch_steps=prefetch, plan=self.plan)
 
     def mixture_weights(self) -> list[float]:
         return mixture_weights(self.cfg.data.weights, self.sources)
@@ -361,16 +381,19 @@ class Trainer:
         self.skipped += bad
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
         start, tokens = self._window
-        tokens += self.tokens_per_step
+        tokens += self.tokens_at(r.step) - self.tokens_at(r.step - 1)
         now = time.perf_counter()
         tok_s = tokens / max(now - start, 1e-9)
-        rec = {"step": r.step, "tokens": r.step * self.tokens_per_step, "loss": sums[0] / max(count, 1.0),
+        rec = {"step": r.step, "tokens": self.tokens_at(r.step), "loss": sums[0] / max(count, 1.0),
                "masked_acc": sums[1] / max(count, 1.0), "lr": r.lr, "grad_norm": norm, "tokens_per_s": tok_s,
                "epoch": r.epoch, "elapsed_s": self.elapsed()}
         if bad:
             rec["skipped"] = True
         if r.source_rows is not None:  # cumulative tokens per source, in --data order
             rec["source_tokens"] = [n * self.seq_len for n in r.source_rows]
+        if self.plan is not None and (len(self.plan.levels) > 1 or self.plan.phases):
+            rec.update(batch_rows=self.plan.rows(r.step - 1), row_len=self.plan.row_len(r.step - 1))
+        self._watch_spike(rec, bad)
         self.logger.log(rec)
         self._last_record = rec
         self.logger.progress(self._done(r.step, rec["elapsed_s"]), rec["loss"], rec["lr"], tok_s)
@@ -382,21 +405,25 @@ class Trainer:
         self._window = (start, tokens)
         return rec
 
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained on in the first `step` steps (a prepared row counts seq_len tokens whatever it is cut to)."""
+        return self.plan.tokens_before(step) if self.plan is not None else step * self.tokens_per_step
+
     def budget(self) -> Budget:
         """The budget that ends the run, in its own unit: minutes when only time is set, tokens when train.max_tokens
         is the step budget that binds, else steps. The progress bar counts in it."""
         t = self.cfg.train
         if self.max_steps is None:
             return Budget("min", t.max_minutes if self.max_seconds else None)
-        if t.max_tokens and self.max_steps == math.ceil(t.max_tokens / self.tokens_per_step):
-            return Budget("tok", self.max_steps * self.tokens_per_step)
+        if t.max_tokens and self.max_steps == self.plan.steps_for_tokens(t.max_tokens):
+            return Budget("tok", self.tokens_at(self.max_steps))
         return Budget("step", self.max_steps)
 
     def _done(self, step: int, elapsed_s: float) -> float:
         unit = self.budget().unit
         if unit == "min":  # the last step ends a little past the budget; the bar stops at 100%
             return min(elapsed_s / 60.0, self.cfg.train.max_minutes)
-        return step * self.tokens_per_step if unit == "tok" else step
+        return self.tokens_at(step) if unit == "tok" else step
 
     def _read_pending(self, keep: int = 0) -> None:
         """Read all but the newest `keep` queued steps; stop the run after train.max_bad_steps bad steps in a row."""
@@ -429,7 +456,7 @@ class Trainer:
             if self._probe_tasks is None:
                 self._probe_tasks = load_probe_tasks(self.cfg, d)
             probes = probe_record(self.model, self._probe_tasks, self.device)
-        self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
+        self.logger.log({"kind": "eval", "step": self.step, "tokens": self.tokens_at(self.step),
                          "elapsed_s": self.elapsed(), **{f"val_{k}": v for k, v in r.items()}, **probes})
         shown = "".join(f", {k} {v:.4f}" for k, v in probes.items() if k.endswith(("/accuracy", "/spearman", "_f1")))
         self.logger.write(f"eval step {self.step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, "
@@ -454,13 +481,61 @@ class Trainer:
         every = self.cfg.eval.every_steps
         if every and self.step % every == 0:
             self._read_pending()
-            self.evaluate()
+            if self._spike is None:  # a spike's weights are about to be rolled back: nothing to evaluate
+                self.evaluate()
 
     def maybe_save(self) -> None:
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:
             self._read_pending()
-            self.save("periodic")
+            if self._spike is None:  # never save a spike's weights: they would become the checkpoint to go back to
+                self.save("periodic")
+
+    # -- the loss-spike guard -------------------------------------------------------------------------------------
+    def _watch_spike(self, rec: dict, bad: bool) -> None:
+        """Note a step whose loss exceeds the median of the window before it by train.spike_guard_nats (every rank
+        sees the same all-reduced loss, so all decide alike). The window fills before the guard arms."""
+        nats = self.cfg.train.spike_guard_nats
+        if not nats or bad or self._spike is not None:
+            return
+        window = self._recent
+        median = float(torch.tensor(list(window)).median()) if len(window) == window.maxlen else None
+        if median is not None and rec["loss"] > median + nats:
+            self._spike = {"step": rec["step"], "loss": rec["loss"], "median": median}
+            rec["spike"] = True
+        else:
+            window.append(rec["loss"])
+
+    def _rollback(self) -> None:
+        """Back to the last checkpoint's weights, optimizer, counters and RNG, with the loader left where it is: the
+        data read since that checkpoint, the spike's batch among it, is skipped. Logged as a "rollback" record; the
+        abandoned steps' records are dropped from metrics.jsonl, so steps stay unique."""
+        spike, self._spike = self._spike, None
+        self._pending.clear()  # steps queued after the spike go with it
+        rec = {"kind": "rollback", **spike, "threshold_nats": self.cfg.train.spike_guard_nats,
+               "data_position": self.loader.position}
+        ck = load_for_resume(self.out, warn=dist.print0)
+        if ck is None:  # a spike before the first checkpoint: nothing to go back to
+            self.logger.log({**rec, "to_step": None})
+            dist.print0(f"loss spike at step {spike['step']} ({spike['loss']:.3f} vs median {spike['median']:.3f}); no checkpoint yet to roll back to")
+            return
+        self._rollbacks += 1
+        if self._rollbacks > MAX_ROLLBACKS:
+            raise UserError(f"{MAX_ROLLBACKS} loss spikes in a row after rolling back to step {ck.state['step']} (last at step "
+                            f"{spike['step']}: {spike['loss']:.3f} nats vs median {spike['median']:.3f}); lower optim.lr, or raise "
+                            "train.spike_guard_nats, then --resume")
+        dist.load_model_state(self.model, ck.model_state)
+        dist.load_optimizer_state(self.model, self.optimizer, ck.optimizer_state)
+        per_rank = ck.state.get("rng_ranks") or []
+        if len(per_rank) == dist.info().world_size:
+            set_rng_state(per_rank[dist.info().rank])
+        self.step = int(ck.state["step"])
+        self.skipped, self.bad_in_row = int(ck.state.get("skipped_steps", 0)), int(ck.state.get("bad_steps_in_row", 0))
+        self._recent.clear()
+        self.logger.truncate(self.step)
+        self.logger.log({**rec, "to_step": self.step})
+        self.logger.write(f"loss spike at step {spike['step']} ({spike['loss']:.3f} nats vs median {spike['median']:.3f}): "
+                          f"rolled back to step {self.step}, skipping the data read since")
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
@@ -468,7 +543,7 @@ class Trainer:
     def state_dict(self, reason: str = "") -> dict:
         """What a resume needs besides weights and optimizer: counters, loader position, every rank's RNG state.
         A collective: every rank calls it."""
-        state = {"step": self.step, "tokens": self.step * self.tokens_per_step, "config_hash": config_hash(self.cfg),
+        state = {"step": self.step, "tokens": self.tokens_at(self.step), "config_hash": config_hash(self.cfg),
                  "elapsed_s": self.elapsed(), "skipped_steps": self.skipped, "bad_steps_in_row": self.bad_in_row,
                  "rng_ranks": dist.all_gather_object(rng_state()), "reason": reason}
         if self.loader is not None:
@@ -499,6 +574,7 @@ class Trainer:
         path = dist.on_main(save_checkpoint, self.out, self.step, model_state, optim_state, self.cfg.to_dict(),
                             self.data.tokenizer_file, state, keep=self.cfg.checkpoint.keep)
         self.last_saved = self.step
+        self._rollbacks = 0
         return path
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -528,13 +604,19 @@ class Trainer:
             while True:
                 why, time_fraction = self._should_stop(stop)
                 if why is not None:
+                    self._read_pending()
+                    if self._spike is not None:
+                        self._rollback()
+                        if why == "budget":
+                            continue
                     interrupted = None if why == "budget" else why
                     break
                 self._pending.append(self.train_step(self.loader.next_step(), time_fraction))
                 self._read_pending(keep=self.lag)
                 self.maybe_evaluate()
                 self.maybe_save()
-            self._read_pending()
+                if self._spike is not None:
+                    self._rollback()
             every = self.cfg.eval.every_steps
             if interrupted is None and every and self.step > 0 and (self.last_eval is None or self.step % every):
                 self.evaluate()
@@ -548,12 +630,12 @@ class Trainer:
             stop.restore()
             self.loader.close()
             self.logger.close()
-        result = {**self._last_record, "step": self.step, "tokens": self.step * self.tokens_per_step,
+        result = {**self._last_record, "step": self.step, "tokens": self.tokens_at(self.step),
                   "skipped_steps": self.skipped, "elapsed_s": self.elapsed(), "checkpoint": str(path),
                   "interrupted": interrupted}
         if self.last_eval is not None:
             result["eval"] = self.last_eval
-        dist.print0(f"done: step {self.step}, {_fmt(self.step * self.tokens_per_step)} tokens, "
+        dist.print0(f"done: step {self.step}, {_fmt(self.tokens_at(self.step))} tokens, "
                     f"{result['elapsed_s']:.1f} s; checkpoint {path}")
         return result
 
@@ -575,11 +657,23 @@ class Trainer:
             f"val {d.rows('val'):,} rows; seq_len {d.seq_len}, vocab {d.vocab_size:,}\n{mix}"
             f"step: {self.tokens_per_step:,} tokens ({t.global_batch_rows} rows), "
             f"{t.global_batch_rows // (world * t.micro_batch_rows)} micro-batches of {t.micro_batch_rows} rows × "
-            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n"
+            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n{self._plan_text()}"
             f"budget: {' or '.join(budget)}; device {self.device}, precision {t.precision}, compile {t.compile}\n"
             f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
             f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
         )
+
+
+    def _plan_text(self) -> str:
+        """The batch warmup and sequence-length phases, one line each, when set."""
+        t, plan, out = self.cfg.train, self.plan, ""
+        if len(plan.levels) > 1:
+            out += (f"batch warmup: {t.batch_warmup_start_rows} → {t.global_batch_rows} rows over "
+                    f"{_fmt(t.batch_warmup_tokens)} tokens ({plan.levels[-1][0]:,} steps); the LR schedule counts tokens\n")
+        if plan.phases:
+            out += "seq_len phases: " + ", then ".join(
+                f"{n} until {f:.0%} ({_fmt(round(f * plan.total_tokens))} tokens)" if f < 1 else str(n) for n, f in plan.phases) + "\n"
+        return out
 
 
 def _record_command(out: Path) -> None:
@@ -644,7 +738,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
-    schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
+    schedule_from = _fill_rate_schedule_steps(cfg, _plan(cfg, data.seq_len))
     _check_same_config(stored, cfg, out)
     _check_sources(cfg, sources, init_tok)
     # Read now, not at the first evaluation: a missing or bad task file is refused before the run dir is written
