@@ -238,3 +238,21 @@ def test_without_the_guard_the_bad_batch_is_trained_on(data, tmp_path, monkeypat
     assert not any(r.get("kind") == "rollback" for r in recs)
     losses = [r["loss"] for r in recs]
     assert losses[12] > np.median(losses[7:12]) + 0.5  # the planted batch does spike: the guard test above is live
+
+
+@pytest.mark.slow
+def test_two_processes_ramp_as_one_process_with_accumulation(data, tmp_path):
+    """The ramp under torchrun: 2 gloo ranks give the weights of 1 process (float summation order aside)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    over = ["--config", "tiny", "--data", str(data), "train.max_steps=18", "train.micro_batch_rows=4",
+            "train.seq_len_phases=16:0.3,32", *RAMP, *QUIET]
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc-per-node", "2"])):
+        done = subprocess.run([sys.executable, *launcher, "-m", "maskedlm", "train", "--out", str(tmp_path / out), *over],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
