@@ -183,6 +183,42 @@ def test_cut_rows_are_exact_rows_each_starting_with_cls():
             assert torch.equal(part[r * pieces + j, 1:, 1:], full[r][idx][:, idx]), (r, j)
 
 
+class _Store:
+    """Rows of 16 tokens: [CLS], then source·1000 + row·20 + position, so every token says where it came from."""
+
+    seq_len = 16
+
+    def __init__(self, source, n):
+        self.source, self.n = source, n
+
+    def __len__(self):
+        return self.n
+
+    def rows(self, idx):
+        idx = np.asarray(idx, np.int64)
+        ids = self.source * 1000 + idx[:, None] * 20 + np.arange(16)[None, :]
+        ids[:, 0] = 2
+        return ids, np.zeros(ids.shape, np.uint8)
+
+
+def test_a_mixture_cuts_its_rows_too_and_refuses_a_ramp():
+    from maskedlm.data.loader import MixLoader
+
+    cfg = load_config("tiny", ["train.global_batch_rows=8", "train.max_steps=10", "train.seq_len_phases=8:0.5,16"])
+    plan = BatchPlan(cfg.train, 16)
+    plan.total_tokens = plan.tokens_before(10)
+    loader = MixLoader([_Store(0, 40), _Store(1, 30)], [0.5, 0.5], 8, 4, seed=1, plan=plan)
+    for s in range(10):
+        for mb in loader.next_step().micro:
+            n = 8 if s < 5 else 16
+            assert mb.ids.shape == (4 * 16 // n, n) and bool((mb.ids[:, 0] == 2).all())
+            assert torch.equal(mb.ids[:, 1] // 1000, mb.source)  # each piece keeps its row's source
+            assert len(set(mb.row_index.tolist())) == len(mb.row_index)
+    ramp = BatchPlan(load_config("tiny", RAMP).train, 16)
+    with pytest.raises(UserError, match="not supported with a mixture"):
+        MixLoader([_Store(0, 40), _Store(1, 30)], [0.5, 0.5], 16, 4, plan=ramp)
+
+
 # ------------------------------------------------------------------------------------------------ spike guard
 def _plant(monkeypatch, position):
     """Every target of global batch `position` becomes [PAD]: a batch whose loss is far above the rest."""
