@@ -45,7 +45,7 @@ def theirs(a, files, work: Path) -> tuple[dict, float]:
     import transformers
 
     from maskedlm.downstream import classify_metrics
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     hf_dir = work / "hf"
     export(a.model, hf_dir, overwrite=True, verify=False)

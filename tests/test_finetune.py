@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_data import make_data
 
 from maskedlm import downstream as ds
 from maskedlm.config import ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.finetune import finetune
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -146,7 +144,7 @@ def test_a_finetune_output_is_a_model_for_its_encoder_and_refused_where_the_mlm_
     """DIR and DIR/best/ as MODEL: their encoder is the fine-tuned one (transformers' own hidden states) and finetune
     takes it again; eval, fill, explain, score and export need the MLM head it lacks: one line naming what to pass.
     A --probe DIR holds no model at all."""
-    from maskedlm.hf import load_any_model
+    from maskedlm.models import load_any_model
 
     files = _classify_files(tmp_path)
     ft = tmp_path / "ft"
@@ -316,9 +314,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runs, tmp_path, capsys
                 str(tmp_path / "o"), "finetune.lr=-1"], capsys)
     assert "finetune.lr must be > 0, got -1" in err
     # a MODEL whose tokenizer has more tokens than the model has rows
-    from maskedlm.checkpoint import load_checkpoint_model, save_checkpoint
+    from maskedlm.checkpoint import save_checkpoint
     from maskedlm.config import Config
     from maskedlm.model import MaskedLM
+    from maskedlm.models import load_checkpoint_model
 
     _, cfg, _ = load_checkpoint_model(runs / "trained")
     small = dataclasses.replace(cfg.model, vocab_size=20)

@@ -4,20 +4,16 @@ the WSD decay shapes against their closed forms, and their config checks."""
 import json
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import make_data
 
 from maskedlm.config import OptimConfig, load_config
 from maskedlm.errors import UserError
 from maskedlm.optim import Schedule, StableAdamW, build_optimizer
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 LR, BETAS, EPS, WD = 0.01, (0.9, 0.98), 1e-6, 0.1
 

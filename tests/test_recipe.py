@@ -3,7 +3,9 @@ accumulation and ranks, resumed bit-identically, the LR counting tokens), sequen
 the switch at its share of the tokens) and the loss-spike guard (a planted bad batch rolled back and skipped)."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import make_data
 
 from maskedlm.config import OptimConfig, load_config
-from maskedlm.data.loader import RowLoader, cut_rows
+from maskedlm.data.loader import MixLoader, RowLoader, cut_rows
+from maskedlm.data.shards import open_split
 from maskedlm.errors import UserError
 from maskedlm.model import attention_bias
 from maskedlm.optim import BatchPlan, Schedule
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 QUIET = ["train.log_every_steps=1000", "eval.every_steps=0"]
 RAMP = ["train.batch_warmup_tokens=3000", "train.batch_warmup_start_rows=4"]  # tiny: 16 rows of 32 tokens per full step
@@ -88,8 +89,6 @@ def test_the_lr_schedule_counts_tokens_while_the_batch_ramps():
 def test_on_two_ranks_the_ramp_splits_each_step_into_the_rows_of_one_rank(data):
     """Exact at any world size: per step, rank 0 then rank 1 of two hold exactly the rows one process takes,
     through the ramp and past two epoch ends (256 rows: 16 full steps an epoch)."""
-    from maskedlm.data.shards import open_split
-
     plan = BatchPlan(load_config("tiny", RAMP).train, 32)
     store = open_split(data, "train")
     one = RowLoader(store, 16, 4, seed=3, plan=plan)
@@ -202,8 +201,6 @@ class _Store:
 
 
 def test_a_mixture_cuts_its_rows_too_and_refuses_a_ramp():
-    from maskedlm.data.loader import MixLoader
-
     cfg = load_config("tiny", ["train.global_batch_rows=8", "train.max_steps=10", "train.seq_len_phases=8:0.5,16"])
     plan = BatchPlan(cfg.train, 16)
     plan.total_tokens = plan.tokens_before(10)
@@ -279,9 +276,6 @@ def test_without_the_guard_the_bad_batch_is_trained_on(data, tmp_path, monkeypat
 @pytest.mark.slow
 def test_two_processes_ramp_as_one_process_with_accumulation(data, tmp_path):
     """The ramp under torchrun: 2 gloo ranks give the weights of 1 process (float summation order aside)."""
-    import os
-    import subprocess
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     over = ["--config", "tiny", "--data", str(data), "train.max_steps=18", "train.micro_batch_rows=4",
             "train.seq_len_phases=16:0.3,32", *RAMP, *QUIET]

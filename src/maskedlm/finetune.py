@@ -22,13 +22,12 @@ from maskedlm import downstream as ds
 from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
-from maskedlm.hf import FINETUNE_MARKER, load_any_model
+from maskedlm.models import FINETUNE_MARKER, is_finetune_dir, load_any_model
 from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
+from maskedlm.step import OptimizerStep
 from maskedlm.tokenizer import save_tokenizer, special_ids
-from maskedlm.train import OptimizerStep
 
-MARKER = FINETUNE_MARKER  # how --overwrite recognises a directory that finetune wrote (and MODEL finds best/)
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
 
@@ -86,7 +85,7 @@ def _step(stepper: OptimizerStep, model, step: int, batch, task: str, autocast) 
 def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
     """Fine-tune a fresh copy of `net` with `seed`; returns {seed, best_step, eval (best), state (best weights)}."""
     info = dist.info()
-    torch.manual_seed(seed + info.rank)  # dropout: rank 0 of N draws as one process would
+    dist.seed_ranks(seed)  # dropout
     model = ds.TaskModel.from_mlm(net, data.task, len(data.names) if data.task != "regress" else 1,
                                   fcfg.dropout, seed).to(device)
     sync = dist.wrap_model(model, "ddp")  # under torchrun each rank takes its share of every batch; else the model
@@ -111,7 +110,7 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
             index = perm[start:start + fcfg.batch_rows]
             if len(index) < info.world_size:  # a last batch too small to give every rank a row: left out
                 break
-            index = index[info.rank::info.world_size]  # this rank's share; the step's count is summed over ranks
+            index = dist.shard_list(index)  # this rank's share; the step's count is summed over ranks
             ids, mask, types = ds.collate(enc, index, 0)
             y = ds.label_tensor(data.task, labels, index, data.names, enc, ids.shape[1])
             batch = tuple(t.to(device) for t in (ids, mask, types, y))
@@ -221,7 +220,7 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     # --out never over, inside or around an input; --overwrite replaces only an earlier finetune's output
     inputs = [x for x in (model, train, eval, test) if isinstance(x, (str, os.PathLike))]
-    out = check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(), what="a finetune output")
+    out = check_out(out, inputs=inputs, overwrite=overwrite, ours=is_finetune_dir, what="a finetune output")
     net, cfg, tok = load_any_model(model, mlm_head=False)  # the encoder is what is fine-tuned; a fine-tuned one too
     ds.check_tokenizer(net, tok, model)
     sp = special_ids(tok)
@@ -264,13 +263,13 @@ def _write_out(out: Path, inputs, overwrite: bool, records, data, pred, best_mod
     returns best/'s largest logit difference from transformers (None when not checked)."""
     check = None
     with building(out, "finetune") as tmp:
-        atomic_write_text(tmp / MARKER, "written by maskedlm finetune; --overwrite may replace this directory\n")
+        atomic_write_text(tmp / FINETUNE_MARKER, "written by maskedlm finetune; --overwrite may replace this directory\n")
         if best_model is not None:
             check = save_hf(best_model, data, tok, tmp / "best")
         atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         if pred is not None:
             atomic_write_text(tmp / "predictions.jsonl", _prediction_lines(data, pred))
-        check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(),
+        check_out(out, inputs=inputs, overwrite=overwrite, ours=is_finetune_dir,
                   what="a finetune output")  # again: --out may have changed while training
         replace_dir(tmp, out)
     return check

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from maskedlm.config import OptimConfig, TrainConfig, seq_len_phases
+from maskedlm.config import Config, OptimConfig, TrainConfig, seq_len_phases
 from maskedlm.errors import UserError
 
 
@@ -189,6 +189,7 @@ class BatchPlan:
                 raise UserError(f"train.seq_len_phases: {n} does not divide the prepared seq_len {seq_len} (each row is cut "
                                 f"into whole rows of that length); use a divisor of {seq_len}")
         # (first step, rows before it, rows per step) of each level of the ramp; the last level is the full batch
+        self.warm_tokens = t.batch_warmup_tokens
         self.levels = self._ramp(t.batch_warmup_tokens, t.batch_warmup_start_rows)
         self._firsts = [lv[0] for lv in self.levels]
         self.total_tokens: int | None = None  # the run's tokens, which phase fractions are of (set by the trainer)
@@ -207,6 +208,11 @@ class BatchPlan:
                 levels.append((s, rows_before, k * start))
                 s, rows_before = s + n, rows_before + n * k * start
         return levels + [(s, rows_before, G)]
+
+    @property
+    def ramps(self) -> bool:
+        """A batch warmup is on: some steps take fewer rows than a full batch."""
+        return len(self.levels) > 1
 
     def _level(self, step: int) -> tuple[int, int, int]:
         return self.levels[bisect.bisect_right(self._firsts, step) - 1]
@@ -237,9 +243,41 @@ class BatchPlan:
             return lo
         return first + -(-(tokens - before * self.T) // (self.G * self.T))
 
+    def describe(self) -> str:
+        """The batch warmup and the phases in words, a line each, for the run's start-up summary ("" when off)."""
+        out = ""
+        if self.ramps:
+            out += (f"batch warmup: {self.levels[0][2]} → {self.G} rows over {self.warm_tokens:,} tokens "
+                    f"({self.levels[-1][0]:,} steps); the LR schedule counts tokens\n")
+        if self.phases:
+            out += "seq_len phases: " + ", then ".join(f"{n} until {f:.0%} ({round(f * self.total_tokens):,} tokens)"
+                                                        if f < 1 else str(n) for n, f in self.phases) + "\n"
+        return out
+
     def row_len(self, step: int) -> int:
         """The length the rows of global batch `step` are cut to: its phase's, by the share of the run's tokens seen."""
         if not self.phases:
             return self.T
         seen = self.tokens_before(step) / self.total_tokens
         return next((n for n, until in self.phases if seen < until), self.phases[-1][0])
+
+
+def run_budget(cfg: Config, plan: BatchPlan) -> tuple[int | None, float | None]:
+    """(steps or None, seconds or None) of the run's budget: the first of steps, tokens and minutes that is set."""
+    t = cfg.train
+    if not (t.max_steps or t.max_tokens or t.max_minutes):
+        raise UserError("no training budget: set train.max_steps, train.max_tokens or train.max_minutes (e.g. train.max_minutes=10)")
+    steps = [s for s in (t.max_steps, plan.steps_for_tokens(t.max_tokens) if t.max_tokens else 0) if s]
+    return (min(steps) if steps else None), (t.max_minutes * 60.0 if t.max_minutes else None)
+
+
+def batch_plan(cfg: Config, seq_len: int) -> BatchPlan:
+    """The run's BatchPlan, its phases measured against the run's tokens (a time budget alone has no such number)."""
+    plan = BatchPlan(cfg.train, seq_len)
+    steps, _ = run_budget(cfg, plan)
+    if plan.phases:
+        if steps is None:
+            raise UserError(f"train.seq_len_phases ends its phases at fractions of the run's tokens; a time budget alone "
+                            f"(train.max_minutes={cfg.train.max_minutes:g}) has none: set train.max_tokens or train.max_steps")
+        plan.total_tokens = plan.tokens_before(steps)
+    return plan

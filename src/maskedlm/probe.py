@@ -14,7 +14,7 @@ import torch
 
 from maskedlm import downstream as ds
 from maskedlm.errors import UserError
-from maskedlm.tokenizer import special_ids
+from maskedlm.tokenizer import load_tokenizer, special_ids
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # per-example L2 strengths tried; the eval split picks one
 LBFGS_ITERATIONS = 300  # full-batch L-BFGS on a convex loss converges well within this on probe-sized problems
@@ -165,3 +165,13 @@ def probe_record(net, tasks: list[tuple[str, ds.TaskData]], device, batch_rows: 
     for name, data in tasks:
         out.update({f"probe/{name}/{k}": v for k, v in run_probe(net, data, batch_rows, device)["eval"].items()})
     return out
+
+
+def load_probe_tasks(cfg, data) -> list:
+    """eval.probe_tasks read, checked and tokenized with the data's tokenizer: all a probe needs but the model."""
+    if not cfg.eval.probe_tasks:
+        return []
+    if data.tokenizer_file is None:
+        raise UserError(f"eval.probe_tasks needs the tokenizer.json of {data.path}; prepare the data again")
+    tok = load_tokenizer(data.tokenizer_file)
+    return [load_probe_task(t, tok, min(data.seq_len, cfg.model.max_positions)) for t in cfg.eval.probe_tasks]

@@ -8,14 +8,9 @@ for one CPU and N torchrun processes: only distributed.py knows about ranks.
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import json
-import math
 import shlex
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,50 +21,27 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
-from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
+from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
-from maskedlm.evaluate import check_compatible, evaluate
+from maskedlm.evaluate import evaluate, weighted_metrics
 from maskedlm.files import atomic_write_text, check_out, lock_dir
-from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.optim import BatchPlan, Schedule, build_optimizer, set_lr
-from maskedlm.probe import load_probe_task, probe_record
-from maskedlm.tokenizer import load_tokenizer
+from maskedlm.models import check_compatible, is_run_dir, load_any_model
+from maskedlm.optim import BatchPlan, Schedule, batch_plan, build_optimizer, run_budget
+from maskedlm.probe import load_probe_tasks, probe_record
+from maskedlm.process import StopFlag, reuse_host_memory
+from maskedlm.spikes import SpikeGuard
+from maskedlm.step import OptimizerStep
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
 # context within ~150 steps, while bert-mini stays on the unigram plateau far longer.
 DEFAULT_PRESET = "modern-mini"
 HOST_READ_LAG = None  # steps between queuing a step and reading its numbers on the host; None: 1 on CUDA, 0 else
 PREFETCH_STEPS = 2  # steps read and masked ahead; two hide the data path behind a step without holding much memory
-MAX_ROLLBACKS = 3  # loss-spike rollbacks in a row to the same checkpoint before the run stops: the spikes are not data
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks between steps (so the save happens at a step boundary)."""
-
-    def __init__(self):
-        self.reason: str | None = None
-        self._old = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread (e.g. train() called from a worker thread)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
-        self.reason = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
 
 
 # ------------------------------------------------------------------------------------------------ run set-up
@@ -94,26 +66,6 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     return cfg.validate(), stored
 
 
-def _budget(cfg: Config, plan: BatchPlan) -> tuple[int | None, float | None]:
-    t = cfg.train
-    if not (t.max_steps or t.max_tokens or t.max_minutes):
-        raise UserError("no training budget: set train.max_steps, train.max_tokens or train.max_minutes (e.g. train.max_minutes=10)")
-    steps = [s for s in (t.max_steps, plan.steps_for_tokens(t.max_tokens) if t.max_tokens else 0) if s]
-    return (min(steps) if steps else None), (t.max_minutes * 60.0 if t.max_minutes else None)
-
-
-def _plan(cfg: Config, seq_len: int) -> BatchPlan:
-    """The run's BatchPlan, its phases measured against the run's tokens (a time budget alone has no such number)."""
-    plan = BatchPlan(cfg.train, seq_len)
-    steps, _ = _budget(cfg, plan)
-    if plan.phases:
-        if steps is None:
-            raise UserError(f"train.seq_len_phases ends its phases at fractions of the run's tokens; a time budget alone "
-                            f"(train.max_minutes={cfg.train.max_minutes:g}) has none: set train.max_tokens or train.max_steps")
-        plan.total_tokens = plan.tokens_before(steps)
-    return plan
-
-
 def _fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
     """A linear/cosine mask-rate schedule with masking.rate_schedule_steps 0 runs over the whole run: fill in the run's
     total steps (train.max_steps, or the steps train.max_tokens makes) before the config is saved or compared, so the
@@ -122,7 +74,7 @@ def _fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
     m, t = cfg.masking, cfg.train
     if m.rate_schedule == "constant" or m.rate_schedule_steps > 0:
         return None
-    steps, _ = _budget(cfg, plan)
+    steps, _ = run_budget(cfg, plan)
     if steps is None:
         raise UserError(
             f"masking.rate_schedule={m.rate_schedule!r} with a time budget alone (train.max_minutes={t.max_minutes:g}) "
@@ -131,21 +83,6 @@ def _fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
         )
     m.rate_schedule_steps = int(steps)
     return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
-
-
-def _check_same_config(stored: Config | None, cfg: Config, out: Path) -> None:
-    if stored is None:
-        return
-    diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
-    noted = [k for k in config_diff(stored, cfg) if k in RESUME_NOTED_KEYS]
-    if noted and not diff:
-        fs, fc = flat_config(stored), flat_config(cfg)
-        dist.print0("note: --resume with a changed optimizer schedule: "
-                    + ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in noted))
-    if diff:
-        fs, fc = flat_config(stored), flat_config(cfg)
-        shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
-        raise UserError(f"--resume with a different config than the run in {out} ({shown}); resume with the same config or start a new --out")
 
 
 def _rate_text(cfg: Config, schedule_from: str | None) -> str:
@@ -159,22 +96,6 @@ def _rate_text(cfg: Config, schedule_from: str | None) -> str:
 
 def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
-
-
-def reuse_host_memory() -> bool:
-    """glibc only: serve every allocation from the heap (no mmap) and never trim it back to the OS.
-
-    A CPU train step frees and re-allocates the same large activation buffers every step; glibc's defaults serve them
-    with fresh mmaps, so each step page-faults (and the kernel zeroes) hundreds of MB again: ~100k minor faults and
-    ~0.2 s of system time per step at bench/throughput.py's default shape, gone with this setting (bench/RESULTS.md),
-    for ~10% more peak memory. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint | None:
@@ -193,53 +114,6 @@ def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint |
         raise UserError(f"{data.path} was prepared with a different tokenizer than the run in {out} was trained on; "
                         "resume with the run's data")
     return ck
-
-
-# ------------------------------------------------------------------------------------------------ the step
-class OptimizerStep:
-    """The one optimizer step every training in maskedlm takes: pretraining (`Trainer.train_step`) and fine-tuning.
-
-    The caller gives the step's micro-batches, how many items carry a loss on this rank, and a function that returns
-    a micro-batch's Σ loss (and one more number to report). The loss is that sum over the whole step, every
-    micro-batch and rank, divided by the global count of items, known before any backward pass; so splitting a step
-    by accumulation or across ranks changes nothing. The gradient is clipped; a step with a non-finite loss or
-    gradient, or with nothing to learn from anywhere, leaves weights and optimizer state untouched. Nothing here waits
-    for the device.
-    """
-
-    def __init__(self, sync_model, optimizer, schedule: Schedule, params: list, clip_grad_norm: float, device):
-        self.sync_model, self.optimizer, self.schedule, self.params, self.device = (
-            sync_model, optimizer, schedule, params, device)
-        self.clip = clip_grad_norm if clip_grad_norm > 0 else float("inf")
-        # A skipped step is decided on the device where the fused AdamW can take it (a found_inf tensor leaves
-        # parameters, moments and its step count alone); elsewhere the host reads the flag first.
-        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not dist.is_sharded(params)
-
-    def __call__(self, micro: list, count_local: int, loss_sums, step: int, time_fraction: float | None = None):
-        """(lr, global count, (2,) sums over all ranks, grad norm, skipped) of the step taken after `step` steps."""
-        device = self.device
-        count = dist.global_sum([count_local], device)[0]  # () float64, summed over ranks without the host waiting
-        norm_by = count.clamp(min=1.0).float()
-        lr = self.schedule.lr(step, time_fraction)
-        set_lr(self.optimizer, lr)
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        other = torch.zeros((), dtype=torch.float32, device=device)
-        for i, mb in enumerate(micro):
-            with dist.grad_sync(self.sync_model, sync=i == len(micro) - 1):  # gradients reduced after the last only
-                loss_sum, extra = loss_sums(mb)
-                (loss_sum / norm_by).backward()
-            total += loss_sum.detach().float()
-            other += extra.float()
-        sums = dist.all_reduce_sum(torch.stack([total, other]))
-        grad_norm = dist.clip_grad_norm(self.params, self.clip)
-        bad = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm)) | (count == 0)
-        if self.skip_on_device:
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-        elif not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr, count, sums, grad_norm, bad
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -263,11 +137,13 @@ class Trainer:
     model: the MaskedLM to train, its weights already loaded (a resume or --init-from loads them before wrapping).
     data: the prepared data dir to train on; None builds only what `train_step` needs (bench/throughput.py and the
     step tests feed their own batches). out: the run dir to log and save into; None logs and saves nothing.
+    logger: None opens the run dir's (rank 0). lock: the run dir's lock, for train() to release. resume: the
+    checkpoint to continue from (its counters, loader position, RNG and optimizer state; the weights are in `model`).
     """
 
     def __init__(self, cfg: Config, model: MaskedLM, data: DataDir | None = None, out: Path | None = None, *,
                  device: torch.device | None = None, logger=None, sources: list[DataDir] | None = None,
-                 probe_tasks: list | None = None):
+                 probe_tasks: list | None = None, lock=None, resume: Checkpoint | None = None):
         self.cfg, self.data, self.out = cfg, data, (Path(out) if out is not None else None)
         # A mixture's sources, `data` first (it stands for all: they share tokenizer and row length).
         self.sources = list(sources) if sources else ([data] if data is not None else [])
@@ -286,25 +162,21 @@ class Trainer:
 
         self.seq_len = data.seq_len if data is not None else None
         self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)  # of a full step (after any batch warmup)
-        self.plan = _plan(cfg, data.seq_len) if data is not None else None
-        self.max_steps, self.max_seconds = _budget(cfg, self.plan) if data is not None else (None, None)
-        ramp = self.plan is not None and len(self.plan.levels) > 1
-        self.schedule = Schedule(cfg.optim, self.max_steps, clock=self.plan.clock if ramp else None)
+        self.plan = batch_plan(cfg, data.seq_len) if data is not None else None
+        self.max_steps, self.max_seconds = run_budget(cfg, self.plan) if data is not None else (None, None)
+        self.schedule = Schedule(cfg.optim, self.max_steps, clock=self.plan.clock if self.plan and self.plan.ramps else None)
         self.stepper = OptimizerStep(self.sync_model, self.optimizer, self.schedule,
                                      [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm, self.device)
         self.loader = self._build_loader() if data is not None else None
         self.val_store = self._open_val() if data is not None else None
-        self.logger = logger if logger is not None else NullLogger()
-        self.lock = None  # the run dir's files.lock_dir lock, held by train() on rank 0
+        self.lock = lock  # the run dir's files.lock_dir lock: rank 0 of train() holds it, train() releases it
         self._probe_tasks = probe_tasks  # eval.probe_tasks as load_probe_tasks reads them; None: at the first evaluation
 
         self.step = 0  # optimizer steps taken
         self.skipped = 0  # steps whose update was skipped, over the whole run
         self.bad_in_row = 0
         self.elapsed_before = 0.0  # seconds of training before this process (a resumed run continues its clock)
-        self._recent = collections.deque(maxlen=t.spike_window_steps)  # the loss-spike guard's window of losses
-        self._spike: dict | None = None  # a spike seen, waiting for the loop to roll back
-        self._rollbacks = 0  # rollbacks since the last checkpoint was saved
+        self.guard = SpikeGuard(t.spike_guard_nats, t.spike_window_steps)
         self.last_saved: int | None = None  # the step of the newest checkpoint (resuming a finished run saves nothing)
         self.last_eval: dict | None = None
         self._t0 = time.perf_counter()
@@ -312,8 +184,19 @@ class Trainer:
         self._last_record: dict = {"step": 0}
         self._pending: list[StepResult] = []  # steps queued on the device whose numbers the host has not read yet
         self._agree = dist.LaggedMax(self.lag)
+        if resume is not None:
+            self.load_state_dict(resume.state, resume.optimizer_state)
+        self.logger = logger if logger is not None else self._open_logger()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
+    def _open_logger(self):
+        """metrics.jsonl and the progress bar of the run dir on rank 0 (a resumed bar starts where the run is); a
+        logger that does nothing on other ranks and without a run dir."""
+        if self.out is None:
+            return NullLogger()
+        done = self._done(self.step, self.elapsed_before)
+        return dist.on_main(MetricsLogger, self.out, self.budget(), start=done, wait=False) or NullLogger()
+
     def _build_loader(self) -> RowLoader:
         cfg, data, t = self.cfg, self.data, self.cfg.train
         # One K per row length (one for the whole run without train.seq_len_phases): static shapes for torch.compile.
@@ -391,9 +274,9 @@ class Trainer:
             rec["skipped"] = True
         if r.source_rows is not None:  # cumulative tokens per source, in --data order
             rec["source_tokens"] = [n * self.seq_len for n in r.source_rows]
-        if self.plan is not None and (len(self.plan.levels) > 1 or self.plan.phases):
+        if self.plan is not None and (self.plan.ramps or self.plan.phases):
             rec.update(batch_rows=self.plan.rows(r.step - 1), row_len=self.plan.row_len(r.step - 1))
-        self._watch_spike(rec, bad)
+        self.guard.watch(rec, bad)
         self.logger.log(rec)
         self._last_record = rec
         self.logger.progress(self._done(r.step, rec["elapsed_s"]), rec["loss"], rec["lr"], tok_s)
@@ -470,72 +353,21 @@ class Trainer:
         d, w = self.data, self.mixture_weights()
         per = [evaluate(self.model, st, self.cfg.eval, d.special, d.vocab_size, device=self.device,
                         precision=self.cfg.train.precision) if st is not None else None for st in self.val_store]
-        have = [(wi, r) for wi, r in zip(w, per) if r is not None]
-        total = sum(wi for wi, _ in have)
-        loss = sum(wi * r["loss"] for wi, r in have) / total
-        return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in have) / total,
-                "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": sum(r["tokens"] for _, r in have),
-                "rows": sum(r["rows"] for _, r in have), "sources": per}
+        return weighted_metrics(w, per)
 
     def maybe_evaluate(self) -> None:
         every = self.cfg.eval.every_steps
         if every and self.step % every == 0:
             self._read_pending()
-            if self._spike is None:  # a spike's weights are about to be rolled back: nothing to evaluate
+            if self.guard.spike is None:  # a spike's weights are about to be rolled back: nothing to evaluate
                 self.evaluate()
 
     def maybe_save(self) -> None:
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:
             self._read_pending()
-            if self._spike is None:  # never save a spike's weights: they would become the checkpoint to go back to
+            if self.guard.spike is None:  # never save a spike's weights: they would become the checkpoint to go back to
                 self.save("periodic")
-
-    # -- the loss-spike guard -------------------------------------------------------------------------------------
-    def _watch_spike(self, rec: dict, bad: bool) -> None:
-        """Note a step whose loss exceeds the median of the window before it by train.spike_guard_nats (every rank
-        sees the same all-reduced loss, so all decide alike). The window fills before the guard arms."""
-        nats = self.cfg.train.spike_guard_nats
-        if not nats or bad or self._spike is not None:
-            return
-        window = self._recent
-        median = float(torch.tensor(list(window)).median()) if len(window) == window.maxlen else None
-        if median is not None and rec["loss"] > median + nats:
-            self._spike = {"step": rec["step"], "loss": rec["loss"], "median": median}
-            rec["spike"] = True
-        else:
-            window.append(rec["loss"])
-
-    def _rollback(self) -> None:
-        """Back to the last checkpoint's weights, optimizer, counters and RNG, with the loader left where it is: the
-        data read since that checkpoint, the spike's batch among it, is skipped. Logged as a "rollback" record; the
-        abandoned steps' records are dropped from metrics.jsonl, so steps stay unique."""
-        spike, self._spike = self._spike, None
-        self._pending.clear()  # steps queued after the spike go with it
-        rec = {"kind": "rollback", **spike, "threshold_nats": self.cfg.train.spike_guard_nats,
-               "data_position": self.loader.position}
-        ck = load_for_resume(self.out, warn=dist.print0)
-        if ck is None:  # a spike before the first checkpoint: nothing to go back to
-            self.logger.log({**rec, "to_step": None})
-            dist.print0(f"loss spike at step {spike['step']} ({spike['loss']:.3f} vs median {spike['median']:.3f}); no checkpoint yet to roll back to")
-            return
-        self._rollbacks += 1
-        if self._rollbacks > MAX_ROLLBACKS:
-            raise UserError(f"{MAX_ROLLBACKS} loss spikes in a row after rolling back to step {ck.state['step']} (last at step "
-                            f"{spike['step']}: {spike['loss']:.3f} nats vs median {spike['median']:.3f}); lower optim.lr, or raise "
-                            "train.spike_guard_nats, then --resume")
-        dist.load_model_state(self.model, ck.model_state)
-        dist.load_optimizer_state(self.model, self.optimizer, ck.optimizer_state)
-        per_rank = ck.state.get("rng_ranks") or []
-        if len(per_rank) == dist.info().world_size:
-            set_rng_state(per_rank[dist.info().rank])
-        self.step = int(ck.state["step"])
-        self.skipped, self.bad_in_row = int(ck.state.get("skipped_steps", 0)), int(ck.state.get("bad_steps_in_row", 0))
-        self._recent.clear()
-        self.logger.truncate(self.step)
-        self.logger.log({**rec, "to_step": self.step})
-        self.logger.write(f"loss spike at step {spike['step']} ({spike['loss']:.3f} nats vs median {spike['median']:.3f}): "
-                          f"rolled back to step {self.step}, skipping the data read since")
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
@@ -559,9 +391,9 @@ class Trainer:
             dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         if self.loader is not None and "loader" in state:
             self.loader.load_state_dict(state["loader"])
-        per_rank = state.get("rng_ranks") or []
-        if len(per_rank) == dist.info().world_size:
-            set_rng_state(per_rank[dist.info().rank])  # the same world size: each rank's dropout stream continues
+        mine = dist.own_entry(state.get("rng_ranks") or [])
+        if mine is not None:
+            set_rng_state(mine)  # the same world size: each rank's dropout stream continues
         self.step = self.last_saved = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped = int(state.get("skipped_steps", 0))
@@ -574,11 +406,11 @@ class Trainer:
         path = dist.on_main(save_checkpoint, self.out, self.step, model_state, optim_state, self.cfg.to_dict(),
                             self.data.tokenizer_file, state, keep=self.cfg.checkpoint.keep)
         self.last_saved = self.step
-        self._rollbacks = 0
+        self.guard.in_row = 0
         return path
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def _should_stop(self, stop: _StopFlag) -> tuple[str | None, float | None]:
+    def _should_stop(self, stop: StopFlag) -> tuple[str | None, float | None]:
         """(why the loop must stop or None, the elapsed fraction of a time budget). Every rank must agree (time and
         signals differ per process), so the flags are max-reduced and read `lag` steps late like other numbers."""
         time_fraction = min(1.0, self.elapsed() / self.max_seconds) if self.max_seconds else 0.0
@@ -594,7 +426,7 @@ class Trainer:
         numbers (the last step's record, the last evaluation, the checkpoint)."""
         if self.loader is None or self.out is None:
             raise UserError("Trainer.fit needs a data dir and a run dir")
-        stop = _StopFlag()
+        stop = StopFlag()
         stop.install()
         self._t0 = time.perf_counter()
         self._window = (time.perf_counter(), 0)
@@ -605,8 +437,8 @@ class Trainer:
                 why, time_fraction = self._should_stop(stop)
                 if why is not None:
                     self._read_pending()
-                    if self._spike is not None:
-                        self._rollback()
+                    if self.guard.spike is not None:
+                        self.guard.rollback(self)
                         if why == "budget":
                             continue
                     interrupted = None if why == "budget" else why
@@ -615,8 +447,8 @@ class Trainer:
                 self._read_pending(keep=self.lag)
                 self.maybe_evaluate()
                 self.maybe_save()
-                if self._spike is not None:
-                    self._rollback()
+                if self.guard.spike is not None:
+                    self.guard.rollback(self)
             every = self.cfg.eval.every_steps
             if interrupted is None and every and self.step > 0 and (self.last_eval is None or self.step % every):
                 self.evaluate()
@@ -657,23 +489,11 @@ class Trainer:
             f"val {d.rows('val'):,} rows; seq_len {d.seq_len}, vocab {d.vocab_size:,}\n{mix}"
             f"step: {self.tokens_per_step:,} tokens ({t.global_batch_rows} rows), "
             f"{t.global_batch_rows // (world * t.micro_batch_rows)} micro-batches of {t.micro_batch_rows} rows × "
-            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n{self._plan_text()}"
+            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n{self.plan.describe()}"
             f"budget: {' or '.join(budget)}; device {self.device}, precision {t.precision}, compile {t.compile}\n"
             f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
             f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
         )
-
-
-    def _plan_text(self) -> str:
-        """The batch warmup and sequence-length phases, one line each, when set."""
-        t, plan, out = self.cfg.train, self.plan, ""
-        if len(plan.levels) > 1:
-            out += (f"batch warmup: {t.batch_warmup_start_rows} → {t.global_batch_rows} rows over "
-                    f"{_fmt(t.batch_warmup_tokens)} tokens ({plan.levels[-1][0]:,} steps); the LR schedule counts tokens\n")
-        if plan.phases:
-            out += "seq_len phases: " + ", then ".join(
-                f"{n} until {f:.0%} ({_fmt(round(f * plan.total_tokens))} tokens)" if f < 1 else str(n) for n, f in plan.phases) + "\n"
-        return out
 
 
 def _record_command(out: Path) -> None:
@@ -683,15 +503,11 @@ def _record_command(out: Path) -> None:
     atomic_write_text(path, before + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
 
 
-def _has_run(out: Path) -> bool:
-    return (out / "config.json").exists() or (out / "checkpoints").exists()
-
-
 def _take_run_dir(out: Path, resume: bool):
     """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir. A refusal is
     raised on every rank (dist.on_main), so under torchrun no rank waits for a rank 0 that has gone."""
     lock = dist.on_main(lock_dir, out)
-    if not resume and _has_run(out):  # another run took `out` between the first check and the lock
+    if not resume and is_run_dir(out):  # another run took `out` between the first check and the lock
         if lock is not None:
             lock.release()
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
@@ -709,16 +525,6 @@ def _check_sources(cfg: Config, sources: list[DataDir], init_tok) -> None:
             source.token_counts("masking.random_token_dist='unigram'")
 
 
-def load_probe_tasks(cfg: Config, data: DataDir) -> list:
-    """eval.probe_tasks read, checked and tokenized with the data's tokenizer: all a probe needs but the model."""
-    if not cfg.eval.probe_tasks:
-        return []
-    if data.tokenizer_file is None:
-        raise UserError(f"eval.probe_tasks needs the tokenizer.json of {data.path}; prepare the data again")
-    tok = load_tokenizer(data.tokenizer_file)
-    return [load_probe_task(t, tok, min(data.seq_len, cfg.model.max_positions)) for t in cfg.eval.probe_tasks]
-
-
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -728,18 +534,20 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     data = sources[0]
     check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=lambda d: True,
               what="a run")  # not an input
-    has_run = _has_run(out)
+    has_run = is_run_dir(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
     init_model = init_cfg = init_tok = None
     if init_from is not None and has_run:
-        print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
+        dist.print0(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
     elif init_from is not None:
         init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
-    schedule_from = _fill_rate_schedule_steps(cfg, _plan(cfg, data.seq_len))
-    _check_same_config(stored, cfg, out)
+    schedule_from = _fill_rate_schedule_steps(cfg, batch_plan(cfg, data.seq_len))
+    note = check_resume_config(stored, cfg, out) if stored is not None else None
+    if note:
+        dist.print0(note)
     _check_sources(cfg, sources, init_tok)
     # Read now, not at the first evaluation: a missing or bad task file is refused before the run dir is written
     # and before any training time is spent. The Trainer keeps them, so they are still read only once.
@@ -758,7 +566,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
         del init_model
-    torch.manual_seed(cfg.train.seed + info.rank)
+    dist.seed_ranks(cfg.train.seed)
     ck = _checkpoint_to_resume(out, cfg, data) if resume and has_run else None
     if ck is not None:
         model.load_state_dict(ck.model_state)  # before wrapping
@@ -771,12 +579,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
-    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks)
-    trainer.lock = lock
-    done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
-    trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
+    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks, lock=lock, resume=ck)
     if ck is not None:
-        trainer.load_state_dict(ck.state, ck.optimizer_state)
         dist.print0(f"resuming from {ck.path} (step {trainer.step})")
     dist.print0(trainer.summary(schedule_from))
     return trainer

@@ -99,7 +99,7 @@ class RowLoader:
         self.prefetch_steps = prefetch_steps
         self.steps_per_epoch = len(store) // g
         self.plan = plan  # an optim.BatchPlan: rows and row length per step; None: G rows at the prepared length
-        self._ramp = self._walk_ramp() if plan is not None and len(plan.levels) > 1 else None
+        self._ramp = self._walk_ramp() if plan is not None and plan.ramps else None
         self.position = 0
         self._perm: tuple[int, np.ndarray] | None = None
         self._thread: threading.Thread | None = None
@@ -291,7 +291,7 @@ class MixLoader(RowLoader):
                  world_size: int = 1, transform=None, prefetch_steps: int = 0, plan=None):
         g, w, m = global_batch_rows, world_size, micro_batch_rows
         _check_split(g, w, m)
-        if plan is not None and len(plan.levels) > 1:
+        if plan is not None and plan.ramps:
             raise UserError("train.batch_warmup_tokens is not supported with a mixture of --data sources; set it to 0")
         self.plan, self._ramp = plan, None
         if len(weights) != len(stores) or not all(x > 0 for x in weights):
