@@ -23,7 +23,6 @@ import torch
 from maskedlm.config import load_config
 from maskedlm.data.prepare import prepare
 from maskedlm.data.shards import open_data_dir
-from maskedlm.downstream import load_task
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
 from maskedlm.files import atomic_write_text
@@ -32,6 +31,7 @@ from maskedlm.model import MaskedLM
 from maskedlm.models import load_any_model
 from maskedlm.probe import run_probe
 from maskedlm.report import write_report
+from maskedlm.tasks import load_task
 from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from maskedlm.train import train
 
