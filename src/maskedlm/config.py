@@ -153,6 +153,9 @@ class MaskingConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw: torch's AdamW. stable_adamw: AdamW with per-tensor update clipping (Wortsman et al. 2023), as ModernBERT
+    # trains; adamw stays the default until a measurement here says otherwise (bench/RESULTS.md).
+    name: str = "adamw"
     lr: float = 1e-3  # peak LR; small encoders tolerate 1e-3 (Cramming); bert-base presets use 5e-4
     weight_decay: float = 0.01  # BERT's value, applied to matrices only (not biases, norms, embeddings)
     decay_embeddings: bool = False  # set true to also decay embedding matrices
@@ -161,6 +164,9 @@ class OptimConfig:
     schedule: str = "linear"  # warmup then: linear | cosine | constant | wsd (constant then decay)
     warmup_steps: int = 100
     decay_fraction: float = 0.1  # wsd: share of the run spent decaying at the end
+    # wsd: shape of that decay: linear (MiniCPM's), cosine, or 1-sqrt (Hägele et al. 2024; ModernBERT's final decay).
+    # linear by default: what every wsd run here was measured with.
+    decay_shape: str = "linear"
     min_lr_ratio: float = 0.0  # final LR as a share of peak
     clip_grad_norm: float = 1.0  # 0 turns clipping off
 
@@ -169,7 +175,11 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _check(self.name in ("adamw", "stable_adamw"), f"optim.name must be adamw or stable_adamw, got {self.name!r}")
         _check(self.schedule in ("linear", "cosine", "constant", "wsd"), f"optim.schedule must be linear, cosine, constant or wsd, got {self.schedule!r}")
+        _check(self.decay_shape in ("linear", "cosine", "1-sqrt"), f"optim.decay_shape must be linear, cosine or 1-sqrt, got {self.decay_shape!r}")
+        _check(self.decay_shape == "linear" or self.schedule == "wsd",
+               f"optim.decay_shape shapes the decay phase of optim.schedule=wsd, got decay_shape={self.decay_shape!r} with schedule={self.schedule!r}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.decay_fraction <= 1, f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -195,6 +205,17 @@ class TrainConfig:
     # weights, gradients and optimizer state across ranks (torch.distributed.fsdp.fully_shard) for larger models.
     parallel: str = "ddp"
     dist_timeout_minutes: float = 10.0  # a collective waiting this long (a dead peer) fails instead of hanging
+    # Batch-size warmup (ModernBERT's): the global batch grows linearly in tokens seen, from batch_warmup_start_rows
+    # to global_batch_rows over the first batch_warmup_tokens, in multiples of the start. 0: off, every step full.
+    batch_warmup_tokens: int = 0
+    batch_warmup_start_rows: int = 0  # must divide global_batch_rows and be split evenly across ranks
+    # Sequence-length phases, e.g. "64:0.3,128": rows of 64 tokens until 30% of the run's tokens, then 128. Each
+    # prepared row is cut into exact shorter rows, each starting with [CLS] (no re-prepare). Empty: the prepared length.
+    seq_len_phases: str = ""
+    # Loss-spike guard: a step whose loss exceeds the median of the last spike_window_steps by spike_guard_nats rolls
+    # back to the last checkpoint and skips the data read since. 0: off (a short run has no checkpoint to go back to).
+    spike_guard_nats: float = 0.0
+    spike_window_steps: int = 50
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -212,6 +233,34 @@ class TrainConfig:
         )
         _check(self.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         _check(self.parallel in ("ddp", "fsdp2"), f"train.parallel must be 'ddp' or 'fsdp2', got {self.parallel!r}")
+        _check(self.batch_warmup_tokens >= 0, f"train.batch_warmup_tokens must be >= 0, got {self.batch_warmup_tokens}")
+        if self.batch_warmup_tokens:
+            g, s = self.global_batch_rows, self.batch_warmup_start_rows
+            _check(0 < s < g and g % s == 0, f"train.batch_warmup_start_rows must be a divisor of train.global_batch_rows "
+                                             f"({g}) below it, got {s}")
+        seq_len_phases(self.seq_len_phases)  # refuses a malformed value
+        _check(self.spike_guard_nats >= 0, f"train.spike_guard_nats must be >= 0, got {self.spike_guard_nats}")
+        _check(self.spike_window_steps >= 3, f"train.spike_window_steps must be >= 3, got {self.spike_window_steps}")
+
+
+def seq_len_phases(text: str) -> list[tuple[int, float]]:
+    """train.seq_len_phases as [(row length, fraction of the run's tokens where its phase ends)], the last ending at
+    1.0; [] when empty. "64:0.3,128" → [(64, 0.3), (128, 1.0)]."""
+    if not text.strip():
+        return []
+    bad = f"train.seq_len_phases must look like '64:0.3,128' (lengths >= 8, increasing fractions in (0, 1), the last without one), got {text!r}"
+    out = []
+    parts = [p.strip() for p in text.split(",")]
+    for i, part in enumerate(parts):
+        length, colon, until = part.partition(":")
+        try:
+            n, f = int(length), (float(until) if colon else 1.0)
+        except ValueError:
+            raise UserError(bad) from None
+        last = i == len(parts) - 1
+        _check(n >= 8 and bool(colon) != last and (last or 0 < f < 1) and (not out or f > out[-1][1]), bad)
+        out.append((n, f))
+    return out
 
 
 @dataclass
@@ -292,6 +341,8 @@ class Config:
         _check_finite(self)  # first: NaN passes every `a <= x <= b` test below by comparing False both ways
         for f in fields(self):
             getattr(self, f.name).validate()
+        _check(not self.train.spike_guard_nats or self.checkpoint.every_steps > 0,
+               "train.spike_guard_nats rolls back to the last checkpoint: it needs checkpoint.every_steps > 0, got 0")
         return self
 
     def to_dict(self) -> dict:
@@ -316,7 +367,7 @@ RESUME_FREE_KEYS = frozenset({
 # Keys a --resume may change with a printed note: the optimizer's schedule (peak LR, warmup, where and how it ends).
 # Lowering optim.lr and resuming from the last good checkpoint is the standard recovery from a divergence, and a
 # longer budget continues a finished run.
-RESUME_NOTED_KEYS = frozenset({"optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.decay_fraction",
+RESUME_NOTED_KEYS = frozenset({"optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.decay_fraction", "optim.decay_shape",
                                "train.max_steps", "train.max_tokens", "train.max_minutes"})
 
 

@@ -270,6 +270,16 @@ def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Full (unsharded) weights into a model, wrapped or not: FSDP2 keeps each rank's shard."""
+    if is_sharded(list(model.parameters())):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     """The inverse of full_state_dicts for the optimizer: every rank passes the full state; FSDP2 keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

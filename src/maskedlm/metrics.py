@@ -88,6 +88,12 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind"):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def truncate(self, max_step: int) -> None:
+        """Drop the records after `max_step` (a loss-spike rollback abandons them) and go on appending."""
+        self.file.close()
+        truncate_jsonl(self.path, max_step)
+        self.file = open(self.path, "a", buffering=1)
+
     def progress(self, done: float, loss: float, lr: float, tokens_per_s: float) -> None:
         """Move the bar to `done` (in the budget's unit) and show the latest numbers beside it."""
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -111,6 +117,9 @@ class NullLogger:
     bar_visible = False
 
     def log(self, record: dict) -> None:
+        pass
+
+    def truncate(self, max_step: int) -> None:
         pass
 
     def progress(self, *a, **k) -> None:

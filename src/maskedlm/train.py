@@ -9,7 +9,6 @@ for one CPU and N torchrun processes: only distributed.py knows about ranks.
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 import time
@@ -32,9 +31,10 @@ from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
 from maskedlm.models import check_compatible, is_run_dir, load_any_model
-from maskedlm.optim import Schedule, build_optimizer
+from maskedlm.optim import BatchPlan, Schedule, batch_plan, build_optimizer, run_budget
 from maskedlm.probe import load_probe_tasks, probe_record
 from maskedlm.process import StopFlag, reuse_host_memory
+from maskedlm.spikes import SpikeGuard
 from maskedlm.step import OptimizerStep
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
@@ -66,15 +66,7 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     return cfg.validate(), stored
 
 
-def _budget(cfg: Config, tokens_per_step: int) -> tuple[int | None, float | None]:
-    t = cfg.train
-    if not (t.max_steps or t.max_tokens or t.max_minutes):
-        raise UserError("no training budget: set train.max_steps, train.max_tokens or train.max_minutes (e.g. train.max_minutes=10)")
-    steps = [s for s in (t.max_steps, math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens else 0) if s]
-    return (min(steps) if steps else None), (t.max_minutes * 60.0 if t.max_minutes else None)
-
-
-def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
+def _fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
     """A linear/cosine mask-rate schedule with masking.rate_schedule_steps 0 runs over the whole run: fill in the run's
     total steps (train.max_steps, or the steps train.max_tokens makes) before the config is saved or compared, so the
     saved config.json holds the number and a resume follows the same schedule (it is keyed by step). Returns where
@@ -82,7 +74,7 @@ def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
     m, t = cfg.masking, cfg.train
     if m.rate_schedule == "constant" or m.rate_schedule_steps > 0:
         return None
-    steps, _ = _budget(cfg, tokens_per_step)
+    steps, _ = run_budget(cfg, plan)
     if steps is None:
         raise UserError(
             f"masking.rate_schedule={m.rate_schedule!r} with a time budget alone (train.max_minutes={t.max_minutes:g}) "
@@ -169,9 +161,10 @@ class Trainer:
         self.lag = HOST_READ_LAG if HOST_READ_LAG is not None else (1 if self.device.type == "cuda" else 0)
 
         self.seq_len = data.seq_len if data is not None else None
-        self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)
-        self.max_steps, self.max_seconds = _budget(cfg, self.tokens_per_step) if data is not None else (None, None)
-        self.schedule = Schedule(cfg.optim, self.max_steps)
+        self.tokens_per_step = t.global_batch_rows * (self.seq_len or 0)  # of a full step (after any batch warmup)
+        self.plan = batch_plan(cfg, data.seq_len) if data is not None else None
+        self.max_steps, self.max_seconds = run_budget(cfg, self.plan) if data is not None else (None, None)
+        self.schedule = Schedule(cfg.optim, self.max_steps, clock=self.plan.clock if self.plan and self.plan.ramps else None)
         self.stepper = OptimizerStep(self.sync_model, self.optimizer, self.schedule,
                                      [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm, self.device)
         self.loader = self._build_loader() if data is not None else None
@@ -183,6 +176,7 @@ class Trainer:
         self.skipped = 0  # steps whose update was skipped, over the whole run
         self.bad_in_row = 0
         self.elapsed_before = 0.0  # seconds of training before this process (a resumed run continues its clock)
+        self.guard = SpikeGuard(t.spike_guard_nats, t.spike_window_steps)
         self.last_saved: int | None = None  # the step of the newest checkpoint (resuming a finished run saves nothing)
         self.last_eval: dict | None = None
         self._t0 = time.perf_counter()
@@ -205,7 +199,8 @@ class Trainer:
 
     def _build_loader(self) -> RowLoader:
         cfg, data, t = self.cfg, self.data, self.cfg.train
-        k_max = config_k_max(cfg.masking, data.seq_len)  # one K for the whole run: static shapes for torch.compile
+        # One K per row length (one for the whole run without train.seq_len_phases): static shapes for torch.compile.
+        k_max = {n: config_k_max(cfg.masking, n) for n in {data.seq_len, *(n for n, _ in self.plan.phases)}}
         counts = None
         if cfg.masking.random_token_dist == "unigram":
             # a mixture draws random tokens by the frequencies of all its sources together (one tokenizer, one vocab)
@@ -214,16 +209,16 @@ class Trainer:
         def make_masks(mb, position):
             # Masks are keyed by (masking.seed, epoch, row index): the same whatever the batch split or world size.
             return mask_batch(mb.ids, mb.row_index, mb.epoch, cfg.masking, data.special, data.vocab_size, flags=mb.flags,
-                              step=position, k_max=k_max, token_counts=counts)
+                              step=position, k_max=k_max[mb.ids.shape[1]], token_counts=counts)
 
         info = dist.info()
         prefetch = PREFETCH_STEPS if t.prefetch else 0
         if len(self.sources) > 1 or cfg.data.weights:
             return MixLoader([d.open("train") for d in self.sources], self.mixture_weights(), t.global_batch_rows,
                              t.micro_batch_rows, seed=t.seed, rank=info.rank, world_size=info.world_size,
-                             transform=make_masks, prefetch_steps=prefetch)
+                             transform=make_masks, prefetch_steps=prefetch, plan=self.plan)
         return RowLoader(data.open("train"), t.global_batch_rows, t.micro_batch_rows, seed=t.seed, rank=info.rank,
-                         world_size=info.world_size, transform=make_masks, prefetch_steps=prefetch)
+                         world_size=info.world_size, transform=make_masks, prefetch_steps=prefetch, plan=self.plan)
 
     def mixture_weights(self) -> list[float]:
         return mixture_weights(self.cfg.data.weights, self.sources)
@@ -269,16 +264,19 @@ class Trainer:
         self.skipped += bad
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
         start, tokens = self._window
-        tokens += self.tokens_per_step
+        tokens += self.tokens_at(r.step) - self.tokens_at(r.step - 1)
         now = time.perf_counter()
         tok_s = tokens / max(now - start, 1e-9)
-        rec = {"step": r.step, "tokens": r.step * self.tokens_per_step, "loss": sums[0] / max(count, 1.0),
+        rec = {"step": r.step, "tokens": self.tokens_at(r.step), "loss": sums[0] / max(count, 1.0),
                "masked_acc": sums[1] / max(count, 1.0), "lr": r.lr, "grad_norm": norm, "tokens_per_s": tok_s,
                "epoch": r.epoch, "elapsed_s": self.elapsed()}
         if bad:
             rec["skipped"] = True
         if r.source_rows is not None:  # cumulative tokens per source, in --data order
             rec["source_tokens"] = [n * self.seq_len for n in r.source_rows]
+        if self.plan is not None and (self.plan.ramps or self.plan.phases):
+            rec.update(batch_rows=self.plan.rows(r.step - 1), row_len=self.plan.row_len(r.step - 1))
+        self.guard.watch(rec, bad)
         self.logger.log(rec)
         self._last_record = rec
         self.logger.progress(self._done(r.step, rec["elapsed_s"]), rec["loss"], rec["lr"], tok_s)
@@ -290,21 +288,25 @@ class Trainer:
         self._window = (start, tokens)
         return rec
 
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained on in the first `step` steps (a prepared row counts seq_len tokens whatever it is cut to)."""
+        return self.plan.tokens_before(step) if self.plan is not None else step * self.tokens_per_step
+
     def budget(self) -> Budget:
         """The budget that ends the run, in its own unit: minutes when only time is set, tokens when train.max_tokens
         is the step budget that binds, else steps. The progress bar counts in it."""
         t = self.cfg.train
         if self.max_steps is None:
             return Budget("min", t.max_minutes if self.max_seconds else None)
-        if t.max_tokens and self.max_steps == math.ceil(t.max_tokens / self.tokens_per_step):
-            return Budget("tok", self.max_steps * self.tokens_per_step)
+        if t.max_tokens and self.max_steps == self.plan.steps_for_tokens(t.max_tokens):
+            return Budget("tok", self.tokens_at(self.max_steps))
         return Budget("step", self.max_steps)
 
     def _done(self, step: int, elapsed_s: float) -> float:
         unit = self.budget().unit
         if unit == "min":  # the last step ends a little past the budget; the bar stops at 100%
             return min(elapsed_s / 60.0, self.cfg.train.max_minutes)
-        return step * self.tokens_per_step if unit == "tok" else step
+        return self.tokens_at(step) if unit == "tok" else step
 
     def _read_pending(self, keep: int = 0) -> None:
         """Read all but the newest `keep` queued steps; stop the run after train.max_bad_steps bad steps in a row."""
@@ -337,7 +339,7 @@ class Trainer:
             if self._probe_tasks is None:
                 self._probe_tasks = load_probe_tasks(self.cfg, d)
             probes = probe_record(self.model, self._probe_tasks, self.device)
-        self.logger.log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
+        self.logger.log({"kind": "eval", "step": self.step, "tokens": self.tokens_at(self.step),
                          "elapsed_s": self.elapsed(), **{f"val_{k}": v for k, v in r.items()}, **probes})
         shown = "".join(f", {k} {v:.4f}" for k, v in probes.items() if k.endswith(("/accuracy", "/spearman", "_f1")))
         self.logger.write(f"eval step {self.step}: loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}, "
@@ -357,13 +359,15 @@ class Trainer:
         every = self.cfg.eval.every_steps
         if every and self.step % every == 0:
             self._read_pending()
-            self.evaluate()
+            if self.guard.spike is None:  # a spike's weights are about to be rolled back: nothing to evaluate
+                self.evaluate()
 
     def maybe_save(self) -> None:
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:
             self._read_pending()
-            self.save("periodic")
+            if self.guard.spike is None:  # never save a spike's weights: they would become the checkpoint to go back to
+                self.save("periodic")
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
@@ -371,7 +375,7 @@ class Trainer:
     def state_dict(self, reason: str = "") -> dict:
         """What a resume needs besides weights and optimizer: counters, loader position, every rank's RNG state.
         A collective: every rank calls it."""
-        state = {"step": self.step, "tokens": self.step * self.tokens_per_step, "config_hash": config_hash(self.cfg),
+        state = {"step": self.step, "tokens": self.tokens_at(self.step), "config_hash": config_hash(self.cfg),
                  "elapsed_s": self.elapsed(), "skipped_steps": self.skipped, "bad_steps_in_row": self.bad_in_row,
                  "rng_ranks": dist.all_gather_object(rng_state()), "reason": reason}
         if self.loader is not None:
@@ -402,6 +406,7 @@ class Trainer:
         path = dist.on_main(save_checkpoint, self.out, self.step, model_state, optim_state, self.cfg.to_dict(),
                             self.data.tokenizer_file, state, keep=self.cfg.checkpoint.keep)
         self.last_saved = self.step
+        self.guard.in_row = 0
         return path
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -431,13 +436,19 @@ class Trainer:
             while True:
                 why, time_fraction = self._should_stop(stop)
                 if why is not None:
+                    self._read_pending()
+                    if self.guard.spike is not None:
+                        self.guard.rollback(self)
+                        if why == "budget":
+                            continue
                     interrupted = None if why == "budget" else why
                     break
                 self._pending.append(self.train_step(self.loader.next_step(), time_fraction))
                 self._read_pending(keep=self.lag)
                 self.maybe_evaluate()
                 self.maybe_save()
-            self._read_pending()
+                if self.guard.spike is not None:
+                    self.guard.rollback(self)
             every = self.cfg.eval.every_steps
             if interrupted is None and every and self.step > 0 and (self.last_eval is None or self.step % every):
                 self.evaluate()
@@ -451,12 +462,12 @@ class Trainer:
             stop.restore()
             self.loader.close()
             self.logger.close()
-        result = {**self._last_record, "step": self.step, "tokens": self.step * self.tokens_per_step,
+        result = {**self._last_record, "step": self.step, "tokens": self.tokens_at(self.step),
                   "skipped_steps": self.skipped, "elapsed_s": self.elapsed(), "checkpoint": str(path),
                   "interrupted": interrupted}
         if self.last_eval is not None:
             result["eval"] = self.last_eval
-        dist.print0(f"done: step {self.step}, {_fmt(self.step * self.tokens_per_step)} tokens, "
+        dist.print0(f"done: step {self.step}, {_fmt(self.tokens_at(self.step))} tokens, "
                     f"{result['elapsed_s']:.1f} s; checkpoint {path}")
         return result
 
@@ -478,7 +489,7 @@ class Trainer:
             f"val {d.rows('val'):,} rows; seq_len {d.seq_len}, vocab {d.vocab_size:,}\n{mix}"
             f"step: {self.tokens_per_step:,} tokens ({t.global_batch_rows} rows), "
             f"{t.global_batch_rows // (world * t.micro_batch_rows)} micro-batches of {t.micro_batch_rows} rows × "
-            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n"
+            f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n{self.plan.describe()}"
             f"budget: {' or '.join(budget)}; device {self.device}, precision {t.precision}, compile {t.compile}\n"
             f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
             f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
@@ -533,7 +544,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
-    schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
+    schedule_from = _fill_rate_schedule_steps(cfg, batch_plan(cfg, data.seq_len))
     note = check_resume_config(stored, cfg, out) if stored is not None else None
     if note:
         dist.print0(note)

@@ -1,9 +1,10 @@
 """Rows for one rank, in a deterministic, resumable order: the whole optimizer step at a time.
 
 Each epoch is a permutation of the split's rows drawn from a generator keyed by (seed, epoch); global batch n takes
-rows [n·G, (n+1)·G) of its epoch, split across ranks and then into micro-batches. The only state is n, so a run resumes
-exactly, at any world size. MixLoader draws each row's source of a mixture by a counter keyed by (seed, step, slot).
-Masking can run here on a background thread; the loader knows nothing about models.
+rows [n·G, (n+1)·G) of its epoch (with a batch warmup, the next plan.rows(n)), split across ranks and then into
+micro-batches, cut to the plan's row length. The only state is n, so a run resumes exactly, at any world size.
+MixLoader draws each row's source of a mixture by a counter keyed by (seed, step, slot). Masking can run here on a
+background thread; the loader knows nothing about models.
 """
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+def cut_rows(ids: torch.Tensor, flags: torch.Tensor, row_index: torch.Tensor, length: int):
+    """Prepared rows (B, T) cut into B·T/length exact rows of `length`: each starts with its row's [CLS] and goes on
+    with the next length − 1 tokens (and their flags) of the row, so T/length − 1 tokens at the row's end are left
+    out. Piece j of row r gets the mask key r·(T/length) + j: distinct for every piece of every row."""
+    B, T = ids.shape
+    n = T // length
+    if n == 1:
+        return ids, flags, row_index
+    body = slice(1, 1 + n * (length - 1))
+
+    def cut(x):
+        head = x[:, :1, None].expand(B, n, 1)  # (B, n, 1) the row's [CLS]
+        return torch.cat([head, x[:, body].reshape(B, n, length - 1)], dim=2).reshape(B * n, length)  # (B·n, length)
+
+    keys = (row_index[:, None] * n + torch.arange(n, dtype=row_index.dtype)).reshape(B * n)  # (B·n,)
+    return cut(ids), cut(flags), keys
+
+
 def _check_split(g: int, w: int, m: int) -> None:
     if g % w != 0 or (g // w) % m != 0:
         raise UserError(
@@ -68,6 +87,7 @@ class RowLoader:
         world_size: int = 1,
         transform: Callable[[MicroBatch, int], Any] | None = None,
         prefetch_steps: int = 0,
+        plan=None,
     ):
         g, w, m = global_batch_rows, world_size, micro_batch_rows
         _check_split(g, w, m)
@@ -78,6 +98,8 @@ class RowLoader:
         self.transform = transform
         self.prefetch_steps = prefetch_steps
         self.steps_per_epoch = len(store) // g
+        self.plan = plan  # an optim.BatchPlan: rows and row length per step; None: G rows at the prepared length
+        self._ramp = self._walk_ramp() if plan is not None and plan.ramps else None
         self.position = 0
         self._perm: tuple[int, np.ndarray] | None = None
         self._thread: threading.Thread | None = None
@@ -85,14 +107,56 @@ class RowLoader:
         self._stop = threading.Event()
 
     # -- order ----------------------------------------------------------------------------------------------------
+    def _walk_ramp(self) -> list[tuple[int, int]]:
+        """(epoch, first row in it) of every step of a batch warmup's ramp: a step takes the next rows of its epoch,
+        or starts the next epoch when they would run past its end (as a full batch does)."""
+        n, w = len(self.store), self.world_size
+        if any(rows % w for _, _, rows in self.plan.levels):
+            raise UserError(f"train.batch_warmup_start_rows ({self.plan.levels[0][2]}) must be divisible by the world size "
+                            f"({w}): every step's rows are split evenly across ranks")
+        out, epoch, at = [], 0, 0
+        for s in range(self.plan.levels[-1][0] + 1):  # the ramp and the first full step
+            rows = self.plan.rows(s)
+            if at + rows > n:
+                epoch, at = epoch + 1, 0
+            out.append((epoch, at))
+            at += rows
+        return out
+
+    def _locate(self, position: int) -> tuple[int, int, int]:
+        """(epoch, first row in the epoch's order, rows) of global batch `position`."""
+        g = self.global_batch_rows
+        if self._ramp is None:
+            epoch, k = divmod(position, self.steps_per_epoch)
+            return epoch, k * g, g
+        first = len(self._ramp) - 1  # the first full-batch step
+        if position < first:
+            return (*self._ramp[position], self.plan.rows(position))
+        epoch, at = self._ramp[first]
+        k = position - first
+        in_first = (len(self.store) - at) // g  # full steps still in that epoch
+        if k < in_first:
+            return epoch, at + k * g, g
+        e, j = divmod(k - in_first, self.steps_per_epoch)
+        return epoch + 1 + e, j * g, g
+
     def _rows_of(self, position: int) -> tuple[int, np.ndarray]:
-        epoch, k = divmod(position, self.steps_per_epoch)
+        epoch, at, g = self._locate(position)
         if self._perm is None or self._perm[0] != epoch:  # one permutation cached; the prefetch thread moves ahead
             self._perm = (epoch, epoch_permutation(len(self.store), self.seed, epoch))
-        g = self.global_batch_rows
-        rows = self._perm[1][k * g:(k + 1) * g]
+        rows = self._perm[1][at:at + g]
         share = g // self.world_size
         return epoch, rows[self.rank * share:(self.rank + 1) * share]
+
+    def _cut(self, mb: MicroBatch, position: int) -> MicroBatch:
+        """A micro-batch cut to the plan's row length at `position` (sequence-length phases); as it is otherwise."""
+        length = self.plan.row_len(position) if self.plan is not None else mb.ids.shape[1]
+        if length == mb.ids.shape[1]:
+            return mb
+        mb.ids, mb.flags, mb.row_index = cut_rows(mb.ids, mb.flags, mb.row_index, length)
+        if mb.source is not None:
+            mb.source = mb.source.repeat_interleave(mb.ids.shape[0] // len(mb.source))
+        return mb
 
     def _build(self, position: int) -> StepBatch:
         epoch, rows = self._rows_of(position)
@@ -100,12 +164,12 @@ class RowLoader:
         for i in range(0, len(rows), self.micro_batch_rows):
             idx = np.ascontiguousarray(rows[i:i + self.micro_batch_rows], dtype=np.int64)
             ids, flags = self.store.rows(idx)
-            mb = MicroBatch(
+            mb = self._cut(MicroBatch(
                 ids=torch.from_numpy(np.asarray(ids, dtype=np.int64)),
                 flags=torch.from_numpy(np.asarray(flags, dtype=np.uint8)),
                 row_index=torch.from_numpy(idx),
                 epoch=epoch,
-            )
+            ), position)
             if self.transform is not None:
                 mb.masked = self.transform(mb, position)
             micro.append(mb)
@@ -163,7 +227,7 @@ class RowLoader:
     # -- resume ---------------------------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        return self.position // self.steps_per_epoch
+        return self._locate(self.position)[0]
 
     def state_dict(self) -> dict:
         """Position counts global batches, so it means the same at any world size or micro-batch size."""
@@ -224,9 +288,12 @@ class MixLoader(RowLoader):
     """
 
     def __init__(self, stores, weights, global_batch_rows: int, micro_batch_rows: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, transform=None, prefetch_steps: int = 0):
+                 world_size: int = 1, transform=None, prefetch_steps: int = 0, plan=None):
         g, w, m = global_batch_rows, world_size, micro_batch_rows
         _check_split(g, w, m)
+        if plan is not None and plan.ramps:
+            raise UserError("train.batch_warmup_tokens is not supported with a mixture of --data sources; set it to 0")
+        self.plan, self._ramp = plan, None
         if len(weights) != len(stores) or not all(x > 0 for x in weights):
             raise UserError(f"a mixture needs one weight > 0 per source: {len(stores)} sources, weights {list(weights)}")
         for i, st in enumerate(stores):
@@ -286,9 +353,9 @@ class MixLoader(RowLoader):
                 sel = np.flatnonzero(src[sl] == s)
                 ids[sel], flags[sel] = self.stores[s].rows(row[sl][sel])
             # epoch 0 for the masks: the key already holds each row's own source and epoch
-            mb = MicroBatch(ids=torch.from_numpy(ids), flags=torch.from_numpy(flags),
-                            row_index=torch.from_numpy(np.ascontiguousarray(key[sl])), epoch=0,
-                            source=torch.from_numpy(np.ascontiguousarray(src[sl])))
+            mb = self._cut(MicroBatch(ids=torch.from_numpy(ids), flags=torch.from_numpy(flags),
+                                      row_index=torch.from_numpy(np.ascontiguousarray(key[sl])), epoch=0,
+                                      source=torch.from_numpy(np.ascontiguousarray(src[sl]))), position)
             if self.transform is not None:
                 mb.masked = self.transform(mb, position)
             micro.append(mb)
