@@ -303,6 +303,17 @@ def is_run_config(path: str | Path) -> bool:
             and "family" in d["model"] and "train" in d)
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """`path` is a run dir that train (or import) wrote: a run config.json, or finished checkpoints; or a folder
+    holding nothing but train's lock (a start refused just after taking it). Anything else is the user's."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if is_run_config(path / CONFIG) or step_dirs(path / "checkpoints"):
+        return True
+    return {p.name for p in path.iterdir()} <= {".lock"}
+
+
 def is_run_without_checkpoint(path: str | Path) -> bool:
     """A run dir whose run has not saved yet: `train` writes config.json at start, checkpoints/ at the first save
     (a run killed before then leaves only config.json, command.txt and its logs)."""

@@ -8,6 +8,7 @@ over an input or a directory someone else wrote) and the one-writer-per-director
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -68,9 +69,15 @@ def link_or_copy(src, dst) -> bool:
         os.link(src, dst)
         return True
     except OSError:
+        pass
+    try:
         shutil.copyfile(src, dst)
-        fsync_path(Path(dst))
-        return False
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise OSError(e.errno, e.strerror, str(dst)) from None  # what could not be written, not the source read
+    fsync_path(Path(dst))
+    return False
 
 
 def temp_dir_beside(out, tag: str) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import maskedlm
-from maskedlm.checkpoint import STATE, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint
+from maskedlm.checkpoint import STATE, is_run_dir, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
@@ -513,7 +513,7 @@ def _is_export(d: Path) -> bool:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return (d / "config.json").is_file() and (d / "checkpoints").is_dir()
+    return is_run_dir(d) and any(d.iterdir())
 
 
 def _check_out(out, overwrite: bool, tag: str, inputs, ours) -> Path:

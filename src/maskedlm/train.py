@@ -24,7 +24,7 @@ import torch
 
 from maskedlm import distributed as dist
 from maskedlm import objective
-from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
+from maskedlm.checkpoint import Checkpoint, is_run_dir, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
 from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
@@ -632,8 +632,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
     sources, out = open_sources(data), Path(out)  # several --data: a mixture of sources sharing one tokenizer
     data = sources[0]
-    check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=lambda d: True,
-              what="a run")  # not an input
+    # Not an input, and not a folder of the user's: a run writes config.json, metrics.jsonl, command.txt into it
+    check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=is_run_dir, what="a run")
     has_run = _has_run(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")

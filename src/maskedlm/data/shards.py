@@ -48,6 +48,16 @@ def load_meta(data_dir) -> dict:
     return meta
 
 
+def is_data_dir(path) -> bool:
+    """`path` holds prepared data as prepare writes it: a meta.json object of this format. Folders that merely have
+    train/ or val/ subfolders are someone else's, never ours to replace."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and isinstance(meta.get("splits"), dict)
+
+
 class DataDir:
     """A prepared data dir, read once: its numbers typed and checked, so no reader indexes meta.json by hand.
 
@@ -62,7 +72,13 @@ class DataDir:
             self.vocab_size = int(meta["vocab_size"])
             self.seq_len = int(meta["seq_len"])
             self.special = SpecialIds(**{k: int(meta["special_ids"][k]) for k in ("pad", "unk", "cls", "sep", "mask")})
+            if not isinstance(meta["splits"], dict):
+                raise TypeError("'splits' is not an object")
             self.splits = {name: dict(meta["splits"].get(name) or {}) for name in SPLITS}
+            for name, info in self.splits.items():
+                for k in ("rows", "tokens", "documents"):
+                    if not isinstance(info.get(k, 0), int) or isinstance(info.get(k), bool) or info.get(k, 0) < 0:
+                        raise TypeError(f"splits.{name}.{k} is {info[k]!r}, not a count")
         except (KeyError, TypeError, ValueError) as e:
             raise _not_prepared(self.path, f"meta.json has a missing or malformed field: {e}") from None
         self.tokenizer_hash: str | None = meta.get("tokenizer_hash")
