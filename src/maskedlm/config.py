@@ -464,9 +464,22 @@ def load_config(config: "str | Path | Config | dict | None" = None, overrides=()
     return cfg.validate()
 
 
-def config_from_dict(data: dict) -> Config:
-    """The Config saved as config.json (a run dir or a checkpoint dir), validated."""
+def config_from_dict(data: dict, source: str = "the saved config") -> Config:
+    """The Config saved as config.json (a run dir or a checkpoint dir), validated. Anything but an object of sections
+    is refused: a string there would otherwise be read as a preset name, and its config reported as the run's."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source} is not a maskedlm config (an object of sections), got {json.dumps(data)[:40]}; "
+                        "it is damaged: restore it from the checkpoint's own config.json")
     return load_config(data)
+
+
+def read_config_json(path) -> Config:
+    """The Config in a run's or checkpoint's config.json: one line naming the file when it is unreadable or damaged."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return config_from_dict(data, str(path))
 
 
 def flat_config(cfg: Config) -> dict:

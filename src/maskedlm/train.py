@@ -25,7 +25,7 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, is_run_dir, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
-from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
+from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config, read_config_json
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
@@ -82,7 +82,7 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     """The run's Config (model.vocab_size filled from the data) and, when resuming, the stored one."""
     stored = None
     if resume and (out / "config.json").is_file():
-        stored = load_config(_read_json(out / "config.json"))
+        stored = read_config_json(out / "config.json")
     base = config if config is not None else (stored if stored is not None else DEFAULT_PRESET)
     cfg = load_config(base, overrides)
     if init_cfg is not None:  # --init-from: the architecture is the checkpoint's
@@ -676,7 +676,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     start = int(ck.state["step"]) if ck is not None else 0
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
-    dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
+    dist.on_main(truncate_jsonl, out / "metrics.jsonl", start, warn=lambda m: print(f"maskedlm: warning: {m}", file=sys.stderr))
     trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks)
     trainer.lock = lock
     done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
