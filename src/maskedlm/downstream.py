@@ -44,8 +44,10 @@ def _file_kind(path: Path, task: str) -> str:
 
 def _read_text(path: Path) -> str:
     """The whole file as text (labelled sets fit in memory); .gz decompressed, invalid UTF-8 replaced, a BOM dropped."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"labelled file {str(path)!r} does not exist")
+    if not path.is_file():  # a directory, or a FIFO whose reading would block until a writer comes
+        raise UserError(f"labelled file {str(path)!r} is not a regular file (a directory, FIFO or device); pass a file")
     try:
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -68,8 +70,8 @@ def _records(path: Path, task: str) -> list[tuple[int, dict]]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}: line {n} is not valid JSON ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{path}: line {n} is not valid JSON ({str(e)[:80]})") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path}: line {n} is not a JSON object")
             out.append((n, rec))
@@ -91,8 +93,18 @@ def _records(path: Path, task: str) -> list[tuple[int, dict]]:
         # GLUE's TSVs hold unbalanced quotes in their texts: a tab is the only separator there (as its loaders read)
         opts = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if kind == "tsv" else {}
         reader = csv.DictReader(text.splitlines(), **opts)
-        for rec in reader:
-            out.append((reader.line_num, rec))
+        limit = csv.field_size_limit(2**31 - 1)  # a long document is a text like any other (its default: 128 KiB)
+        try:
+            names = reader.fieldnames or []
+            twice = sorted({c for c in names if names.count(c) > 1})
+            if twice:  # DictReader would keep the last column of a name, silently
+                raise UserError(f"{path}: the header names the column {twice[0]!r} more than once; rename one")
+            for rec in reader:
+                out.append((reader.line_num, rec))
+        except csv.Error as e:
+            raise UserError(f"{path}: line {reader.line_num} is not valid {kind.upper()} ({e})") from None
+        finally:
+            csv.field_size_limit(limit)
     return out
 
 
@@ -115,10 +127,16 @@ def _label_name(v) -> str:
     return str(v).strip()
 
 
-def _field(path, n, rec, name, columns):
-    v = rec.get(name)
-    if v is None or (isinstance(v, str) and v == "" and name not in columns):
+def _field(path, n, rec, name, columns, kinds=(str, int, float)):
+    """The value of column `name`, of one of `kinds` (JSON Lines: an object or a list is no text or label)."""
+    if name not in rec or (rec[name] is None and name not in columns):
         raise UserError(f"{path}: line {n} has no column {name!r} (columns: {', '.join(map(str, columns))})")
+    v = rec[name]
+    if v is None:
+        raise UserError(f"{path}: line {n}: the column {name!r} is empty (null, or missing from the row)")
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        raise UserError(f"{path}: line {n}: the column {name!r} holds {json.dumps(v)[:40]}, not a "
+                        + ("list of words" if kinds == (list,) else "text, number or label"))
     return v
 
 
@@ -134,10 +152,11 @@ def read_examples(path, task: str, text_field: str, pair_field: str | None, labe
     has_labels = labels_required or label_field in columns
     texts, pairs, labels = [], [] if pair_field else None, [] if has_labels else None
     for n, rec in recs:
-        text = _field(path, n, rec, text_field, columns)
+        text = _field(path, n, rec, text_field, columns, (list,) if task == "tokens" else (str, int, float))
         if task == "tokens":
-            if not isinstance(text, list) or not all(isinstance(w, str) for w in text):
-                raise UserError(f"{path}: line {n}: {text_field!r} must be a list of words, got {str(text)[:60]!r}")
+            if not text or not all(isinstance(w, str) and w.strip() for w in text):
+                raise UserError(f"{path}: line {n}: {text_field!r} must be a non-empty list of words, got "
+                                f"{str(text)[:60]!r}")
         elif not isinstance(text, str):
             text = str(text)
         texts.append(text)
@@ -145,7 +164,7 @@ def read_examples(path, task: str, text_field: str, pair_field: str | None, labe
             pairs.append(str(_field(path, n, rec, pair_field, columns)))
         if labels is None:
             continue
-        v = _field(path, n, rec, label_field, columns)
+        v = _field(path, n, rec, label_field, columns, (list,) if task == "tokens" else (str, int, float, bool))
         if task == "classify":
             if _label_name(v) == "":
                 raise UserError(f"{path}: line {n} has an empty label in column {label_field!r}")
@@ -158,7 +177,7 @@ def read_examples(path, task: str, text_field: str, pair_field: str | None, labe
             if not math.isfinite(labels[-1]):
                 raise UserError(f"{path}: line {n}: the label {v!r} is not a finite number")
         else:
-            if not isinstance(v, list) or len(v) != len(text):
+            if len(v) != len(text) or not all(isinstance(t, (str, int)) and _label_name(t) for t in v):
                 raise UserError(f"{path}: line {n}: {label_field!r} must be a list of one tag per word "
                                 f"({len(text)} words), got {str(v)[:60]!r}")
             labels.append([_label_name(t) for t in v])

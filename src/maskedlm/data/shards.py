@@ -146,6 +146,10 @@ def mixture_weights(weights, sources: list[DataDir]) -> list[float]:
     w = [float(x) for x in weights] or [float(d.tokens("train")) for d in sources]
     if len(w) != len(sources):
         raise UserError(f"data.weights has {len(w)} values for {len(sources)} --data sources; give one per source")
+    top = max(w, default=0.0)
+    if not top > 0:
+        raise UserError(f"a mixture needs a weight > 0 for some source; got {w}")
+    w = [x / top for x in w]  # first: a sum of weights near the float limit (1e308 each) would be inf, shares 0
     return [x / sum(w) for x in w]
 
 
