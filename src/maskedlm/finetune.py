@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, processors
 
 from maskedlm import distributed as dist
 from maskedlm import downstream as ds
-from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
+from maskedlm.config import SEED_LIMIT, FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.hf import FINETUNE_MARKER, load_any_model
@@ -29,6 +29,7 @@ from maskedlm.tokenizer import save_tokenizer, special_ids
 from maskedlm.train import OptimizerStep
 
 MARKER = FINETUNE_MARKER  # how --overwrite recognises a directory that finetune wrote (and MODEL finds best/)
+MAX_SEEDS = 100  # --seeds: each is a whole run; 1000 would run for days where a user meant 10
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
 
@@ -217,8 +218,10 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     DIR/metrics.jsonl, DIR/predictions.jsonl (with --test) and DIR/best/ (not with --probe). Nothing is written
     when an input is refused. Under torchrun every rank trains on its share of each batch and rank 0 writes."""
     fcfg = load_finetune_config(overrides)
-    if int(seeds) < 1:
-        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= int(seeds) <= MAX_SEEDS:  # each seed is a whole fine-tuning run; published medians use 5 to 20
+        raise UserError(f"--seeds must be in [1, {MAX_SEEDS}], got {seeds}")
+    if fcfg.seed + int(seeds) > SEED_LIMIT:
+        raise UserError(f"finetune.seed + --seeds must stay below 2^63, got {fcfg.seed} + {seeds}")
     # --out never over, inside or around an input; --overwrite replaces only an earlier finetune's output
     inputs = [x for x in (model, train, eval, test) if isinstance(x, (str, os.PathLike))]
     out = check_out(out, inputs=inputs, overwrite=overwrite, ours=lambda d: (d / MARKER).is_file(), what="a finetune output")
