@@ -49,6 +49,21 @@ def _write_weights(path: Path, tensors: dict) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+_OS_ERRORS = {"os error 28": errno.ENOSPC, "os error 122": errno.EDQUOT, "os error 30": errno.EROFS}
+
+
+def write_weights(path, tensors: dict) -> None:
+    """`tensors` into the safetensors file `path`. safetensors reports a full disk as its own error type (with the
+    OS error inside its text): raised here as that OSError naming `path`, which every command ends in one line."""
+    try:
+        _write_weights(Path(path), tensors)
+    except SafetensorError as e:
+        code = next((c for k, c in _OS_ERRORS.items() if k in str(e)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def _write_optimizer(path: Path, state: dict) -> None:
     # Our own file object: on a failed write (a full disk) the descriptor closes here, not when the exception's
     # frames are collected; an open file would keep the disk's space and its mount busy.
@@ -152,7 +167,7 @@ def save_checkpoint(
 def _write_step_dir(tmp: Path, step: int, model_state: dict, optimizer, config: dict, tokenizer_json, state: dict) -> None:
     """Every file of one checkpoint into `tmp`, state.json last (it records the others' sizes and hashes), synced."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    _write_weights(tmp / WEIGHTS, tensors)
+    write_weights(tmp / WEIGHTS, tensors)
     if optimizer is not None:
         _write_optimizer(tmp / OPTIMIZER, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2))

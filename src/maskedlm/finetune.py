@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, processors
 
 from maskedlm import distributed as dist
 from maskedlm import downstream as ds
+from maskedlm.checkpoint import write_weights
 from maskedlm.config import SEED_LIMIT, FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
@@ -146,8 +147,6 @@ def _model_for(net, data, fcfg, state) -> ds.TaskModel:
 def save_hf(model: ds.TaskModel, data: ds.TaskData, tok, out: Path) -> float | None:
     """Write `model` as transformers' class into `out` (config, safetensors, tokenizer); when transformers is
     installed, load it back and return the largest logit difference on the eval examples (RuntimeError above 1e-4)."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     sp = special_ids(tok)
     if tok.post_processor is None:  # so transformers' tokenizer frames texts as we trained on them
@@ -156,7 +155,7 @@ def save_hf(model: ds.TaskModel, data: ds.TaskData, tok, out: Path) -> float | N
         tok.post_processor = processors.TemplateProcessing(
             single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, sp.cls), (sep, sp.sep)])
     atomic_write_text(out / "config.json", json.dumps(ds.hf_task_config(model, data.names, sp.as_dict()), indent=2))
-    save_file(ds.to_hf_task_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(out / "model.safetensors", ds.to_hf_task_state_dict(model))
     save_tokenizer(tok, out)
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     tcfg["model_max_length"] = int(model.cfg.max_positions)

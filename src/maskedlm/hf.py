@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import maskedlm
-from maskedlm.checkpoint import STATE, is_run_dir, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint
+from maskedlm.checkpoint import STATE, is_run_dir, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint, write_weights
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
@@ -580,8 +580,6 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
     tokenizer.json + tokenizer_config.json + special_tokens_map.json. Written to a temporary dir, verified with
     transformers when it is installed, then renamed into place."""
 
-    from safetensors.torch import save_file
-
     net, cfg, tok = load_any_model(model)
     if tok is None:
         raise UserError(f"{model} has no tokenizer.json; an export needs the tokenizer the model was trained with")
@@ -594,7 +592,7 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
         hf_cfg = hf_config(mcfg, special=sp.as_dict())
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         sd = {k: v.cpu() for k, v in to_hf_state_dict(net).items() if k not in tied_hf_keys(mcfg)}
-        save_file(sd, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        write_weights(tmp / _WEIGHTS, sd)
         save_tokenizer(tok, tmp)
         tcfg_path = tmp / "tokenizer_config.json"
         tcfg = json.loads(tcfg_path.read_text())
