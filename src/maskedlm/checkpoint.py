@@ -244,11 +244,16 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
         state = json.loads((path / STATE).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} has no {STATE} (a save was interrupted?)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"checkpoint {path}: {STATE} is not a maskedlm checkpoint state (damaged?)")
     files = state["files"]
+    for name, rec in files.items():  # each record: a file of this dir, its size and sha256 (as _file_record writes)
+        if not (Path(name).name == name and name not in (".", "..") and isinstance(rec, dict)
+                and isinstance(rec.get("bytes"), int) and not isinstance(rec["bytes"], bool)
+                and isinstance(rec.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"])):
+            raise CheckpointError(f"checkpoint {path}: {STATE} has a malformed record for {str(name)[:60]!r} (damaged?)")
     for name in (WEIGHTS, CONFIG) + ((OPTIMIZER,) if load_optimizer else ()):
         if name not in files or not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}")
@@ -265,8 +270,10 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
                 raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in {STATE} (corrupted)")
     try:
         config = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({str(e)[:80]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is not a maskedlm config (damaged?)")
     try:
         from safetensors.torch import load_file
 
@@ -353,7 +360,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         latest = read_latest_name(ck_root)
         if latest and (ck_root / latest).is_dir():
             return ck_root / latest
-        return step_dirs(ck_root)[-1][1]
+        if step_dirs(ck_root):
+            return step_dirs(ck_root)[-1][1]
+        raise UserError(f"run dir {path} has no finished checkpoint in {ck_root}; pass a run dir or checkpoint dir "
+                        "that has one")
     if not path.exists():
         raise UserError(f"model {path} does not exist")
     raise UserError(f"{path} is neither a run dir nor a checkpoint dir (no {STATE}, no checkpoints/)")
