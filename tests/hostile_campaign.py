@@ -131,7 +131,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default=None, help="run the cases whose name contains this text")
     ap.add_argument("--list", action="store_true", help="print the case names and stop")
+    ap.add_argument("--src", type=Path, default=None,
+                    help="run the cases against another checkout's src/ (e.g. `git archive main src`); fixtures too")
     a = ap.parse_args()
+    if a.src is not None:
+        ENV["PYTHONPATH"] = f"{a.src.resolve()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     import hostile_cases
 
     cases = hostile_cases.all_cases()

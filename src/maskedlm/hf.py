@@ -467,6 +467,16 @@ FINETUNE_MARKER = ".maskedlm-finetune"  # in every `maskedlm finetune` DIR; its 
 TASK_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 
 
+def _refuse_task_model(p: Path, info: dict) -> None:
+    """UserError for a fine-tuned task model without MLM head weights: a head made up (fresh weights) would give
+    numbers, fills, an export or an imported run that look real and mean nothing."""
+    task = [a for a in info["architectures"] or [] if isinstance(a, str) and a.endswith(TASK_CLASSES)]
+    if task and info["initialised"]:
+        raise UserError(f"{p} is a fine-tuned {task[0]}: it has no MLM head, which this command needs; pass the model "
+                        "it was fine-tuned from (finetune and train --init-from take a fine-tuned model's encoder, and "
+                        "transformers loads it as it is)")
+
+
 def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
     """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from any MODEL path: a maskedlm run dir (its latest
     checkpoint) or checkpoint dir, a `maskedlm finetune` DIR (its best/) or a local Hugging Face BERT / ModernBERT dir
@@ -491,12 +501,8 @@ def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
     if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir() or is_run_without_checkpoint(p)):
         return load_checkpoint_model(p, device=device)  # a run dir with no checkpoint yet is refused there, by name
     model, cfg, tok, info = _load_hf(p, device=device)
-    task = [a for a in info["architectures"] or [] if isinstance(a, str) and a.endswith(TASK_CLASSES)]
-    if mlm_head and task and info["initialised"]:
-        # Its MLM head would be made up (fresh weights): the numbers, fills or export would look real and mean nothing.
-        raise UserError(f"{p} is a fine-tuned {task[0]}: it has no MLM head, which this command needs; pass the model "
-                        "it was fine-tuned from (finetune and train --init-from take a fine-tuned model's encoder, and "
-                        "transformers loads it as it is)")
+    if mlm_head:
+        _refuse_task_model(p, info)
     if info["initialised"]:
         say = report or (lambda m: print(m, file=sys.stderr))
         say(f"note: {p} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
@@ -625,6 +631,7 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
 
     check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=_is_run_dir, what="a run")  # before reading weights
     model, cfg, tok, info = _load_hf(hf_dir)
+    _refuse_task_model(Path(hf_dir), info)  # an imported run is a MODEL for fill, eval, export: they need its ω
     out = _check_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _is_run_dir)
     with building(out, "import") as tmp:
         tok_file = tmp / "tokenizer.source.json"
