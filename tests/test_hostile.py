@@ -645,3 +645,51 @@ def test_full_disk_during_a_checkpoint_save(world, tmp_path, capsys, one_thread)
     a = (reference / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
     b = (moved / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def _mount_tmpfs(mnt: Path, kib: int, ro: bool = False) -> None:
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k" + (",ro" if ro else ""), "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root or CAP_SYS_ADMIN")
+
+
+WRITERS = {  # 24: every command that writes, its output on a disk too small for it (out: where it goes)
+    "tokenizer train": lambda w, out: ["tokenizer", "train", "--input", str(w / "corpus"), "--vocab-size", "120",
+                                       "--out", str(out)],
+    "prepare": lambda w, out: ["prepare", "--input", str(w / "corpus"), "--tokenizer", str(w / "tok"), "--seq-len", "32",
+                               "--doc-per", "line", "--workers", "1", "--out", str(out)],
+    "prepare --merge": lambda w, out: ["prepare", "--merge", str(out), str(w / "part0"), str(w / "part1")],
+    "finetune": lambda w, out: ["finetune", str(w / "run"), "--train", str(w / "cls.csv"), "--eval", str(w / "cls.csv"),
+                                "--out", str(out), "finetune.max_steps=2"],
+    "finetune --probe": lambda w, out: ["finetune", str(w / "run"), "--train", str(w / "cls.csv"), "--eval",
+                                        str(w / "cls.csv"), "--out", str(out), "--probe"],
+    "export": lambda w, out: ["export", str(w / "run"), "--out", str(out)],
+    "import": lambda w, out: ["import", str(w / "hf"), "--out", str(out)],
+    "report": lambda w, out: ["report", str(w / "run"), "--out", str(out) + ".html"],
+    "report --png": lambda w, out: ["report", str(w / "run"), "--out", str(out.parent.parent / "r.html"), "--png",
+                                    str(out)],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full", [True, False], ids=["full disk", "read-only disk"])
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_every_writer_on_a_full_or_read_only_disk(world, tmp_path, capsys, command, full, one_thread):
+    """24 (7): the output on a tmpfs of one page, or a read-only one: one line (exit 2) naming the disk's refusal,
+    nothing left behind on it (no temporary file or folder), no descriptor held open there."""
+    mnt = tmp_path / "small"
+    _mount_tmpfs(mnt, 4, ro=not full)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(WRITERS[command](world, mnt / "out"))
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("maskedlm: error")]
+        assert e.value.code == 2 and len(err) == 1, err
+        assert ("no space left on" if full else "read-only file system") in err[0].lower(), err
+        assert list(mnt.iterdir()) == []
+        held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert not [h for h in held if h.startswith(str(mnt))]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

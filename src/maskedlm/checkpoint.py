@@ -189,8 +189,10 @@ def _save_failed(e: BaseException, ck_root: Path, name: str) -> CheckpointError:
     kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
     why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
     why = os.strerror(errno.ENOSPC) if full else why
-    return CheckpointError(f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then "
-                           "continue with --resume")
+    err = CheckpointError(f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then "
+                          "continue with --resume")
+    err.why = why  # for a caller whose user has no run to resume (import)
+    return err
 
 
 def step_dirs(ck_root: Path) -> list[tuple[int, Path]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import maskedlm
-from maskedlm.checkpoint import STATE, is_run_dir, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint, write_weights
+from maskedlm.checkpoint import STATE, CheckpointError, is_run_dir, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint, write_weights
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
@@ -638,7 +638,11 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
         tok_file.write_text(tok.to_str())
         state = dict(imported_from=info["source"], architectures=info["architectures"],
                      initialised_fresh=info["initialised"])
-        save_checkpoint(tmp, 0, model, None, cfg.to_dict(), tok_file, state, keep=1)
+        try:
+            save_checkpoint(tmp, 0, model, None, cfg.to_dict(), tok_file, state, keep=1)
+        except CheckpointError as e:  # its line is for a training run (--resume); an import simply did not happen
+            raise UserError(f"could not write the import to {out}: {getattr(e, 'why', e)}; nothing was written; "
+                            "free disk space and run again") from None
         tok_file.unlink()
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         _readable(tmp)

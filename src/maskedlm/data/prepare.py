@@ -728,13 +728,16 @@ def _prepare_into(tmp, all_files, file_index, tok, sp, vocab_size, dtype, seq_le
     try:
         buffered = _route_stream(_encoded_batches(pieces, tok, workers, BATCH_CHARS), packers, seed, val_fraction,
                                  stats, bar, buffer)
-    finally:
         bar.close()
-    report_input(stats, text_field, files)
-    if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
-        _route_small_corpus(buffered, packers, seq_len, seed, val_fraction)
-
-    dropped = {s: packers[s].finish() for s in fmt.SPLITS}
+        report_input(stats, text_field, files)
+        if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
+            _route_small_corpus(buffered, packers, seq_len, seed, val_fraction)
+        dropped = {s: packers[s].finish() for s in fmt.SPLITS}
+    except BaseException:
+        bar.close()
+        for w in writers.values():  # no shard left open: a full disk must be free again once `tmp` is removed
+            w.abort()
+        raise
     if writers["train"].rows == 0:
         raise UserError(f"corpus too small: no train row of seq_len {seq_len}; add text, lower --seq-len or --val-fraction")
     if val_fraction > 0 and writers["val"].rows == 0:

@@ -168,6 +168,13 @@ def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
+def _close_quietly(f) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass  # a full disk fails the flush too; the file is being abandoned either way
+
+
 class ShardWriter:
     """Streams rows of one split into shards of at most `rows_per_shard` rows; nothing is held in memory."""
 
@@ -193,11 +200,22 @@ class ShardWriter:
         self._n = 0
 
     def _close_shard(self) -> None:
-        for f, dt in zip(self._files, (self.dtype, np.dtype(np.uint8))):
-            f.seek(0)
-            f.write(_npy_header(dt, (self._n, self.seq_len)))
-            f.close()
-        self._files = None
+        files, self._files = self._files, None
+        try:
+            for f, dt in zip(files, (self.dtype, np.dtype(np.uint8))):
+                f.seek(0)
+                f.write(_npy_header(dt, (self._n, self.seq_len)))
+                f.close()
+        finally:
+            for f in files:
+                _close_quietly(f)
+
+    def abort(self) -> None:
+        """Close what is open without finishing it (a failed prepare: the caller removes the files). Until closed, a
+        deleted file still holds its disk space, and a full disk would stay full."""
+        files, self._files = self._files, None
+        for f in files or ():
+            _close_quietly(f)
 
     def add(self, ids: np.ndarray, flags: np.ndarray) -> None:
         """Append rows ([n, seq_len] each)."""
