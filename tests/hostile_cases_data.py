@@ -13,7 +13,7 @@ import numpy as np
 from hostile_cases import TRAIN, WORDS, Case, W, cp, edit_json, fifo, latest, loop_dir, mine, mount, text, zst
 
 LONG = 60  # seconds for a case that might hang: long enough for a slow start on a loaded machine
-CUT = "truncat|damaged|corrupt|incomplete|ends early"  # what a refusal of a cut-off compressed file must say
+CUT = "truncat|damaged|corrupt|incomplete|ended before"  # what a refusal of a cut-off compressed file must say
 
 
 def _corpus(c) -> bytes:
