@@ -28,6 +28,9 @@ TASKS = ("classify", "regress", "tokens")
 IGNORE = -100  # label of positions that carry no loss: padding, special tokens, a word's later sub-tokens
 
 
+REGRESS_LIMIT = 1e18  # |target| whose square (and a batch's sum of them) stays finite in float32 (max ~3.4e38)
+
+
 # ------------------------------------------------------------------------------------------------ reading files
 def _file_kind(path: Path, task: str) -> str:
     name = path.name.lower().removesuffix(".gz")
@@ -176,6 +179,9 @@ def read_examples(path, task: str, text_field: str, pair_field: str | None, labe
                 raise UserError(f"{path}: line {n}: the label {v!r} in column {label_field!r} is not a number") from None
             if not math.isfinite(labels[-1]):
                 raise UserError(f"{path}: line {n}: the label {v!r} is not a finite number")
+            if abs(labels[-1]) > REGRESS_LIMIT:  # the loss squares it in float32: 1e300 became inf, then NaN
+                raise UserError(f"{path}: line {n}: the label {v!r} is beyond ±1e18, which the float32 loss cannot "
+                                "square; rescale the targets")
         else:
             if len(v) != len(text) or not all(isinstance(t, (str, int)) and _label_name(t) for t in v):
                 raise UserError(f"{path}: line {n}: {label_field!r} must be a list of one tag per word "

@@ -93,7 +93,8 @@ class DataDir:
     def shard_names(self, split: str) -> list[str] | None:
         """The shard names meta.json lists for `split`, or None where it lists none (then the files on disk count)."""
         names = self.splits.get(split, {}).get("shards")
-        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        if names is not None and not (isinstance(names, list) and all(
+                isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names)):
             raise _not_prepared(self.path, f"meta.json's splits.{split}.shards is not a list of names")
         return names
 
@@ -110,7 +111,7 @@ class DataDir:
             raise UserError(f"{required_by} needs {p}; prepare the data again")
         try:
             counts = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise UserError(f"cannot read {p} ({e}); prepare the data again") from None
         if counts.ndim != 1 or counts.dtype.kind not in "iu":
             raise UserError(f"{p} holds {counts.dtype} of shape {counts.shape}, expected integer counts; prepare the data again")
@@ -258,10 +259,11 @@ class RowStore:
             try:
                 ids = np.load(self.dir / f"{name}.ids.npy", mmap_mode="r")
                 flags = np.load(self.dir / f"{name}.flags.npy", mmap_mode="r")
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:
                 raise UserError(f"cannot read shard {self.dir / name}: {e}; prepare the data again") from None
-            if ids.ndim != 2 or ids.shape != flags.shape:
-                raise UserError(f"shard {self.dir / name} has ids {ids.shape} and flags {flags.shape}; prepare the data again")
+            if ids.ndim != 2 or ids.shape != flags.shape or ids.dtype.kind not in "iu" or flags.dtype != np.uint8:
+                raise UserError(f"shard {self.dir / name} has ids {ids.dtype}{list(ids.shape)} and flags "
+                                f"{flags.dtype}{list(flags.shape)}, not integer rows; prepare the data again")
             # Once per open (one pass over the file): an id past the vocabulary would index outside the embeddings.
             if vocab is not None and ids.size and _max_id(self.dir / f"{name}.ids.npy", ids) >= vocab:
                 raise UserError(f"shard {self.dir / name} holds token id {_max_id(self.dir / f'{name}.ids.npy', ids)}, beyond the vocabulary of "
