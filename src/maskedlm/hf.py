@@ -293,7 +293,16 @@ def _expect(d: dict, key: str, allowed, default) -> None:
 
 # Long: the inverse of hf_config, field by field for both architectures, refusing what ModelConfig cannot express.
 def model_config_from_hf(d: dict) -> ModelConfig:
-    """config.json of a BERT or ModernBERT checkpoint → ModelConfig; UserError for what we cannot represent."""
+    """config.json of a BERT or ModernBERT checkpoint → ModelConfig; UserError for what we cannot represent, or a
+    field that is missing where it has no default, or of the wrong type."""
+    try:
+        return _model_config_from_hf(d)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise UserError(f"config.json has a missing or malformed field ({type(e).__name__}: {str(e)[:80]}); it is not a "
+                        "BERT or ModernBERT config transformers wrote") from None
+
+
+def _model_config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type == "bert":
         _expect(d, "hidden_act", ["gelu"], "gelu")
@@ -428,8 +437,8 @@ def _load_hf(hf_dir, device="cpu"):
     root = _resolve_hf_dir(hf_dir)
     try:
         hf_cfg = json.loads((root / "config.json").read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"{root / 'config.json'} is not valid JSON ({e})") from None
+    except (ValueError, OSError, RecursionError) as e:
+        raise UserError(f"{root / 'config.json'} is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(hf_cfg, dict):
         raise UserError(f"{root / 'config.json'} is not a JSON object")
     mcfg = model_config_from_hf(hf_cfg)
