@@ -569,7 +569,9 @@ def test_zstd_frames_are_all_read_and_a_cut_is_found(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- slow ones
 def _maskedlm(*args, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    import maskedlm  # the sources this test imported, wherever they are, so the subprocess runs the same code
+
+    env = {**os.environ, "PYTHONPATH": str(Path(maskedlm.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "maskedlm", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
