@@ -338,6 +338,8 @@ def train_cases() -> list[Case]:
         C("train --resume metrics.jsonl a list line", lambda c: rs(c, _metrics_line(c, "[1, 2]")), "any", mutable=["run"]),
         C("train --resume state.json malformed file record",
           lambda c: rs(c, _state_files(c, lambda s: s.update(files={"model.safetensors": 7}))), "any", mutable=["run"]),
+        C("train --resume state.json record of wrong types", lambda c: rs(c, _state_files(c, lambda s: s["files"].update(
+            {"model.safetensors": {"bytes": "x", "sha256": 1}}))), "any", mutable=["run"]),
         C("train --resume state.json files a list", lambda c: rs(c, _state_files(c, lambda s: s.update(files=[1]))), "any",
           mutable=["run"]),
         C("train --resume state.json record escapes", lambda c: rs(c, _state_files(

@@ -25,6 +25,8 @@ def eval_cases() -> list[Case]:
         C("eval model is ft", lambda c: ev(c, W(c, "ft"))),
         C("eval state.json malformed file record", lambda c: ev(c, _state_files(c, lambda s: s.update(
             files={"model.safetensors": 7}))), "any"),
+        C("eval state.json record of wrong types", lambda c: ev(c, _state_files(c, lambda s: s["files"].update(
+            {"model.safetensors": {"bytes": "x", "sha256": 1}}))), "any"),
         C("eval state.json files a list", lambda c: ev(c, _state_files(c, lambda s: s.update(files=[1]))), "any"),
         C("eval run config.json null", lambda c: ev(c, _run_config(c, "null")), "any"),
         C("eval run config.json a string", lambda c: ev(c, _run_config(c, '"modern-mini"')), "any",
