@@ -3,7 +3,7 @@
 Both fine-tune a sequence classifier from the same weights: maskedlm directly from MODEL, transformers from MODEL's
 export through AutoModelForSequenceClassification and its Trainer (AdamW, linear warmup over 10% then linear decay,
 clipping at 1, dropout 0.1 everywhere, evaluation each epoch, the best epoch by accuracy kept). Both are scored on
-the same test file by maskedlm.downstream's metrics. The default task is the demo's: comedy, history or tragedy of a
+the same test file by maskedlm.tasks.metrics. The default task is the demo's: comedy, history or tragedy of a
 60-word passage, split by play. A benchmark, not a test; results in bench/RESULTS.md.
 """
 
@@ -44,8 +44,8 @@ def _rows(path: Path) -> tuple[list[str], list[str]]:
 def theirs(a, files, work: Path) -> tuple[dict, float]:
     import transformers
 
-    from maskedlm.downstream import classify_metrics
-    from maskedlm.hf import export
+    from maskedlm.interop import export
+    from maskedlm.tasks.metrics import classify_metrics
 
     hf_dir = work / "hf"
     export(a.model, hf_dir, overwrite=True, verify=False)

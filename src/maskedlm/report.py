@@ -21,10 +21,10 @@ from maskedlm.checkpoint import read_latest_name
 from maskedlm.config import flat_config, read_config_json
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
-from maskedlm.evaluate import check_compatible, score_positions
+from maskedlm.evaluate import score_positions
 from maskedlm.files import atomic_write_text, building, check_out, check_out_file, replace_dir
-from maskedlm.hf import load_any_model
 from maskedlm.metrics import read_metrics
+from maskedlm.models import check_compatible, load_any_model
 
 CALIBRATION_BINS = 10  # equal-width confidence bins of the reliability diagram and the ECE (Guo et al. 2017 use 15)
 POSITION_BINS = 8
