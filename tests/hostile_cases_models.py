@@ -204,8 +204,8 @@ def finetune_cases() -> list[Case]:
         C("ft train header only", lambda c: ft(c, train=text(c, "h.csv", "text,label\n"))),
         C("ft train one class", lambda c: ft(c, train=_rows(c, "o.csv", "text,label", ["alpha,a"] * 9))),
         C("ft eval label train never has", lambda c: ft(c, ev=_rows(c, "e.csv", "text,label", ["alpha,zzz"]))),
-        C("ft CSV duplicate column names", lambda c: ft(c, train=_rows(c, "d.csv", "text,label,label",
-                                                                       [r + ",zz" for r in two])),
+        C("ft CSV duplicate column names (two classes in each)", lambda c: ft(c, train=_rows(
+            c, "d.csv", "text,label,label", ["alpha alpha,a,b", "bravo bravo,b,a"] * 10)),
           why="two columns of one name: trained on the last"),
         C("ft CSV cell over 128 KiB", lambda c: ft(c, train=_rows(c, "b.csv", "text,label", [big + ",a", *two]))),
         C("ft CSV ragged row", lambda c: ft(c, train=_rows(c, "r.csv", "text,label", ["alpha,a,extra", *two])), "any"),
@@ -216,12 +216,12 @@ def finetune_cases() -> list[Case]:
           bad="has no column"),
         C("ft jsonl null text", lambda c: ft(c, train=text(c, "n.jsonl", '{"text": null, "label": "x"}\n' +
                                                            '{"text": "b", "label": "y"}\n' * 5)), bad="has no column"),
-        C("ft jsonl text is an object", lambda c: ft(c, train=text(c, "o.jsonl", '{"text": {"a": 1}, "label": "x"}\n' +
-                                                                   '{"text": "b", "label": "y"}\n' * 5)),
+        C("ft jsonl texts are objects (labels a and b)", lambda c: ft(c, train=text(
+            c, "o.jsonl", '{"text": {"w": "alpha"}, "label": "a"}\n{"text": {"w": "bravo"}, "label": "b"}\n' * 5)),
           why="a JSON object used as its Python repr"),
-        C("ft jsonl label is a list", lambda c: ft(c, train=text(c, "l.jsonl", '{"text": "a", "label": [1]}\n' +
-                                                                 '{"text": "b", "label": "y"}\n' * 5)),
-          why="a JSON list used as its Python repr"),
+        C("ft jsonl a label is a list (labels a and b)", lambda c: ft(c, train=text(
+            c, "l.jsonl", '{"text": "alpha", "label": ["a"]}\n{"text": "alpha", "label": "a"}\n'
+            '{"text": "bravo", "label": "b"}\n' * 5)), why="a JSON list used as its Python repr"),
         C("ft jsonl nested 100k deep", lambda c: ft(c, train=text(c, "d.jsonl", '{"text": "a", "label": "x"}\n' +
                                                                   "[" * 100000 + "]" * 100000 + "\n"))),
         C("ft jsonl lines not objects", lambda c: ft(c, train=text(c, "n.jsonl", "[1]\n[2]\n"))),
@@ -235,6 +235,9 @@ def finetune_cases() -> list[Case]:
                                                  ev="reg_eval.csv", task="regress")),
         C("ft tokens empty tag lists", lambda c: ft(c, train=text(c, "t.jsonl", tok_ok + "\n" + json.dumps(
             {"tokens": [], "tags": []}) + "\n"), ev="tok_eval.jsonl", task="tokens"), "any"),
+        C("ft tokens an empty example among good ones", lambda c: ft(c, train=text(c, "t.jsonl", W(
+            c, "tok_train.jsonl").read_text() + json.dumps({"tokens": [], "tags": []}) + "\n"), ev="tok_eval.jsonl",
+            task="tokens"), "any"),
         C("ft tokens only empty eval sentences", lambda c: ft(c, train="tok_train.jsonl", ev=text(c, "e.jsonl", json.dumps(
             {"tokens": [], "tags": []}) + "\n"), task="tokens")),
         C("ft tokens tags shorter than tokens", lambda c: ft(c, train=text(c, "t.jsonl", json.dumps(

@@ -557,7 +557,8 @@ class FinetuneConfig:
             elif isinstance(v, int) and not isinstance(v, bool):
                 _check(-SEED_LIMIT <= v < SEED_LIMIT, f"finetune.{f.name} must be an integer within ±2^63, got {v}")
         _check_seed("finetune.seed", self.seed)
-        _check(self.epochs >= 1 or self.max_steps > 0, f"finetune.epochs must be >= 1, got {self.epochs}")
+        _check(self.epochs >= 1 or self.max_steps > 0 and self.epochs == 0, f"finetune.epochs must be >= 1 (or 0 with "
+               f"finetune.max_steps), got {self.epochs}")
         _check(self.max_steps >= 0, f"finetune.max_steps must be >= 0, got {self.max_steps}")
         # An AdamW step moves each weight by about lr: above 1 no fine-tuning converges (lr=1e30 ended in NaN weights
         # that only the final check against transformers caught); weight decay multiplies weights by 1 - lr·decay.
