@@ -313,7 +313,7 @@ def export_import_cases() -> list[Case]:
         C("import weights truncated", lambda c: im(c, _hf_trunc(c))),
         C("import tokenizer missing", lambda c: im(c, _hf_rm(c, "tokenizer.json", "vocab.txt", "tokenizer_config.json",
                                                           "special_tokens_map.json")), "any"),
-        C("import pytorch_model.bin only", lambda c: im(c, _hf_bin(c)), msg="pytorch_model.bin"),
+        C("import pytorch_model.bin only", lambda c: im(c, _hf_bin(c)), msg="pytorch_model.bin|pickle"),
         C("import out on a full disk", lambda c: im(c, W(c, "hf"), mount(c, "full", 64) / "imp"), msg="(?i)no space"),
         C("import a user folder", lambda c: im(c, mine(c))),
     ]

@@ -300,6 +300,16 @@ def model_config_from_hf(d: dict) -> ModelConfig:
                         "BERT or ModernBERT config transformers wrote") from None
 
 
+def _int(d: dict, key: str, default: int | None = None) -> int:
+    """An integer field of a Hugging Face config.json: 64.5 or "64" is no layer width (int() would cut or read it)."""
+    v = d[key] if default is None else d.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{key} is {json.dumps(v)[:20]}, not an integer")
+    return v
+
+
 def _model_config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type == "bert":
@@ -307,13 +317,13 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
         _expect(d, "position_embedding_type", ["absolute"], "absolute")
         cfg = ModelConfig(
             family="bert",
-            vocab_size=int(d["vocab_size"]),
-            hidden=int(d.get("hidden_size", 768)),
-            layers=int(d.get("num_hidden_layers", 12)),
-            heads=int(d.get("num_attention_heads", 12)),
-            intermediate=int(d.get("intermediate_size", 3072)),
-            max_positions=int(d.get("max_position_embeddings", 512)),
-            type_vocab_size=int(d.get("type_vocab_size", 2)),
+            vocab_size=_int(d, "vocab_size"),
+            hidden=_int(d, "hidden_size", 768),
+            layers=_int(d, "num_hidden_layers", 12),
+            heads=_int(d, "num_attention_heads", 12),
+            intermediate=_int(d, "intermediate_size", 3072),
+            max_positions=_int(d, "max_position_embeddings", 512),
+            type_vocab_size=_int(d, "type_vocab_size", 2),
             dropout=float(d.get("hidden_dropout_prob", 0.1)),
             attention_dropout=float(d.get("attention_probs_dropout_prob", 0.1)),
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
@@ -327,10 +337,10 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
             ("classifier_bias", False, False), ("decoder_bias", True, True),
         ):
             _expect(d, key, [value], default)
-        L = int(d.get("num_hidden_layers", 22))
+        L = _int(d, "num_hidden_layers", 22)
         layer_types = d.get("layer_types")
         if layer_types is None:  # transformers < 5 spelled the pattern with one number
-            layer_types = [_layer_type(i, int(d.get("global_attn_every_n_layers", 3))) for i in range(L)]
+            layer_types = [_layer_type(i, _int(d, "global_attn_every_n_layers", 3)) for i in range(L)]
         globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
         every_n = globals_[1] if len(globals_) > 1 else L
         if len(layer_types) != L or any(t != _layer_type(i, every_n) for i, t in enumerate(layer_types)):
@@ -346,12 +356,12 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
                 raise UserError(f"unsupported Hugging Face config: rope_type={r.get('rope_type')!r} (only 'default')")
         cfg = ModelConfig(
             family="modern",
-            vocab_size=int(d["vocab_size"]),
-            hidden=int(d.get("hidden_size", 768)),
+            vocab_size=_int(d, "vocab_size"),
+            hidden=_int(d, "hidden_size", 768),
             layers=L,
-            heads=int(d.get("num_attention_heads", 12)),
-            intermediate=int(d.get("intermediate_size", 1152)),
-            max_positions=int(d.get("max_position_embeddings", 8192)),
+            heads=_int(d, "num_attention_heads", 12),
+            intermediate=_int(d, "intermediate_size", 1152),
+            max_positions=_int(d, "max_position_embeddings", 8192),
             dropout=float(d.get("mlp_dropout", 0.0)),
             attention_dropout=float(d.get("attention_dropout", 0.0)),
             layer_norm_eps=float(d.get("norm_eps", 1e-5)),
@@ -359,7 +369,7 @@ def _model_config_from_hf(d: dict) -> ModelConfig:
             rope_theta=float(theta),
             tie_embeddings=bool(d.get("tie_word_embeddings", True)),
             global_attn_every_n_layers=every_n,
-            local_attention_tokens=int(d.get("local_attention", 128)),
+            local_attention_tokens=_int(d, "local_attention", 128),
             local_rope_theta=float(local_theta),
         )
     else:
