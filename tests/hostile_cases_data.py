@@ -168,7 +168,7 @@ def prepare_cases() -> list[Case]:
                                                             _part(c, "part1", lambda d: _rm_first_shard(d))]),
         C("prep --merge a part without its tokenizer", lambda c: ["prepare", "--merge", c.dir / "m", W(c, "part0"),
                                                                   _part(c, "part1", lambda d: _rm_tokenizer(d))]),
-        C("prep --merge a part with a ../ shard name", lambda c: ["prepare", "--merge", c.dir / "m", W(c, "part0"),
+        C("prep --merge a part whose shard name escapes with ../", lambda c: ["prepare", "--merge", c.dir / "m", W(c, "part0"),
                                                                   _part(c, "part1", _escape_shard)]),
         C("prep --merge a part with a wrongly typed meta field", lambda c: ["prepare", "--merge", c.dir / "m", W(c, "part0"),
                                                                             _part(c, "part1", _meta_lots)]),
@@ -218,9 +218,7 @@ def _rm_tokenizer(d: Path):
 
 
 def _escape_shard(d: Path):
-    text_ = (d / "meta.json").read_text()
-    name = next(iter(sorted((d / "train").glob("*.ids.npy")))).name
-    (d / "meta.json").write_text(text_.replace(name, "../../../../escaped.ids.npy"))
+    edit_json(d / "meta.json", lambda m: m["splits"]["train"]["shards"].__setitem__(0, "../../../part0/train/shard_00000"))
 
 
 def _meta_lots(d: Path):
