@@ -130,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", default=None, help="run the cases whose name contains this text")
+    ap.add_argument("--only", nargs="+", default=None, help="run the cases whose name contains one of these texts")
     ap.add_argument("--list", action="store_true", help="print the case names and stop")
     ap.add_argument("--src", type=Path, default=None,
                     help="run the cases against another checkout's src/ (e.g. `git archive main src`); fixtures too")
@@ -143,7 +143,7 @@ def main() -> None:
     if a.list:
         print("\n".join(f"{c.name}  [{c.expect}]" for c in cases), f"\n{len(cases)} cases")
         return
-    picked = [(i, c) for i, c in enumerate(cases) if not a.only or a.only in c.name]
+    picked = [(i, c) for i, c in enumerate(cases) if not a.only or any(x in c.name for x in a.only)]
     world = a.out.resolve() / "world"
     if not (world / "done").is_file():
         shutil.rmtree(world, ignore_errors=True)
