@@ -263,7 +263,6 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     if not 0 < minutes <= MAX_MINUTES:
         raise UserError(f"--minutes must be in (0, {MAX_MINUTES}], got {minutes}")
     check_out(out, overwrite=True, ours=_is_demo_dir, what="a demo")  # it adds to its own folder, never to another
-    atomic_write_text(_marked(Path(out)), "written by maskedlm demo; later demos add their runs here\n")
     t_start = time.perf_counter()
     texts = corpus_dir()
     train_files, held_out = split_works(texts)
@@ -274,6 +273,7 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     print(f"maskedlm demo ({mode.name}): {len(train_files)} works of Shakespeare ({size_mb:.1f} MB) from {texts}; "
           f"held out: {held_out.name}")
 
+    atomic_write_text(_marked(out), "written by maskedlm demo; later demos add their runs here\n")  # the first write
     train_dir, held_dir = _build_data(out / f"cache-{mode.name}", train_files, held_out, mode)
     data = open_data_dir(train_dir)
     held = open_data_dir(held_dir).open("train")  # the held-out play: see _build_data
