@@ -26,8 +26,12 @@ TRAIN = ["--config", "tiny", "train.max_steps=2", "train.global_batch_rows=4", "
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A corpus, its tokenizer, prepared data, a two-step run and its export: what a user has and must not lose."""
-    root = tmp_path_factory.mktemp("hostile")
+    return make_world(tmp_path_factory.mktemp("hostile"))
+
+
+def make_world(root: Path) -> Path:
+    """A corpus, its tokenizer, prepared data, a two-step run, its export, shard parts and a fine-tuned model: what a
+    user has and must not lose."""
     (root / "corpus").mkdir()
     write_corpus(root / "corpus" / "a.txt", lines=300)
     _ok(["tokenizer", "train", "--input", str(root / "corpus"), "--vocab-size", "120", "--out", str(root / "tok")])
@@ -35,6 +39,16 @@ def world(tmp_path_factory):
          str(root / "data"), "--doc-per", "line", "--workers", "1", "--val-fraction", "0.1"])
     _ok(["train", "--data", str(root / "data"), "--out", str(root / "run"), *TRAIN])
     _ok(["export", str(root / "run"), "--out", str(root / "hf")])
+    (root / "two").mkdir()  # parts of --shard I/2 need two input files
+    write_corpus(root / "two" / "a.txt", lines=150)
+    write_corpus(root / "two" / "b.txt", lines=150, seed=1)
+    for i in range(2):
+        _ok(["prepare", "--input", str(root / "two"), "--tokenizer", str(root / "tok"), "--seq-len", "32", "--out",
+             str(root / f"part{i}"), "--doc-per", "line", "--workers", "1", "--shard", f"{i}/2"])
+    rows = [f"{w} {w} {w},{'ab'[i % 2]}" for i, w in enumerate(["golf", "kilo", "lima", "echo"] * 8)]
+    (root / "cls.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    _ok(["finetune", str(root / "run"), "--train", str(root / "cls.csv"), "--eval", str(root / "cls.csv"), "--out",
+         str(root / "ft"), "finetune.max_steps=2", "finetune.batch_rows=8"])
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("someone's notes")
     (root / "a-file").write_text("not a directory")
@@ -112,6 +126,64 @@ def _hf_wrong_width(w, t):
     return _hf_config(w, t, hidden_size=128)
 
 
+def _mine(t: Path, *subdirs: str, files=("notes.txt",)) -> Path:
+    """A folder of the user's own files, with `subdirs` that hold files too (a train/ of theirs, say)."""
+    d = t / "mine"
+    for sub in ("", *subdirs):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (d / sub / f).write_text(f"the user's {f}")
+    return d
+
+
+def _written(t: Path, name: str, content) -> Path:
+    p = t / name
+    (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
+    return p
+
+
+def _half_zst(w, t) -> Path:
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress((w / "corpus" / "a.txt").read_bytes())
+    return _written(t, "cut.txt.zst", data[: len(data) // 2])
+
+
+def _part_without_shard(w, t) -> Path:
+    d = _copy(w / "part1", t / "part1")
+    next(iter(sorted((d / "train").glob("*.ids.npy")))).unlink()
+    return d
+
+
+def _run_config(w, t, body: str) -> Path:
+    run = _copy(w / "run", t / "run2")
+    (run / "config.json").write_text(body)
+    return run
+
+
+def _arrow_state(w, t) -> Path:
+    import datasets
+
+    d = t / "arrow"
+    datasets.Dataset.from_dict({"text": ["golf golf"] * 20}).save_to_disk(str(d))
+    state = json.loads((d / "state.json").read_text())
+    state["_data_files"] = [{"filename": 7}]
+    (d / "state.json").write_text(json.dumps(state))
+    return d
+
+
+def _ft(w, t, train: Path, *extra) -> list:
+    return ["finetune", str(w / "run"), "--train", str(train), "--eval", str(w / "cls.csv"), "--out", str(t / "ft"),
+            "finetune.max_steps=2", *extra]
+
+
+def _tokens_ft(w, t, records) -> list:
+    train = _written(t, "tags.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return ["finetune", str(w / "run"), "--train", str(train), "--eval", str(train), "--out", str(t / "ft"), "--task",
+            "tokens", "finetune.max_steps=2"]
+
+
+PNG = "report figures"
 # id: (argv builder (world, case dir), part of the one error line)
 CASES = {
     # 1: --out is an input, or an unrelated folder, even with --overwrite
@@ -187,6 +259,65 @@ CASES = {
     "10 masks rows -1": (lambda w, t: ["masks", str(w / "data"), "--rows", "-1"], "--rows must be >= 0, got -1"),
     "10 masks step -5": (lambda w, t: ["masks", str(w / "data"), "--step", "-5"], "--step must be >= 0, got -5"),
     "10 argparse error": (lambda w, t: ["train", "--data", str(w / "data"), "--out", str(t / "r"), "--bogus"], "unrecognized arguments: --bogus"),
+    # 24, files lost: a folder maskedlm did not write is refused, with --overwrite or without, for every output
+    "24 lost: prepare --overwrite over a user folder with train/": (
+        lambda w, t: ["prepare", "--input", str(w / "corpus"), "--tokenizer", str(w / "tok"), "--out", str(_mine(t, "train")),
+                      "--overwrite"], "holds no prepared data"),
+    "24 lost: merge --overwrite into a user folder with val/": (
+        lambda w, t: ["prepare", "--merge", str(_mine(t, "val")), str(w / "part0"), str(w / "part1"), "--overwrite"],
+        "holds no prepared data"),
+    "24 lost: train --out a user folder with metrics.jsonl": (
+        lambda w, t: ["train", "--data", str(w / "data"), "--out", str(_mine(t, files=("metrics.jsonl", "command.txt"))),
+                      *TRAIN], "holds no run"),
+    "24 lost: report --png into a folder of the user's PNGs": (
+        lambda w, t: ["report", str(w / "run"), "--out", str(t / "r.html"), "--png", str(_mine(t, files=("loss.png",)))],
+        f"holds no {PNG}"),
+    "24 lost: report --png names the run dir": (
+        lambda w, t: ["report", str(_copy(w / "run", t / "run2")), "--out", str(t / "r.html"), "--png", str(t / "run2")],
+        "is the input"),
+    # 24, silently wrong: refused instead
+    "24 wrong: a truncated .zst": (lambda w, t: ["tokenizer", "train", "--input", str(_half_zst(w, t)), "--out",
+                                                 str(t / "tok")], "truncated or damaged"),
+    "24 wrong: a CSV header naming a column twice": (
+        lambda w, t: _ft(w, t, _written(t, "d.csv", "text,label,label\ngolf,a,x\nkilo,b,y\n")), "more than once"),
+    "24 wrong: import of a fine-tuned classifier": (lambda w, t: ["import", str(w / "ft" / "best"), "--out", str(t / "imp")],
+                                                    "has no MLM head"),
+    "24 wrong: a JSON object as a text": (lambda w, t: _ft(w, t, _written(t, "o.jsonl", '{"text": {"a": 1}, "label": "a"}\n')),
+                                          "not a text"),
+    "24 wrong: a JSON list as a label": (lambda w, t: _ft(w, t, _written(t, "l.jsonl", '{"text": "golf", "label": [1]}\n')),
+                                         "not a label"),
+    "24 wrong: a run's config.json is a string": (lambda w, t: ["report", str(_run_config(w, t, '"tiny"')), "--out",
+                                                                str(t / "r.html")], "is not a maskedlm config"),
+    "24 wrong: finetune.seed=-1": (lambda w, t: _ft(w, t, w / "cls.csv", "finetune.seed=-1"),
+                                   "finetune.seed must be an integer in [0, 2^63)"),
+    "24 wrong: --seeds 1000": (lambda w, t: [*_ft(w, t, w / "cls.csv"), "--seeds", "1000"], "--seeds must be in [1, 100]"),
+    # 24, tracebacks: damaged files and out-of-range numbers are one line
+    "24 traceback: a merge part without a shard": (
+        lambda w, t: ["prepare", "--merge", str(t / "m"), str(w / "part0"), str(_part_without_shard(w, t))], "lacks train/"),
+    "24 traceback: a garbage .zst": (lambda w, t: ["tokenizer", "train", "--input", str(_written(
+        t, "g.txt.zst", b"\x28\xb5\x2f\xfd" + b"\x00garbage" * 50)), "--out", str(t / "tok")], "truncated or damaged"),
+    "24 traceback: meta.json splits a list": (lambda w, t: ["masks", str(_bad_meta(w, t, lambda m: m.update(splits=[])))],
+                                              "malformed field"),
+    "24 traceback: a saved-Arrow state.json naming a number": (
+        lambda w, t: ["tokenizer", "train", "--input", str(_arrow_state(w, t)), "--out", str(t / "tok")],
+        "not a file name"),
+    "24 traceback: model.type_vocab_size=-1": (lambda w, t: ["train", "--data", str(w / "data"), "--out", str(t / "r"),
+                                                             *TRAIN, "model.type_vocab_size=-1"], "must be > 0"),
+    "24 traceback: model.intermediate=10^20": (lambda w, t: ["train", "--data", str(w / "data"), "--out", str(t / "r"),
+                                                             *TRAIN, "model.intermediate=100000000000000000000"],
+                                               "within ±2^63"),
+    "24 traceback: a tokens example with no words": (lambda w, t: _tokens_ft(w, t, [
+        {"tokens": ["golf"], "tags": ["O"]}, {"tokens": [], "tags": []}]), "non-empty list of words"),
+    "24 traceback: finetune.lr=inf": (lambda w, t: _ft(w, t, w / "cls.csv", "finetune.lr=inf"), "must be a finite number"),
+    "24 traceback: finetune.lr=1e30": (lambda w, t: _ft(w, t, w / "cls.csv", "finetune.lr=1e30"), "must be in (0, 1]"),
+    "24 traceback: JSON nested 100k deep in a labelled file": (
+        lambda w, t: _ft(w, t, _written(t, "d.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")), "is not valid JSON"),
+    # 24, misleading: the line says what is wrong
+    "24 misleading: a null label": (lambda w, t: _ft(w, t, _written(t, "n.jsonl", '{"text": "golf", "label": null}\n')),
+                                    "the column 'label' is empty"),
+    "24 misleading: a directory as the train file": (lambda w, t: _ft(w, t, _mine(t)), "is not a regular file"),
+    "24 misleading: a run's config.json is []": (lambda w, t: ["report", str(_run_config(w, t, "[]")), "--out",
+                                                               str(t / "r.html")], "is not a maskedlm config"),
 }
 
 
@@ -343,7 +474,9 @@ def test_stale_prepare_temp_dirs_are_removed(world, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- slow ones
 def _maskedlm(*args, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    import maskedlm  # the sources this test imported, wherever they are, so the subprocess runs the same code
+
+    env = {**os.environ, "PYTHONPATH": str(Path(maskedlm.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "maskedlm", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 

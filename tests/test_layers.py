@@ -25,6 +25,7 @@ LAYERS = {
     "loading": ["checkpoint", "hf", "models", "tasks.heads"],
     "probe": ["probe"],
     "evaluation": ["evaluate"],
+    "guards": ["spikes"],
     "commands": ["train", "finetune", "inference", "masks", "report", "interop", "data.distprepare", "demo"],
     "entry": ["cli", "__main__"],
 }
@@ -37,8 +38,9 @@ MAY_IMPORT = {
     "loading": ["base", "data", "math", "tasks"],
     "probe": ["base", "data", "tasks"],
     "evaluation": ["base", "data", "math", "ranks", "loading"],
-    "commands": ["base", "data", "math", "ranks", "tasks", "loading", "probe", "evaluation"],
-    "entry": ["base", "data", "math", "ranks", "tasks", "loading", "probe", "evaluation", "commands"],  # in functions
+    "guards": ["base", "math", "ranks", "loading"],
+    "commands": ["base", "data", "math", "ranks", "tasks", "loading", "probe", "evaluation", "guards"],
+    "entry": ["base", "data", "math", "ranks", "tasks", "loading", "probe", "evaluation", "guards", "commands"],  # in functions
 }
 # Imported inside the functions that need them, never at the top of a module: optional extras, or heavy enough that
 # every command would pay for them (matplotlib ~0.5 s, FSDP ~0.9 s).

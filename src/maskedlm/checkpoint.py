@@ -48,6 +48,21 @@ def _write_weights(path: Path, tensors: dict) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+_OS_ERRORS = {"os error 28": errno.ENOSPC, "os error 122": errno.EDQUOT, "os error 30": errno.EROFS}
+
+
+def write_weights(path, tensors: dict) -> None:
+    """`tensors` into the safetensors file `path`. safetensors reports a full disk as its own error type (with the
+    OS error inside its text): raised here as that OSError naming `path`, which every command ends in one line."""
+    try:
+        _write_weights(Path(path), tensors)
+    except SafetensorError as e:
+        code = next((c for k, c in _OS_ERRORS.items() if k in str(e)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def _write_optimizer(path: Path, state: dict) -> None:
     # Our own file object: on a failed write (a full disk) the descriptor closes here, not when the exception's
     # frames are collected; an open file would keep the disk's space and its mount busy.
@@ -145,7 +160,7 @@ def save_checkpoint(
 def _write_step_dir(tmp: Path, step: int, model_state: dict, optimizer, config: dict, tokenizer_json, state: dict) -> None:
     """Every file of one checkpoint into `tmp`, state.json last (it records the others' sizes and hashes), synced."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    _write_weights(tmp / WEIGHTS, tensors)
+    write_weights(tmp / WEIGHTS, tensors)
     if optimizer is not None:
         _write_optimizer(tmp / OPTIMIZER, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2))
@@ -167,8 +182,10 @@ def _save_failed(e: BaseException, ck_root: Path, name: str) -> CheckpointError:
     kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
     why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
     why = os.strerror(errno.ENOSPC) if full else why
-    return CheckpointError(f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then "
-                           "continue with --resume")
+    err = CheckpointError(f"could not save checkpoint {name} in {ck_root}: {why}; {kept}. Free disk space, then "
+                          "continue with --resume")
+    err.why = why  # for a caller whose user has no run to resume (import)
+    return err
 
 
 def step_dirs(ck_root: Path) -> list[tuple[int, Path]]:
@@ -222,11 +239,16 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
         state = json.loads((path / STATE).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} has no {STATE} (a save was interrupted?)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"checkpoint {path}: {STATE} is not a maskedlm checkpoint state (damaged?)")
     files = state["files"]
+    for name, rec in files.items():  # each record: a file of this dir, its size and sha256 (as _file_record writes)
+        if not (Path(name).name == name and name not in (".", "..") and isinstance(rec, dict)
+                and isinstance(rec.get("bytes"), int) and not isinstance(rec["bytes"], bool)
+                and isinstance(rec.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"])):
+            raise CheckpointError(f"checkpoint {path}: {STATE} has a malformed record for {str(name)[:60]!r} (damaged?)")
     for name in (WEIGHTS, CONFIG) + ((OPTIMIZER,) if load_optimizer else ()):
         if name not in files or not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}")
@@ -243,8 +265,10 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
                 raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in {STATE} (corrupted)")
     try:
         config = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({str(e)[:80]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is not a maskedlm config (damaged?)")
     try:
         model_state = load_file(str(path / WEIGHTS))
     except Exception as e:  # safetensors raises its own error type on a bad header or short file

@@ -351,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What the disk or the OS can refuse while an output is written: one line, as for bad input (the causes are outside).
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -359,12 +364,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"maskedlm: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno not in _WRITE_ERRORS:
             raise
         # Every writer builds in a temporary file or directory and removes it on error, so the old output stands.
-        where = f" while writing {e.filename}" if e.filename else ""
-        print(f"maskedlm: error: no space left on the device{where}; nothing was replaced; free space and run again",
-              file=sys.stderr)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = (f" while writing {e.filename}" if full else f": {e.filename}") if e.filename else ""
+        fix = "free space and run again" if full else "check the path's permissions, or choose another --out"
+        print(f"maskedlm: error: {_WRITE_ERRORS[e.errno]}{where}; nothing was replaced; {fix}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("maskedlm: interrupted", file=sys.stderr)

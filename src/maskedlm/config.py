@@ -36,8 +36,12 @@ def _check_seed(key: str, seed) -> None:
     _check(isinstance(seed, int) and 0 <= seed < SEED_LIMIT, f"{key} must be an integer in [0, 2^63), got {seed!r}")
 
 
+DIM_LIMIT = 2**31 - 1  # a tensor dimension; a model that large is refused later by its memory need anyway
+
+
 def _check_finite(cfg) -> None:
-    """Every float of every section (tuples included) is a finite number."""
+    """Every float of every section (tuples included) is a finite number, every integer fits in 64 bits (torch,
+    numpy and the counter-based hash take them so; a larger one would overflow deep inside, or wrap)."""
     for section in fields(cfg):
         table = getattr(cfg, section.name)
         for f in fields(table):
@@ -45,6 +49,9 @@ def _check_finite(cfg) -> None:
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, float):
                     _check(math.isfinite(v), f"{section.name}.{f.name} must be a finite number, got {value}")
+                elif isinstance(v, int) and not isinstance(v, bool) and not f.name.endswith("seed"):  # seeds: own check
+                    _check(-SEED_LIMIT <= v < SEED_LIMIT, f"{section.name}.{f.name} must be an integer within "
+                           f"±2^63, got {v}")
 
 
 @dataclass
@@ -76,8 +83,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check(self.family in ("bert", "modern"), f"model.family must be 'bert' or 'modern', got {self.family!r}")
-        for k in ("hidden", "layers", "heads", "intermediate", "max_positions"):
+        for k in ("hidden", "layers", "heads", "intermediate", "max_positions", "type_vocab_size"):
             _check(int(getattr(self, k)) > 0, f"model.{k} must be > 0, got {getattr(self, k)}")
+        for k in ("hidden", "layers", "heads", "intermediate", "max_positions", "type_vocab_size", "vocab_size",
+                  "pad_vocab_multiple", "local_attention_tokens"):  # tensor dimensions: torch takes them as int64
+            _check(getattr(self, k) <= DIM_LIMIT, f"model.{k} must be <= 2^31 - 1, got {getattr(self, k)}")
         _check(self.hidden % self.heads == 0, f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})")
         _check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -520,9 +530,22 @@ def _split_override(item, form: str = "section.key=value") -> tuple[str, object]
     return key.strip(), _parse_scalar(text.strip())
 
 
-def config_from_dict(data: dict) -> Config:
-    """The Config saved as config.json (a run dir or a checkpoint dir), validated."""
+def config_from_dict(data: dict, source: str = "the saved config") -> Config:
+    """The Config saved as config.json (a run dir or a checkpoint dir), validated. Anything but an object of sections
+    is refused: a string there would otherwise be read as a preset name, and its config reported as the run's."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source} is not a maskedlm config (an object of sections), got {json.dumps(data)[:40]}; "
+                        "it is damaged: restore it from the checkpoint's own config.json")
     return load_config(data)
+
+
+def read_config_json(path) -> Config:
+    """The Config in a run's or checkpoint's config.json: one line naming the file when it is unreadable or damaged."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return config_from_dict(data, str(path))
 
 
 def flat_config(cfg: Config) -> dict:
@@ -578,9 +601,21 @@ class FinetuneConfig:
     eval_batch_rows: int = 64  # examples per forward pass at evaluation and feature extraction
 
     def validate(self) -> "FinetuneConfig":
-        _check(self.epochs >= 1 or self.max_steps > 0, f"finetune.epochs must be >= 1, got {self.epochs}")
+        for f in fields(self):  # as _check_finite does for the pretraining sections: before any work
+            v = getattr(self, f.name)
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"finetune.{f.name} must be a finite number, got {v}")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                _check(-SEED_LIMIT <= v < SEED_LIMIT, f"finetune.{f.name} must be an integer within ±2^63, got {v}")
+        _check_seed("finetune.seed", self.seed)
+        _check(self.epochs >= 1 or self.max_steps > 0 and self.epochs == 0, f"finetune.epochs must be >= 1 (or 0 with "
+               f"finetune.max_steps), got {self.epochs}")
         _check(self.max_steps >= 0, f"finetune.max_steps must be >= 0, got {self.max_steps}")
-        _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
+        # An AdamW step moves each weight by about lr: above 1 no fine-tuning converges (lr=1e30 ended in NaN weights
+        # that only the final check against transformers caught); weight decay multiplies weights by 1 - lr·decay.
+        _check(0 < self.lr <= 1, f"finetune.lr must be in (0, 1], got {self.lr}")
+        _check(self.weight_decay <= 1, f"finetune.weight_decay must be <= 1, got {self.weight_decay}")
+        _check(self.max_len <= DIM_LIMIT, f"finetune.max_len must be <= 2^31 - 1, got {self.max_len}")
         _check(self.batch_rows > 0, f"finetune.batch_rows must be > 0, got {self.batch_rows}")
         _check(self.max_len >= 3, f"finetune.max_len must be >= 3 ([CLS], a token, [SEP]), got {self.max_len}")
         _check(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay}")

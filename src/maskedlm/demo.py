@@ -25,7 +25,7 @@ from maskedlm.data.prepare import prepare
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
-from maskedlm.files import atomic_write_text
+from maskedlm.files import atomic_write_text, check_out
 from maskedlm.inference import fill
 from maskedlm.model import MaskedLM
 from maskedlm.models import load_any_model
@@ -82,6 +82,20 @@ def split_works(texts: Path) -> tuple[list[Path], Path]:
     held-out play: the one whose file name sorts last (The Winter's Tale), so every run holds out the same text."""
     works = sorted(texts.glob("*_gut.txt"))
     return works[:-1], works[-1]
+
+
+MAX_MINUTES = 24 * 60  # a demo; longer training is `maskedlm train` (1e308 minutes was accepted and ran on)
+DEMO_MARKER = ".maskedlm-demo"
+DEMO_ENTRIES = {DEMO_MARKER, "runs", "cache-full", "cache-quick"}  # what a demo writes into --out
+
+
+def _is_demo_dir(d: Path) -> bool:
+    return (d / DEMO_MARKER).is_file() or {p.name for p in d.iterdir()} <= DEMO_ENTRIES
+
+
+def _marked(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return out / DEMO_MARKER
 
 
 def _fresh_run_dir(out: Path, mode: str) -> Path:
@@ -246,8 +260,9 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
     mode = QUICK if quick else FULL
     minutes = mode.minutes if minutes is None else float(minutes)
-    if not minutes > 0:
-        raise UserError(f"--minutes must be > 0, got {minutes}")
+    if not 0 < minutes <= MAX_MINUTES:
+        raise UserError(f"--minutes must be in (0, {MAX_MINUTES}], got {minutes}")
+    check_out(out, overwrite=True, ours=_is_demo_dir, what="a demo")  # it adds to its own folder, never to another
     t_start = time.perf_counter()
     texts = corpus_dir()
     train_files, held_out = split_works(texts)
@@ -258,6 +273,7 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
     print(f"maskedlm demo ({mode.name}): {len(train_files)} works of Shakespeare ({size_mb:.1f} MB) from {texts}; "
           f"held out: {held_out.name}")
 
+    atomic_write_text(_marked(out), "written by maskedlm demo; later demos add their runs here\n")  # the first write
     train_dir, held_dir = _build_data(out / f"cache-{mode.name}", train_files, held_out, mode)
     data = open_data_dir(train_dir)
     held = open_data_dir(held_dir).open("train")  # the held-out play: see _build_data

@@ -8,6 +8,7 @@ over an input or a directory someone else wrote) and the one-writer-per-director
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -68,9 +69,15 @@ def link_or_copy(src, dst) -> bool:
         os.link(src, dst)
         return True
     except OSError:
+        pass
+    try:
         shutil.copyfile(src, dst)
-        fsync_path(Path(dst))
-        return False
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise OSError(e.errno, e.strerror, str(dst)) from None  # what could not be written, not the source read
+    fsync_path(Path(dst))
+    return False
 
 
 def temp_dir_beside(out, tag: str) -> Path:
@@ -137,6 +144,23 @@ def check_out(out, *, inputs=(), overwrite: bool = False, ours: Callable[[Path],
     user's, never ours to delete.
     """
     out = Path(out)
+    _check_inputs(out, inputs)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == out else f"lies under {parent}, which is"
+            raise UserError(f"--out {out} {where} a file, not a directory; choose another --out")
+    _check_writable(out)
+    if out.is_dir() and any(out.iterdir()):
+        if ours is None or not ours(out):
+            noun = what.removeprefix("an ").removeprefix("a ")
+            raise UserError(f"--out {out} exists, is not empty and holds no {noun}; refusing to replace it (--overwrite "
+                            "replaces only what maskedlm wrote); choose a new --out")
+        if not overwrite:
+            raise UserError(f"{out} already holds {what}; pass --overwrite to replace it, or choose a new --out")
+    return out
+
+
+def _check_inputs(out: Path, inputs) -> None:
     real = out.resolve()
     for item in inputs:
         if item is None or not Path(item).exists():
@@ -145,17 +169,41 @@ def check_out(out, *, inputs=(), overwrite: bool = False, ours: Callable[[Path],
         if _inside(real, inp) or _inside(inp, real):
             rel = "is" if real == inp else ("lies inside" if _inside(real, inp) else "contains")
             raise UserError(f"--out {out} {rel} the input {item}; choose an --out outside every input")
-    for parent in [out, *out.parents]:
+
+
+def _check_writable(out: Path) -> None:
+    """UserError unless the nearest existing folder at or above `out` can be written: a read-only disk or a folder
+    without permission is found before any work, not when the result is saved."""
+    here = next(p for p in [out, *out.parents] if p.exists())
+    if here.is_dir() and not os.access(here, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(here) else "no permission to write there"
+        raise UserError(f"--out {out}: cannot write in {here} ({why}); choose another --out")
+
+
+def _read_only(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_out_file(out, *, inputs=(), ours: Callable[[Path], bool], what: str) -> Path:
+    """UserError unless `out` may become a single output file: not an input or inside one, not under a file, not a
+    directory, FIFO, device or socket (opening one could block forever), in a writable folder, and replacing an
+    existing file only when `ours(out)` recognises it as `what` that maskedlm wrote."""
+    out = Path(out)
+    _check_inputs(out, inputs)
+    for parent in out.parents:
         if parent.exists() and not parent.is_dir():
-            where = "is" if parent == out else f"lies under {parent}, which is"
-            raise UserError(f"--out {out} {where} a file, not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if ours is None or not ours(out):
-            noun = what.removeprefix("an ").removeprefix("a ")
-            raise UserError(f"--out {out} exists, is not empty and holds no {noun}; refusing to replace it (--overwrite "
-                            "replaces only what maskedlm wrote); choose a new --out")
-        if not overwrite:
-            raise UserError(f"{out} already holds {what}; pass --overwrite to replace it, or choose a new --out")
+            raise UserError(f"--out {out} lies under {parent}, which is a file, not a directory; choose another --out")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; name a file to write")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} is not a regular file (a FIFO, device or socket); choose another --out")
+    _check_writable(out)
+    if out.exists() and not ours(out):
+        raise UserError(f"--out {out} exists and is not {what}; choose another --out ({what} is the only file "
+                        "ever replaced)")
     return out
 
 

@@ -15,11 +15,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
 from maskedlm import distributed as dist
-from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
+from maskedlm.checkpoint import write_weights
+from maskedlm.config import SEED_LIMIT, FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.models import FINETUNE_MARKER, is_finetune_dir, load_any_model
@@ -32,6 +32,7 @@ from maskedlm.tasks.heads import TaskModel, hf_task_config, to_hf_task_state_dic
 from maskedlm.tasks.metrics import summarize
 from maskedlm.tokenizer import save_tokenizer, special_ids
 
+MAX_SEEDS = 100  # --seeds: each is a whole run; 1000 would run for days where a user meant 10
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
 
@@ -165,7 +166,7 @@ def save_hf(model: TaskModel, data: TaskData, tok, out: Path) -> float | None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, sp.cls), (sep, sp.sep)])
     atomic_write_text(out / "config.json", json.dumps(hf_task_config(model, data.names, sp.as_dict()), indent=2))
-    save_file(to_hf_task_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(out / "model.safetensors", to_hf_task_state_dict(model))
     save_tokenizer(tok, out)
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     tcfg["model_max_length"] = int(model.cfg.max_positions)
@@ -235,8 +236,10 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
     DIR/metrics.jsonl, DIR/predictions.jsonl (with --test) and DIR/best/ (not with --probe). Nothing is written
     when an input is refused. Under torchrun every rank trains on its share of each batch and rank 0 writes."""
     fcfg = load_finetune_config(overrides)
-    if int(seeds) < 1:
-        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= int(seeds) <= MAX_SEEDS:  # each seed is a whole fine-tuning run; published medians use 5 to 20
+        raise UserError(f"--seeds must be in [1, {MAX_SEEDS}], got {seeds}")
+    if fcfg.seed + int(seeds) > SEED_LIMIT:
+        raise UserError(f"finetune.seed + --seeds must stay below 2^63, got {fcfg.seed} + {seeds}")
     # --out never over, inside or around an input; --overwrite replaces only an earlier finetune's output
     inputs = [x for x in (model, train, eval, test) if isinstance(x, (str, os.PathLike))]
     out = check_out(out, inputs=inputs, overwrite=overwrite, ours=is_finetune_dir, what="a finetune output")

@@ -296,10 +296,27 @@ def _expect(d: dict, key: str, allowed, default) -> None:
 
 
 def model_config_from_hf(d: dict) -> ModelConfig:
-    """config.json of a BERT or ModernBERT checkpoint → ModelConfig; UserError for what we cannot represent.
+    """config.json of a BERT or ModernBERT checkpoint → ModelConfig (the inverse of hf_config, field by field for
+    both architectures); UserError for what we cannot represent, or a field that is missing where it has no default,
+    or of the wrong type."""
+    try:
+        return _model_config_from_hf(d)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise UserError(f"config.json has a missing or malformed field ({type(e).__name__}: {str(e)[:80]}); it is not a "
+                        "BERT or ModernBERT config transformers wrote") from None
 
-    The inverse of hf_config, field by field for both architectures.
-    """
+
+def _int(d: dict, key: str, default: int | None = None) -> int:
+    """An integer field of a Hugging Face config.json: 64.5 or "64" is no layer width (int() would cut or read it)."""
+    v = d[key] if default is None else d.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{key} is {json.dumps(v)[:20]}, not an integer")
+    return v
+
+
+def _model_config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type == "bert":
         cfg = _bert_config(d)
@@ -316,13 +333,13 @@ def _bert_config(d: dict) -> ModelConfig:
     _expect(d, "position_embedding_type", ["absolute"], "absolute")
     return ModelConfig(
         family="bert",
-        vocab_size=int(d["vocab_size"]),
-        hidden=int(d.get("hidden_size", 768)),
-        layers=int(d.get("num_hidden_layers", 12)),
-        heads=int(d.get("num_attention_heads", 12)),
-        intermediate=int(d.get("intermediate_size", 3072)),
-        max_positions=int(d.get("max_position_embeddings", 512)),
-        type_vocab_size=int(d.get("type_vocab_size", 2)),
+        vocab_size=_int(d, "vocab_size"),
+        hidden=_int(d, "hidden_size", 768),
+        layers=_int(d, "num_hidden_layers", 12),
+        heads=_int(d, "num_attention_heads", 12),
+        intermediate=_int(d, "intermediate_size", 3072),
+        max_positions=_int(d, "max_position_embeddings", 512),
+        type_vocab_size=_int(d, "type_vocab_size", 2),
         dropout=float(d.get("hidden_dropout_prob", 0.1)),
         attention_dropout=float(d.get("attention_probs_dropout_prob", 0.1)),
         layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
@@ -339,17 +356,17 @@ def _modern_config(d: dict) -> ModelConfig:
         ("classifier_bias", False, False), ("decoder_bias", True, True),
     ):
         _expect(d, key, [value], default)
-    L = int(d.get("num_hidden_layers", 22))
+    L = _int(d, "num_hidden_layers", 22)
     every_n = _global_every_n(d, L)
     theta, local_theta = _rope_thetas(d)
     return ModelConfig(
         family="modern",
-        vocab_size=int(d["vocab_size"]),
-        hidden=int(d.get("hidden_size", 768)),
+        vocab_size=_int(d, "vocab_size"),
+        hidden=_int(d, "hidden_size", 768),
         layers=L,
-        heads=int(d.get("num_attention_heads", 12)),
-        intermediate=int(d.get("intermediate_size", 1152)),
-        max_positions=int(d.get("max_position_embeddings", 8192)),
+        heads=_int(d, "num_attention_heads", 12),
+        intermediate=_int(d, "intermediate_size", 1152),
+        max_positions=_int(d, "max_position_embeddings", 8192),
         dropout=float(d.get("mlp_dropout", 0.0)),
         attention_dropout=float(d.get("attention_dropout", 0.0)),
         layer_norm_eps=float(d.get("norm_eps", 1e-5)),
@@ -357,7 +374,7 @@ def _modern_config(d: dict) -> ModelConfig:
         rope_theta=float(theta),
         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
         global_attn_every_n_layers=every_n,
-        local_attention_tokens=int(d.get("local_attention", 128)),
+        local_attention_tokens=_int(d, "local_attention", 128),
         local_rope_theta=float(local_theta),
     )
 
@@ -366,7 +383,7 @@ def _global_every_n(d: dict, L: int) -> int:
     """n of ModernBERT's layer pattern (layers 0, n, 2n, ... global); UserError for any other pattern."""
     layer_types = d.get("layer_types")
     if layer_types is None:  # transformers < 5 spelled the pattern with one number
-        layer_types = [_layer_type(i, int(d.get("global_attn_every_n_layers", 3))) for i in range(L)]
+        layer_types = [_layer_type(i, _int(d, "global_attn_every_n_layers", 3)) for i in range(L)]
     globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     every_n = globals_[1] if len(globals_) > 1 else L
     if len(layer_types) != L or any(t != _layer_type(i, every_n) for i, t in enumerate(layer_types)):
@@ -452,8 +469,8 @@ def load_hf_dir(hf_dir, device="cpu"):
     root = _resolve_hf_dir(hf_dir)
     try:
         hf_cfg = json.loads((root / "config.json").read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"{root / 'config.json'} is not valid JSON ({e})") from None
+    except (ValueError, OSError, RecursionError) as e:
+        raise UserError(f"{root / 'config.json'} is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(hf_cfg, dict):
         raise UserError(f"{root / 'config.json'} is not a JSON object")
     mcfg = model_config_from_hf(hf_cfg)

@@ -10,17 +10,20 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 import maskedlm
-from maskedlm.checkpoint import WEIGHTS, save_checkpoint
+from maskedlm.checkpoint import WEIGHTS, CheckpointError, save_checkpoint, write_weights
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.hf import hf_config, load_hf_dir, tied_hf_keys, to_hf_state_dict
-from maskedlm.models import EXPORT_MARKER, is_export_dir, is_run_dir, load_any_model
+from maskedlm.models import EXPORT_MARKER, holds_run, is_export_dir, load_any_model, refuse_task_model
 from maskedlm.tokenizer import save_tokenizer, special_ids
 
 _PROBE_TOLERANCE = 1e-4  # export self-check: fp32 logits of the same weights agree to ~1e-6; 1e-4 flags a wrong map
+
+
+def _holds_import(d: Path) -> bool:
+    return holds_run(d) and any(d.iterdir())  # not a folder holding only train's lock: import writes no lock
 
 
 def _check_out(out, overwrite: bool, tag: str, inputs, ours) -> Path:
@@ -99,7 +102,7 @@ def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
         hf_cfg = hf_config(mcfg, special=sp.as_dict())
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         sd = {k: v.cpu() for k, v in to_hf_state_dict(net).items() if k not in tied_hf_keys(mcfg)}
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_weights(tmp / WEIGHTS, sd)
         save_tokenizer(tok, tmp)
         tcfg_path = tmp / "tokenizer_config.json"
         tcfg = json.loads(tcfg_path.read_text())
@@ -130,15 +133,20 @@ def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
     """A local HF BERT / ModernBERT dir → a maskedlm run dir (checkpoints/step_0000000, loadable as MODEL and by
     `train --init-from`). Head tensors the checkpoint lacks are initialised and named in the report."""
 
-    check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=is_run_dir, what="a run")  # before reading weights
+    check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=_holds_import, what="a run")  # before reading weights
     model, cfg, tok, info = load_hf_dir(hf_dir)
-    out = _check_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], is_run_dir)
+    refuse_task_model(Path(hf_dir), info)  # an imported run is a MODEL for fill, eval, export: they need its ω
+    out = _check_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _holds_import)
     with building(out, "import") as tmp:
         tok_file = tmp / "tokenizer.source.json"
         tok_file.write_text(tok.to_str())
         state = dict(imported_from=info["source"], architectures=info["architectures"],
                      initialised_fresh=info["initialised"])
-        save_checkpoint(tmp, 0, model, None, cfg.to_dict(), tok_file, state, keep=1)
+        try:
+            save_checkpoint(tmp, 0, model, None, cfg.to_dict(), tok_file, state, keep=1)
+        except CheckpointError as e:  # its line is for a training run (--resume); an import simply did not happen
+            raise UserError(f"could not write the import to {out}: {getattr(e, 'why', e)}; nothing was written; "
+                            "free disk space and run again") from None
         tok_file.unlink()
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         _readable(tmp)

@@ -23,18 +23,58 @@ def _clean(v):
     return v
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records after `max_step` (a resumed run rewrites the steps a killed run had logged past its checkpoint)."""
+_COUNTS = ("step", "tokens")  # the integer fields of a record; every other number may be written as "nan"/"inf"
+_NUMBERS = ("loss", "masked_acc", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "epoch")  # and val_*, probe/*
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def parse_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record with its numbers typed, or None for a damaged line: not JSON (cut by a
+    kill), not an object, a count that is not a non-negative integer, or a number field that holds no number."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("kind", "train"), str):
+        return None
+    for k, v in rec.items():
+        if k in _COUNTS:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                return None
+        elif k in _NUMBERS or k.startswith(("val_", "probe/")) and not isinstance(v, (list, dict)):
+            if isinstance(v, str) and v in _NON_FINITE:  # _clean wrote it so
+                rec[k] = _NON_FINITE[v]
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                return None
+    return rec
+
+
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl in file order; damaged lines are skipped and counted in one `warn` line."""
+    records, bad = [], 0
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        rec = parse_record(line) if line.strip() else {}
+        bad += rec is None
+        if rec:
+            records.append(rec)
+    if bad and warn is not None:
+        warn(f"skipped {bad} damaged line(s) of {path} (not a JSON record of numbers)")
+    return records
+
+
+def truncate_jsonl(path: Path, max_step: int, warn=None) -> None:
+    """Drop records after `max_step` (a resumed run rewrites the steps a killed run had logged past its checkpoint),
+    and damaged lines (a line cut by SIGKILL, a bad disk, an edit), counted in one `warn` line."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by SIGKILL
-            continue
-        if rec.get("step", 0) <= max_step:
+    keep, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        rec = parse_record(line) if line.strip() else {}
+        bad += rec is None
+        if rec and rec.get("step", 0) <= max_step:
             keep.append(line)
+    if bad and warn is not None:
+        warn(f"dropped {bad} damaged line(s) of {path} (not a JSON record of numbers)")
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -48,6 +48,18 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / CHECKPOINTS).is_dir() or is_run_config(path / CONFIG)
 
 
+def holds_run(path: str | Path) -> bool:
+    """`path` is a folder that train or import wrote, so train may continue it and import --overwrite replace it: a
+    run config.json or finished checkpoints, or nothing but train's lock (a start refused just after taking it). A
+    folder that merely has a config.json or a checkpoints/ of other files is the user's."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if is_run_config(path / CONFIG) or step_dirs(path / CHECKPOINTS):
+        return True
+    return {p.name for p in path.iterdir()} <= {".lock"}
+
+
 def is_run_without_checkpoint(path: str | Path) -> bool:
     """A run dir whose run has not saved yet."""
     path = Path(path)
@@ -79,7 +91,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         latest = read_latest_name(ck_root)
         if latest and (ck_root / latest).is_dir():
             return ck_root / latest
-        return step_dirs(ck_root)[-1][1]
+        if step_dirs(ck_root):
+            return step_dirs(ck_root)[-1][1]
+        raise UserError(f"run dir {path} has no finished checkpoint in {ck_root}; pass a run dir or checkpoint dir "
+                        "that has one")
     if not path.exists():
         raise UserError(f"model {path} does not exist")
     raise UserError(f"{path} is neither a run dir nor a checkpoint dir (no {STATE}, no checkpoints/)")
@@ -119,6 +134,16 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
 TASK_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 
 
+def refuse_task_model(p: Path, info: dict) -> None:
+    """UserError for a fine-tuned task model without MLM head weights (`info` as load_hf_dir gives it): a head made up
+    (fresh weights) would give numbers, fills, an export or an imported run that look real and mean nothing."""
+    task = [a for a in info["architectures"] or [] if isinstance(a, str) and a.endswith(TASK_CLASSES)]
+    if task and info["initialised"]:
+        raise UserError(f"{p} is a fine-tuned {task[0]}: it has no MLM head, which this command needs; pass the model "
+                        "it was fine-tuned from (finetune and train --init-from take a fine-tuned model's encoder, and "
+                        "transformers loads it as it is)")
+
+
 def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
     """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from any MODEL path: a maskedlm run dir (its latest
     checkpoint) or checkpoint dir, a `maskedlm finetune` DIR (its best/) or a local Hugging Face BERT / ModernBERT dir
@@ -143,12 +168,8 @@ def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
     if is_checkpoint_dir(p) or is_run_dir(p):
         return load_checkpoint_model(p, device=device)  # a run dir with no checkpoint yet is refused there, by name
     model, cfg, tok, info = load_hf_dir(p, device=device)
-    task = [a for a in info["architectures"] or [] if isinstance(a, str) and a.endswith(TASK_CLASSES)]
-    if mlm_head and task and info["initialised"]:
-        # Its MLM head would be made up (fresh weights): the numbers, fills or export would look real and mean nothing.
-        raise UserError(f"{p} is a fine-tuned {task[0]}: it has no MLM head, which this command needs; pass the model "
-                        "it was fine-tuned from (finetune and train --init-from take a fine-tuned model's encoder, and "
-                        "transformers loads it as it is)")
+    if mlm_head:
+        refuse_task_model(p, info)
     if info["initialised"]:
         say = report or (lambda m: print(m, file=sys.stderr))
         say(f"note: {p} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")

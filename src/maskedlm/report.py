@@ -11,17 +11,19 @@ import html
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from maskedlm.checkpoint import read_latest_name
-from maskedlm.config import flat_config, load_config
+from maskedlm.config import flat_config, read_config_json
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import score_positions
-from maskedlm.files import atomic_write_text
+from maskedlm.files import atomic_write_text, building, check_out, check_out_file, replace_dir
+from maskedlm.metrics import read_metrics
 from maskedlm.models import check_compatible, load_any_model
 
 CALIBRATION_BINS = 10  # equal-width confidence bins of the reliability diagram and the ECE (Guo et al. 2017 use 15)
@@ -40,16 +42,8 @@ class Run:
     anatomy: dict = field(default_factory=dict)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill: the rest of the file is still good
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+def _warn(msg: str) -> None:
+    print(f"maskedlm: warning: {msg}", file=sys.stderr)
 
 
 def read_run(run_dir, label: str | None = None) -> Run:
@@ -57,14 +51,11 @@ def read_run(run_dir, label: str | None = None) -> Run:
     p = Path(run_dir)
     if not (p / "metrics.jsonl").is_file() or not (p / "config.json").is_file():
         raise UserError(f"{p} is not a maskedlm run dir (no metrics.jsonl / config.json); give the --out of `maskedlm train`")
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except ValueError as e:
-        raise UserError(f"cannot read {p / 'config.json'}: {e}") from None
-    recs = _read_jsonl(p / "metrics.jsonl")
+    cfg = read_config_json(p / "config.json")
+    recs = read_metrics(p / "metrics.jsonl", warn=_warn)
     command = (p / "command.txt").read_text(errors="replace").strip() if (p / "command.txt").is_file() else ""
     return Run(path=p, label=label or p.name, train=[r for r in recs if r.get("kind", "train") == "train"],
-               evals=[r for r in recs if r.get("kind") == "eval"], config=flat_config(load_config(cfg)), command=command)
+               evals=[r for r in recs if r.get("kind") == "eval"], config=flat_config(cfg), command=command)
 
 
 def smooth(values, window: int) -> np.ndarray:
@@ -290,7 +281,7 @@ def _svg(fig) -> str:
 def _table(tid: str, rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return f'<table id="{tid}"><tr><td>(none)</td></tr></table>'
-    columns = columns or list(rows[0])
+    columns = columns or list(dict.fromkeys(c for r in rows for c in r))  # every row's, in order: some lack some
 
     def cell(v):
         if isinstance(v, float):
@@ -298,16 +289,18 @@ def _table(tid: str, rows: list[dict], columns: list[str] | None = None) -> str:
         return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, '–'))}</td>" for c in columns) + "</tr>" for r in rows)
     return f'<table id="{tid}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def final_numbers(run: Run) -> dict:
+    """The last numbers of a run; what it never measured (no periodic evaluation, say) is left out, not NaN."""
     last = run.train[-1] if run.train else {}
     ev = run.evals[-1] if run.evals else {}
+    got = {"train loss": last.get("loss"), "eval loss": ev.get("val_loss"), "eval accuracy": ev.get("val_accuracy"),
+           "wall time (s)": last.get("elapsed_s")}
     return {"run": run.label, "step": last.get("step", 0), "tokens": last.get("tokens", 0),
-            "train loss": last.get("loss", math.nan), "eval loss": ev.get("val_loss", math.nan),
-            "eval accuracy": ev.get("val_accuracy", math.nan), "wall time (s)": last.get("elapsed_s", math.nan),
+            **{k: v for k, v in got.items() if v is not None},
             "skipped steps": sum(1 for r in run.train if r.get("skipped"))}
 
 
@@ -318,6 +311,7 @@ def config_differences(runs: list[Run]) -> list[dict]:
     return [{"key": k, **{r.label: json.dumps(r.config.get(k)) for r in runs}} for k in keys]
 
 
+PNG_MARKER = ".maskedlm-report-png"  # in a --png folder, so a later --png may replace it and nothing else
 _TITLE = "<title>maskedlm report</title>"  # also how an existing file is recognised as a report that may be replaced
 _STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;"
           "margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
@@ -328,9 +322,12 @@ def write_report(run_dirs, data=None, out="report.html", png=None) -> Path:
     """Write the report of `run_dirs` (with the anatomy on `data` when given) to `out`; PNGs into `png` if given."""
     if not run_dirs:
         raise UserError("report needs at least one RUN_DIR")
-    out = Path(out)
-    if out.is_dir() or (out.exists() and _TITLE not in out.read_text(errors="replace")[:2000]):
-        raise UserError(f"{out} exists and is not a maskedlm report; choose another --out (a report is only ever replaced by a report)")
+    inputs = [*run_dirs, data]
+    # A page beside a run's files (the demo writes RUN_DIR/report.html) is fine: no reader lists a run dir's files.
+    out = check_out_file(out, ours=_is_report, what="a maskedlm report")
+    if png is not None:  # a folder of figures: the user's PNGs are never overwritten, nor a run dir written into
+        png = check_out(png, inputs=[*inputs, out], overwrite=True, ours=lambda d: (d / PNG_MARKER).is_file(),
+                        what="report figures")
     runs = [read_run(p) for p in run_dirs]
     if len({r.label for r in runs}) < len(runs):
         for r in runs:
@@ -365,12 +362,19 @@ def write_report(run_dirs, data=None, out="report.html", png=None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     if png is not None:
-        Path(png).mkdir(parents=True, exist_ok=True)
-        for fid, _, fig in figures + anatomy_figs:
-            fig.savefig(Path(png) / f"{fid}.png", dpi=150)
+        with building(png, "png") as tmp:  # whole or not at all, as every other output
+            (tmp / PNG_MARKER).write_text("figures of a maskedlm report; --png replaces this folder\n")
+            for fid, _, fig in figures + anatomy_figs:
+                fig.savefig(tmp / f"{fid}.png", dpi=150)
+            replace_dir(tmp, png)
     for _, _, fig in figures + anatomy_figs:
         plt.close(fig)
     return out
+
+
+def _is_report(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return _TITLE in f.read(2000)
 
 
 def _figure(fid: str, caption: str, fig) -> str:

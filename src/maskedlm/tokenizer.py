@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from maskedlm.data.corpus import iter_corpus_texts, resolve_inputs
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, check_out
+from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 KINDS = ("wordpiece", "bpe", "unigram")
@@ -155,7 +155,10 @@ def train_tokenizer(
     if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise UserError("the tokenizer learned no tokens beyond the special ones; give it more text")
     tok.post_processor = _post_processor(tok)
-    return save_tokenizer(tok, out, lowercase=lowercase)
+    with building(out, "tokenizer") as tmp:  # whole or not at all: a full disk leaves the old tokenizer, or nothing
+        save_tokenizer(tok, tmp, lowercase=lowercase)
+        replace_dir(tmp, out)
+    return Path(out) / "tokenizer.json"
 
 
 def is_tokenizer_dir(d: Path) -> bool:

@@ -21,7 +21,7 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
-from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config
+from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config, read_config_json
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
@@ -30,7 +30,7 @@ from maskedlm.files import atomic_write_text, check_out, lock_dir
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.models import check_compatible, is_run_dir, load_any_model
+from maskedlm.models import check_compatible, holds_run, is_run_dir, load_any_model
 from maskedlm.optim import BatchPlan, Schedule, batch_plan, build_optimizer, run_budget
 from maskedlm.probe import load_probe_tasks, probe_record
 from maskedlm.process import StopFlag, reuse_host_memory
@@ -56,7 +56,7 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     """The run's Config (model.vocab_size filled from the data) and, when resuming, the stored one."""
     stored = None
     if resume and (out / "config.json").is_file():
-        stored = load_config(_read_json(out / "config.json"))
+        stored = read_config_json(out / "config.json")
     base = config if config is not None else (stored if stored is not None else DEFAULT_PRESET)
     cfg = load_config(base, overrides)
     if init_cfg is not None:  # --init-from: the architecture is the checkpoint's
@@ -532,8 +532,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         raise UserError("train needs --data DATA_DIR and --out RUN_DIR")
     sources, out = open_sources(data), Path(out)  # several --data: a mixture of sources sharing one tokenizer
     data = sources[0]
-    check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=lambda d: True,
-              what="a run")  # not an input
+    # Not an input, and not a folder of the user's: a run writes config.json, metrics.jsonl, command.txt into it
+    check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=holds_run, what="a run")
     has_run = is_run_dir(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
@@ -578,7 +578,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     start = int(ck.state["step"]) if ck is not None else 0
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
-    dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
+    dist.on_main(truncate_jsonl, out / "metrics.jsonl", start, warn=lambda m: print(f"maskedlm: warning: {m}", file=sys.stderr))
     trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks, lock=lock, resume=ck)
     if ck is not None:
         dist.print0(f"resuming from {ck.path} (step {trainer.step})")

@@ -8,6 +8,7 @@ about what it skipped; it does not tokenize, pack or write.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob as globlib
 import gzip
 import json
@@ -64,9 +65,9 @@ def resolve_inputs(inputs) -> list[Path]:
                 raise UserError(f"input directory has no files: {item}")
         elif _GLOB_CHARS.search(str(item)):
             found = []
-            for m in sorted(globlib.glob(str(item), recursive=True)):
+            for m in _glob(str(item)):
                 mp = Path(m)
-                found += [mp] if mp.is_file() else sorted(q for q in mp.rglob("*") if q.is_file())
+                found += [mp] if mp.is_file() else _dir_files(mp) if mp.is_dir() else []
             if not found:
                 raise UserError(f"input pattern matches no files: {item}")
         elif p.exists():  # a FIFO, socket or device: no size, and reading it twice (tokenizer, prepare) cannot work
@@ -83,6 +84,38 @@ def resolve_inputs(inputs) -> list[Path]:
     return out
 
 
+def _glob(pattern: str) -> list[str]:
+    """The paths `pattern` matches, sorted; `**` matches any depth of real directories. Unlike glob.glob, a `**`
+    does not follow symlinked directories: a link back to a parent would make the walk endless."""
+    if "**" not in pattern:
+        return sorted(globlib.glob(pattern))
+    parts = Path(pattern).parts
+    fixed = next(i for i, x in enumerate(parts) if _GLOB_CHARS.search(x))
+    base, pats = Path(*parts[:fixed]) if fixed else Path("."), list(parts[fixed:])
+    found = []
+    for d, subdirs, names in os.walk(base):  # followlinks=False: a linked dir is listed, never entered
+        rel = Path(d).relative_to(base).parts
+        for name in subdirs + names:
+            if _match([*rel, name], pats):
+                found.append(str(Path(d) / name))
+    if _match([], pats):
+        found.append(str(base))
+    return sorted(found)
+
+
+def _match(parts: list[str], pats: list[str]) -> bool:
+    """Path components `parts` against glob components `pats` (`**`: zero or more components); like glob, a
+    wildcard does not match a name that starts with a dot unless the pattern does."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match(parts[i:], pats[1:]) for i in range(len(parts) + 1)
+                   if not any(x.startswith(".") for x in parts[:i]))
+    if not parts or (parts[0].startswith(".") and not pats[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pats[0]) and _match(parts[1:], pats[1:])
+
+
 def _saved_dataset_files(d: Path) -> list[Path] | None:
     """The Arrow files of a `datasets` save_to_disk directory in its own order (state.json's _data_files), or None
     when `d` is not one."""
@@ -91,8 +124,11 @@ def _saved_dataset_files(d: Path) -> list[Path] | None:
         return None
     try:
         names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         raise UserError(f"{state} is not a datasets save_to_disk state file (no _data_files list)") from None
+    for n in names:  # names of files beside state.json, nothing else: a path there would read files elsewhere
+        if not (isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")):
+            raise UserError(f"{state} lists {n!r} as a data file, not a file name in {d}; save the dataset again")
     return [d / n for n in names]
 
 
@@ -157,8 +193,8 @@ def _read_blocks(path: Path, stats: dict):
         while True:
             try:
                 block = stream.read(READ_BYTES)
-            except (OSError, EOFError, zlib.error, ValueError) as e:  # zstandard raises ZstdError, a ValueError
-                raise UserError(f"cannot read {path}: {e}") from None
+            except (OSError, EOFError, zlib.error, ValueError, *_zstd_errors()) as e:
+                raise UserError(f"cannot read {path}: it is truncated or damaged ({e})") from None
             pos = raw.tell()
             stats["bytes_done"] += pos - last_pos
             last_pos = pos
@@ -175,12 +211,62 @@ def _read_blocks(path: Path, stats: dict):
         raw.close()
 
 
+def _zstd_errors() -> tuple:
+    zstandard = sys.modules.get("zstandard")  # imported only where a .zst is read
+    return (zstandard.ZstdError,) if zstandard is not None else ()
+
+
 def _zstd_reader(raw, path: Path):
+    """Every frame of a .zst file in turn (`cat a.zst b.zst`, pzstd), after checking that it ends where a frame does:
+    zstandard's reader ends quietly inside a cut-off frame, which would read a truncated file as complete."""
     try:
         import zstandard  # optional: only .zst inputs need it
     except ImportError:
         raise UserError(f"{path} is zstd-compressed; install zstandard (pip install zstandard) to read it") from None
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_BYTES)
+    problem = _zstd_frames_problem(raw)
+    if problem:
+        raise UserError(f"cannot read {path}: it is truncated or damaged ({problem}); copy or download it again")
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_BYTES, read_across_frames=True)
+
+
+ZSTD_MAGIC, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50  # RFC 8878 3.1.1 and 3.1.2 (skippable: 0x184D2A5?)
+
+
+def _zstd_frames_problem(raw) -> str | None:
+    """Walk the frame and block headers of the zstd stream `raw` (RFC 8878; sizes only, nothing decompressed) and
+    say what is wrong, or None when the file ends exactly where its last frame does. Leaves `raw` at its start."""
+    size = os.fstat(raw.fileno()).st_size
+    pos = 0
+    try:
+        while pos < size:
+            raw.seek(pos)
+            head = raw.read(4)
+            if len(head) < 4:
+                return f"{size - pos} stray bytes at the end"
+            magic = int.from_bytes(head, "little")
+            if magic & 0xFFFFFFF0 == ZSTD_SKIPPABLE:
+                pos += 8 + int.from_bytes(raw.read(4).ljust(4, b"\xff"), "little")
+                continue
+            if magic != ZSTD_MAGIC:
+                return f"no zstd frame at byte {pos}"
+            desc = raw.read(1)[0] if pos + 5 <= size else 0
+            single, fcs_flag = desc >> 5 & 1, desc >> 6
+            pos += 5 + (not single) + (0, 1, 2, 4)[desc & 3] + ((1 if single else 0), 2, 4, 8)[fcs_flag]
+            last = False
+            while not last:
+                raw.seek(pos)
+                b = raw.read(3)
+                if len(b) < 3:
+                    return "the file ends inside a frame"
+                h = int.from_bytes(b, "little")
+                last, kind, n = h & 1, h >> 1 & 3, h >> 3
+                if kind == 3:
+                    return f"a reserved block type at byte {pos}"
+                pos += 3 + (1 if kind == 1 else n)
+            pos += 4 * (desc >> 2 & 1)  # the content checksum
+        return None if pos == size else "the file ends inside a frame"
+    finally:
+        raw.seek(0)
 
 
 # The allocator of libarrow's C++ code (the Parquet reader's pages and decompression buffers), read from this variable

@@ -205,14 +205,10 @@ def _route_small_corpus(buffered: list, packers, seq_len: int, seed: int, val_fr
 
 # ------------------------------------------------------------------------------------------------- prepare
 
-def _is_prepared(p: Path) -> bool:
-    return (p / "meta.json").exists() or (p / "train").exists() or (p / "val").exists()
-
-
 def check_data_out(out: Path, overwrite: bool, inputs=()) -> None:
     """UserError unless `out` may become the data dir: new, empty, or prepared data with overwrite; never an input,
     inside one or around one (a second run would tokenize its own shards as text)."""
-    check_out(out, inputs=inputs, overwrite=overwrite, ours=_is_prepared, what="prepared data")
+    check_out(out, inputs=inputs, overwrite=overwrite, ours=fmt.is_data_dir, what="prepared data")
 
 
 def _install(tmp: Path, meta: dict, out: Path, overwrite: bool, inputs) -> None:
@@ -326,6 +322,8 @@ def prepare(inputs, tokenizer, seq_len, out, val_fraction=0.01, input_format=Non
     """
     # -- every check that needs no reading comes first, so bad options fail before any work
     seq_len, val_fraction, workers = _checked_numbers(seq_len, val_fraction, workers)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise UserError(f"seed must be an integer in [0, 2^63), got {seed}")  # the split hash takes it as 64 bits
     check_options(input_format, doc_per)
     tok = _own_tokenizer(tokenizer)
     sp = special_ids(tok)
@@ -367,13 +365,16 @@ def _prepare_into(tmp: Path, job: _Job) -> dict:
     try:
         batches = encoded_batches(pieces, job.tok, job.workers, BATCH_CHARS)
         buffered = _route_stream(batches, packers, job.seed, job.val_fraction, stats, bar, job.buffer)
-    finally:
         bar.close()
-    report_input(stats, job.text_field, files)
-    if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
-        _route_small_corpus(buffered, packers, job.seq_len, job.seed, job.val_fraction)
-
-    dropped = {s: packers[s].finish() for s in fmt.SPLITS}
+        report_input(stats, job.text_field, files)
+        if buffered is not None:  # small corpus: choose val so that both splits get a row when val_fraction > 0
+            _route_small_corpus(buffered, packers, job.seq_len, job.seed, job.val_fraction)
+        dropped = {s: packers[s].finish() for s in fmt.SPLITS}
+    except BaseException:
+        bar.close()
+        for w in writers.values():  # no shard left open: a full disk must be free again once `tmp` is removed
+            w.abort()
+        raise
     if writers["train"].rows == 0:
         raise UserError(f"corpus too small: no train row of seq_len {job.seq_len}; add text, lower --seq-len or --val-fraction")
     if job.val_fraction > 0 and writers["val"].rows == 0:
@@ -424,6 +425,32 @@ _MERGE_SUMMED = ("files", "input_bytes", "documents", "skipped_empty_files", "re
                  "jsonl_missing_text_field", "empty_text_records", "dropped_tail_tokens")
 
 
+def _check_part_files(p: Path, meta: dict) -> None:
+    """UserError unless part `p` is whole: typed meta.json fields, every listed shard a plain name whose files exist,
+    its tokenizer.json, and integer token counts (read without pickle). Merge links these; a hole would fail mid-way."""
+    fmt.DataDir(p, meta)  # the typed fields, checked
+    part = meta["part"]
+    if not (isinstance(part, dict) and all(isinstance(part.get(k), int) for k in ("index", "count"))
+            and isinstance(part.get("inputs_hash"), str)):
+        raise UserError(f"{p / 'meta.json'} has a malformed 'part' record; prepare that part again")
+    for split in fmt.SPLITS:
+        info = meta["splits"].get(split) or {}
+        names = info.get("shards", []) if isinstance(info, dict) else None
+        if not isinstance(names, list):
+            raise UserError(f"{p / 'meta.json'}: splits.{split} has no list of shards; prepare that part again")
+        for name in names:
+            if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+                raise UserError(f"{p / 'meta.json'} lists {name!r} as a {split} shard, not a shard name; prepare that "
+                                "part again")
+            for kind in ("ids", "flags"):
+                if not (p / split / f"{name}.{kind}.npy").is_file():
+                    raise UserError(f"part {p} lacks {split}/{name}.{kind}.npy, listed in its meta.json; prepare "
+                                    "that part again")
+    if not (p / "tokenizer.json").is_file():
+        raise UserError(f"part {p} lacks tokenizer.json; prepare that part again")
+    fmt.DataDir(p, meta).token_counts("merge")
+
+
 def _check_parts(parts: list[Path], metas: list[dict]) -> None:
     """UserError unless the parts were made by one split run: same settings, same inputs, each part once, all there."""
     for p, m in zip(parts[1:], metas[1:]):
@@ -435,6 +462,8 @@ def _check_parts(parts: list[Path], metas: list[dict]) -> None:
     shards = [m.get("part") for m in metas]
     if any(s is None for s in shards):
         raise UserError(f"{parts[shards.index(None)]} is not a part (prepared without --shard I/N); merge joins parts")
+    for p, m in zip(parts, metas):
+        _check_part_files(p, m)
     if len({(s["count"], s["inputs_hash"]) for s in shards}) > 1:
         raise UserError("the parts come from different splits (another N in --shard I/N, or other --input files); "
                         "merge the parts of one run")

@@ -48,6 +48,16 @@ def load_meta(data_dir) -> dict:
     return meta
 
 
+def is_data_dir(path) -> bool:
+    """`path` holds prepared data as prepare writes it: a meta.json object of this format. Folders that merely have
+    train/ or val/ subfolders are someone else's, never ours to replace."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and isinstance(meta.get("splits"), dict)
+
+
 class DataDir:
     """A prepared data dir, read once: its numbers typed and checked, so no reader indexes meta.json by hand.
 
@@ -62,7 +72,13 @@ class DataDir:
             self.vocab_size = int(meta["vocab_size"])
             self.seq_len = int(meta["seq_len"])
             self.special = SpecialIds(**{k: int(meta["special_ids"][k]) for k in ("pad", "unk", "cls", "sep", "mask")})
+            if not isinstance(meta["splits"], dict):
+                raise TypeError("'splits' is not an object")
             self.splits = {name: dict(meta["splits"].get(name) or {}) for name in SPLITS}
+            for name, info in self.splits.items():
+                for k in ("rows", "tokens", "documents"):
+                    if not isinstance(info.get(k, 0), int) or isinstance(info.get(k), bool) or info.get(k, 0) < 0:
+                        raise TypeError(f"splits.{name}.{k} is {info[k]!r}, not a count")
         except (KeyError, TypeError, ValueError) as e:
             raise _not_prepared(self.path, f"meta.json has a missing or malformed field: {e}") from None
         self.tokenizer_hash: str | None = meta.get("tokenizer_hash")
@@ -77,7 +93,8 @@ class DataDir:
     def shard_names(self, split: str) -> list[str] | None:
         """The shard names meta.json lists for `split`, or None where it lists none (then the files on disk count)."""
         names = self.splits.get(split, {}).get("shards")
-        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        if names is not None and not (isinstance(names, list) and all(
+                isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names)):
             raise _not_prepared(self.path, f"meta.json's splits.{split}.shards is not a list of names")
         return names
 
@@ -94,7 +111,7 @@ class DataDir:
             raise UserError(f"{required_by} needs {p}; prepare the data again")
         try:
             counts = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise UserError(f"cannot read {p} ({e}); prepare the data again") from None
         if counts.ndim != 1 or counts.dtype.kind not in "iu":
             raise UserError(f"{p} holds {counts.dtype} of shape {counts.shape}, expected integer counts; prepare the data again")
@@ -130,6 +147,10 @@ def mixture_weights(weights, sources: list[DataDir]) -> list[float]:
     w = [float(x) for x in weights] or [float(d.tokens("train")) for d in sources]
     if len(w) != len(sources):
         raise UserError(f"data.weights has {len(w)} values for {len(sources)} --data sources; give one per source")
+    top = max(w, default=0.0)
+    if not top > 0:
+        raise UserError(f"a mixture needs a weight > 0 for some source; got {w}")
+    w = [x / top for x in w]  # first: a sum of weights near the float limit (1e308 each) would be inf, shares 0
     return [x / sum(w) for x in w]
 
 
@@ -146,6 +167,13 @@ def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
     d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(dtype), tuple(shape))
     body = d.ljust(128 - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+def _close_quietly(f) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass  # a full disk fails the flush too; the file is being abandoned either way
 
 
 class ShardWriter:
@@ -173,11 +201,22 @@ class ShardWriter:
         self._n = 0
 
     def _close_shard(self) -> None:
-        for f, dt in zip(self._files, (self.dtype, np.dtype(np.uint8))):
-            f.seek(0)
-            f.write(_npy_header(dt, (self._n, self.seq_len)))
-            f.close()
-        self._files = None
+        files, self._files = self._files, None
+        try:
+            for f, dt in zip(files, (self.dtype, np.dtype(np.uint8))):
+                f.seek(0)
+                f.write(_npy_header(dt, (self._n, self.seq_len)))
+                f.close()
+        finally:
+            for f in files:
+                _close_quietly(f)
+
+    def abort(self) -> None:
+        """Close what is open without finishing it (a failed prepare: the caller removes the files). Until closed, a
+        deleted file still holds its disk space, and a full disk would stay full."""
+        files, self._files = self._files, None
+        for f in files or ():
+            _close_quietly(f)
 
     def add(self, ids: np.ndarray, flags: np.ndarray) -> None:
         """Append rows ([n, seq_len] each)."""
@@ -220,10 +259,11 @@ class RowStore:
             try:
                 ids = np.load(self.dir / f"{name}.ids.npy", mmap_mode="r")
                 flags = np.load(self.dir / f"{name}.flags.npy", mmap_mode="r")
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:
                 raise UserError(f"cannot read shard {self.dir / name}: {e}; prepare the data again") from None
-            if ids.ndim != 2 or ids.shape != flags.shape:
-                raise UserError(f"shard {self.dir / name} has ids {ids.shape} and flags {flags.shape}; prepare the data again")
+            if ids.ndim != 2 or ids.shape != flags.shape or ids.dtype.kind not in "iu" or flags.dtype != np.uint8:
+                raise UserError(f"shard {self.dir / name} has ids {ids.dtype}{list(ids.shape)} and flags "
+                                f"{flags.dtype}{list(flags.shape)}, not integer rows; prepare the data again")
             # Once per open (one pass over the file): an id past the vocabulary would index outside the embeddings.
             if vocab is not None and ids.size and _max_id(self.dir / f"{name}.ids.npy", ids) >= vocab:
                 raise UserError(f"shard {self.dir / name} holds token id {_max_id(self.dir / f'{name}.ids.npy', ids)}, beyond the vocabulary of "

@@ -42,8 +42,10 @@ def _file_kind(path: Path, fallback: str | None) -> str:
 
 def _read_text(path: Path) -> str:
     """The whole file as text (labelled sets fit in memory); .gz decompressed, invalid UTF-8 replaced, a BOM dropped."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"labelled file {str(path)!r} does not exist")
+    if not path.is_file():  # a directory, or a FIFO whose reading would block until a writer comes
+        raise UserError(f"labelled file {str(path)!r} is not a regular file (a directory, FIFO or device); pass a file")
     try:
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -62,8 +64,8 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}: line {n} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{path}: line {n} is not valid JSON ({str(e)[:80]})") from None
         if not isinstance(rec, dict):
             raise UserError(f"{path}: line {n} is not a JSON object")
         out.append((n, rec))
@@ -97,17 +99,32 @@ def read_records(path: Path, fallback_kind: str | None = None) -> list[tuple[int
         return _jsonl_records(path, text)
     if kind == "conll":
         return _conll_records(text)
+    return _table_records(path, text, kind)
+
+
+def _table_records(path: Path, text: str, kind: str) -> list[tuple[int, dict]]:
     # GLUE's TSVs hold unbalanced quotes in their texts: a tab is the only separator there (as its loaders read)
     opts = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if kind == "tsv" else {}
     reader = csv.DictReader(text.splitlines(), **opts)
-    return [(reader.line_num, rec) for rec in reader]
+    limit = csv.field_size_limit(2**31 - 1)  # a long document is a text like any other (its default: 128 KiB)
+    try:
+        names = reader.fieldnames or []
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:  # DictReader would keep the last column of a name, silently
+            raise UserError(f"{path}: the header names the column {twice[0]!r} more than once; rename one")
+        return [(reader.line_num, rec) for rec in reader]
+    except csv.Error as e:
+        raise UserError(f"{path}: line {reader.line_num} is not valid {kind.upper()} ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _field(path, n, rec, name, columns):
-    v = rec.get(name)
-    if v is None or (isinstance(v, str) and v == "" and name not in columns):
+    if name not in rec or (rec[name] is None and name not in columns):
         raise UserError(f"{path}: line {n} has no column {name!r} (columns: {', '.join(map(str, columns))})")
-    return v
+    if rec[name] is None:
+        raise UserError(f"{path}: line {n}: the column {name!r} is empty (null, or missing from the row)")
+    return rec[name]
 
 
 def read_examples(path, task, text_field: str, pair_field: str | None, label_field: str,
@@ -125,7 +142,10 @@ def read_examples(path, task, text_field: str, pair_field: str | None, label_fie
         at = f"{path}: line {n}"
         texts.append(task.text(_field(path, n, rec, text_field, columns), at, text_field))
         if pair_field:
-            pairs.append(str(_field(path, n, rec, pair_field, columns)))
+            v = _field(path, n, rec, pair_field, columns)
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise UserError(f"{at}: the column {pair_field!r} holds {json.dumps(v)[:40]}, not a text")
+            pairs.append(str(v))
         if labels is not None:
             labels.append(task.label(_field(path, n, rec, label_field, columns), texts[-1], at, label_field))
     return Examples(str(path), texts, pairs, labels)

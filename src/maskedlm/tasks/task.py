@@ -7,6 +7,7 @@ task calls these methods instead of testing the task's name. No files (tasks/rea
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from maskedlm.errors import UserError
 from maskedlm.tasks.encode import IGNORE, Encoded, encode_texts, encode_words, gather_words
 from maskedlm.tasks.metrics import classify_metrics, regress_metrics, token_metrics
+
+REGRESS_LIMIT = 1e18  # |target| whose square (and a batch's sum of them) stays finite in float32 (max ~3.4e38)
 
 
 def _label_name(v) -> str:
@@ -44,7 +47,10 @@ class Task:
 
     # ---------------------------------------------------------------------------------------- reading
     def text(self, v, at: str, field: str):
-        """The example's text from its record (`at` names the file and line for a refusal)."""
+        """The example's text from its record (`at` names the file and line for a refusal): a string or a number;
+        a JSON object or list would be read as its Python repr."""
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise UserError(f"{at}: the column {field!r} holds {json.dumps(v)[:40]}, not a text")
         return v if isinstance(v, str) else str(v)
 
     def label(self, v, text, at: str, field: str):
@@ -133,6 +139,8 @@ class Classify(Task):
     name = "classify"
 
     def label(self, v, text, at, field):
+        if not isinstance(v, (str, int, float)):  # an object or list would be a class named by its repr
+            raise UserError(f"{at}: the column {field!r} holds {json.dumps(v)[:40]}, not a label")
         if _label_name(v) == "":
             raise UserError(f"{at} has an empty label in column {field!r}")
         return _label_name(v)
@@ -149,6 +157,9 @@ class Regress(Task):
             raise UserError(f"{at}: the label {v!r} in column {field!r} is not a number") from None
         if not math.isfinite(x):
             raise UserError(f"{at}: the label {v!r} is not a finite number")
+        if abs(x) > REGRESS_LIMIT:  # the loss squares it in float32: 1e300 became inf, then NaN
+            raise UserError(f"{at}: the label {v!r} is beyond ±1e18, which the float32 loss cannot square; rescale "
+                            "the targets")
         return x
 
     def classes(self, labels):
@@ -197,12 +208,13 @@ class Tokens(Task):
     problem_type = None
 
     def text(self, v, at, field):
-        if not isinstance(v, list) or not all(isinstance(w, str) for w in v):
-            raise UserError(f"{at}: {field!r} must be a list of words, got {str(v)[:60]!r}")
+        if not isinstance(v, list) or not v or not all(isinstance(w, str) and w.strip() for w in v):
+            raise UserError(f"{at}: {field!r} must be a non-empty list of words, got {str(v)[:60]!r}")
         return v
 
     def label(self, v, text, at, field):
-        if not isinstance(v, list) or len(v) != len(text):
+        if (not isinstance(v, list) or len(v) != len(text)
+                or not all(isinstance(t, (str, int)) and _label_name(t) for t in v)):
             raise UserError(f"{at}: {field!r} must be a list of one tag per word ({len(text)} words), got {str(v)[:60]!r}")
         return [_label_name(t) for t in v]
 
