@@ -137,7 +137,7 @@ class StepProgress:
 
         self.total, self.label, self.done = total, label, 0
         self.every = every or max(1, total // 10)
-        self.out = out or sys.stdout
+        self.out = out or sys.stderr  # stdout is for results (finetune prints its JSON there)
         self.clock = clock or time.perf_counter
         self.t0 = self.clock()
         self.numbers: dict[str, str] = {}
