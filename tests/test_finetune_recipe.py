@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from maskedlm.config import ModelConfig, load_finetune_config
+from maskedlm.downstream import Encoded, Examples, TaskData, TaskModel, collate
 from maskedlm.errors import UserError
+from maskedlm.finetune import finetune, length_batches, predict
 from maskedlm.metrics import StepProgress
 from maskedlm.suite import read_suite, run_suite, show_suite
 from maskedlm.train import train
@@ -115,3 +118,61 @@ def test_bad_suite_files_are_refused_with_what_is_wrong(tmp_path, text, message)
     path.write_text(text)
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         read_suite(path)
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def test_auto_lr_picks_the_rate_with_the_best_eval_score_and_reuses_its_run(model, tmp_path, capsys):
+    """A model at its initial weights and 24 steps: 1e-7 moves nothing, 1e2 wrecks it, 3e-3 learns the task."""
+    files = _task(tmp_path / "t")
+    r = finetune(model, files["train"], files["eval"], tmp_path / "o", test=files["test"], seeds=2,
+                 overrides=["finetune.lr=auto", "finetune.lr_grid=[1e-7, 3e-3, 1e2]", "finetune.max_steps=24",
+                            "finetune.dropout=0"])
+    grid = r["lr_sweep"]["grid"]
+    scores = [p["eval"]["accuracy"] for p in grid]
+    assert [p["lr"] for p in grid] == [1e-7, 3e-3, 1e2]
+    assert scores[1] >= 0.9 and max(scores[0], scores[2]) <= 0.75, scores  # one rate clearly best
+    assert r["lr"] == r["lr_sweep"]["picked"] == 3e-3
+    # the winner's run is seed 0 of the seeds; one more seed runs at the picked rate: 3 + 2 - 1 runs in all
+    assert [s["seed"] for s in r["seeds"]] == [0, 1] and r["seeds"][0]["eval"] == grid[1]["eval"]
+    assert r["lr_sweep"]["runs"] == 4 and r["lr_sweep"]["cost_vs_fixed_lr"] == 2.0
+    err = capsys.readouterr().err
+    assert "finetune.lr=auto: 3 rates (1e-07, 0.003, 100) x seed 0, then 1 more seed(s) at the best: 4 runs" in err
+    assert "picked 0.003" in err
+    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["lr"] for x in recs if "lr" in x} == {1e-7, 3e-3, 1e2}
+
+
+def test_a_given_lr_runs_no_sweep(model, tmp_path):
+    files = _task(tmp_path / "t", n=(32, 16, 16))
+    r = finetune(model, files["train"], files["eval"], tmp_path / "o", overrides=["finetune.lr=1e-3",
+                                                                                  "finetune.max_steps=2"])
+    assert r["lr"] == 1e-3 and r["lr_sweep"] is None
+
+
+# ------------------------------------------------------------------------------------------------ padding
+@pytest.mark.parametrize("family", ["bert", "modern"])
+def test_length_sorted_batches_give_the_logits_of_full_padding_in_file_order(family):
+    mcfg = ModelConfig(family=family, vocab_size=50, hidden=32, layers=2, heads=4, intermediate=48, max_positions=64,
+                       layer_norm_eps=1e-5, pad_vocab_multiple=8)
+    torch.manual_seed(0)
+    net = TaskModel(mcfg, "classify", 3, dropout=0.1).eval()
+    rng = random.Random(0)
+    rows = [[2, *(rng.randrange(5, 50) for _ in range(rng.randint(1, 30))), 3] for _ in range(23)]
+    enc = Encoded(rows, [[0] * len(r) for r in rows], None, 0)
+    full = torch.zeros(len(rows), 40, dtype=torch.long)  # every row padded to 40, as a fixed-length pipeline would
+    mask = torch.zeros_like(full)
+    for i, r in enumerate(rows):
+        full[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    with torch.no_grad():
+        want = net(full, mask, torch.zeros_like(full))  # (N, 3)
+        batches = length_batches(enc, 4)
+        assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+        for b in batches:
+            ids, m, types = collate(enc, b, 0)
+            assert ids.shape[1] == max(len(rows[i]) for i in b)  # each batch to its own longest row
+            torch.testing.assert_close(net(ids, m, types), want[b], atol=1e-5, rtol=1e-5)
+    names = ["x", "y", "z"]
+    data = TaskData("classify", names, {"eval": Examples("e", [""] * len(rows), None, ["x"] * len(rows))},
+                    {"eval": enc})
+    fcfg = load_finetune_config(["finetune.eval_batch_rows=4"])
+    assert predict(net, data, "eval", fcfg, torch.device("cpu")) == [names[k] for k in want.argmax(-1).tolist()]

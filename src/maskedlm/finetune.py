@@ -11,7 +11,9 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from maskedlm.config import FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.hf import FINETUNE_MARKER, load_any_model
+from maskedlm.metrics import StepProgress
 from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
 from maskedlm.tokenizer import save_tokenizer, special_ids
@@ -44,22 +47,30 @@ def predict(model: ds.TaskModel, data: ds.TaskData, split: str, fcfg: FinetuneCo
     enc, pad = data.encoded[split], 0
     was = model.training
     model.eval()
-    out = []
-    for start in range(0, len(enc.ids), fcfg.eval_batch_rows):
-        index = list(range(start, min(len(enc.ids), start + fcfg.eval_batch_rows)))
+    out = [None] * len(enc.ids)
+    for index in length_batches(enc, fcfg.eval_batch_rows):
         ids, mask, types = (t.to(device) for t in ds.collate(enc, index, pad))
         with _autocast(fcfg, device):
             logits = model(ids, mask, types).float().cpu()  # (B, L) or (B, T, L)
         if data.task == "regress":
-            out += logits[:, 0].tolist()
+            got = logits[:, 0].tolist()
         elif data.task == "classify":
-            out += [data.names[k] for k in logits.argmax(-1).tolist()]
+            got = [data.names[k] for k in logits.argmax(-1).tolist()]
         else:
             best = logits.argmax(-1)  # (B, T)
             fallback = ds.fallback_tag(data.names)
-            out += [[data.names[best[j, p]] if p >= 0 else fallback for p in enc.first[i]] for j, i in enumerate(index)]
+            got = [[data.names[best[j, p]] if p >= 0 else fallback for p in enc.first[i]] for j, i in enumerate(index)]
+        for i, g in zip(index, got):
+            out[i] = g
     model.train(was)
     return out
+
+
+def length_batches(enc: ds.Encoded, batch_rows: int) -> list[list[int]]:
+    """Example indices sorted by length (longest first) and cut into batches: each batch is padded to its own longest
+    row, so sorted batches carry almost no padding, and padding changes no logit (the attention mask hides it)."""
+    order = sorted(range(len(enc.ids)), key=lambda i: -len(enc.ids[i]))
+    return [order[s:s + batch_rows] for s in range(0, len(order), batch_rows)]
 
 
 def _evaluate(model, data, split, fcfg, device) -> tuple[dict, list]:
@@ -83,8 +94,9 @@ def _step(stepper: OptimizerStep, model, step: int, batch, task: str, autocast) 
 
 
 # Long: the whole life of one seed (set-up, epochs, evaluation, best state, early stop) reads best in one place.
-def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
-    """Fine-tune a fresh copy of `net` with `seed`; returns {seed, best_step, eval (best), state (best weights)}."""
+def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, log, label: str = "") -> dict:
+    """Fine-tune a fresh copy of `net` with `seed` at finetune.lr (a number here); returns {seed, best_step, eval
+    (best), state (best weights)}. Progress: a bar on a terminal, else a line every tenth of the steps and per eval."""
     info = dist.info()
     torch.manual_seed(seed + info.rank)  # dropout: rank 0 of N draws as one process would
     model = ds.TaskModel.from_mlm(net, data.task, len(data.names) if data.task != "regress" else 1,
@@ -102,6 +114,7 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
     stepper = OptimizerStep(sync, optimizer, Schedule(ocfg, total), params, ocfg.clip_grad_norm, device)
     autocast, order_gen = _autocast(fcfg, device), torch.Generator().manual_seed(seed)
     every = fcfg.eval_every_steps or per_epoch
+    progress = StepProgress(total, label or f"seed {seed}", quiet=not dist.is_main())
     best = {"seed": seed, "best_step": 0, "eval": None, "state": None}
     since_best, step, losses = 0, 0, []
     model.train()
@@ -117,9 +130,11 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
             batch = tuple(t.to(device) for t in (ids, mask, types, y))
             losses.append(_step(stepper, sync, step, batch, data.task, autocast))
             step += 1
+            progress.step(loss=losses[-1])
             if step % every == 0 or step == total:
                 metrics, _ = _evaluate(model, data, "eval", fcfg, device)
                 main = ds.main_metric(data.task, metrics)
+                progress.note(**{f"eval {main}": metrics[main]})
                 log({"seed": seed, "step": step, "epoch": (step - 1) // per_epoch, "split": "eval",
                      "train_loss": sum(losses) / len(losses), **metrics})
                 losses = []
@@ -130,9 +145,11 @@ def train_seed(net, data: ds.TaskData, fcfg: FinetuneConfig, seed: int, device, 
                 else:
                     since_best += 1
                 if fcfg.patience and since_best >= fcfg.patience:
+                    progress.close()
                     return best
             if step >= total:
                 break
+    progress.close()
     return best
 
 
@@ -241,8 +258,10 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
                 dist.print0("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
             result = run_probe(net, data, fcfg.eval_batch_rows, info.device, log=records.append)
             runs, pred, best_model = [result], result.pop("test_predictions", None), None
+            lr, record = None, None
         else:
-            runs, pred, best_model = _fine_tune_seeds(net, data, fcfg, int(seeds), info.device, records.append)
+            runs, pred, best_model, lr, record = _fine_tune_seeds(net, data, fcfg, int(seeds), info.device,
+                                                                  records.append)
         check = dist.everywhere(_write_out, out, inputs, overwrite, records, data, pred, best_model, tok, main_only=True)
     finally:
         if own_group:
@@ -254,7 +273,8 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
             "eval": {k: v["median"] for k, v in stats["eval"].items()},
             "test": {k: v["median"] for k, v in stats["test"].items()} or None,
             "stats": stats, "seeds": [{k: r.get(k) for k in ("seed", "best_step", "eval", "test")} for r in runs],
-            "best_step": best.get("best_step"), "best_seed": best.get("seed"), "labels": data.names,
+            "best_step": best.get("best_step"), "best_seed": best.get("seed"), "lr": lr, "lr_sweep": record,
+            "labels": data.names,
             "out": str(out), "best": str(out / "best") if best_model is not None else None,
             "max_abs_diff_transformers": check}
 
@@ -276,20 +296,55 @@ def _write_out(out: Path, inputs, overwrite: bool, records, data, pred, best_mod
     return check
 
 
+def sweep(net, data: ds.TaskData, fcfg: FinetuneConfig, dev, log) -> tuple[float, list[dict], dict]:
+    """finetune.lr=auto: the first seed at every rate of finetune.lr_grid, each for the whole budget; the rate whose
+    run scores best on --eval wins (a tie goes to the smaller rate). Returns (rate, the grid's points, the winner's
+    run, which is then the first of the seeds: the sweep costs len(lr_grid) - 1 runs more than --seeds alone)."""
+    points, best = [], None
+    for lr in fcfg.lr_grid:
+        t0 = time.perf_counter()
+        r = train_seed(net, data, replace(fcfg, lr=lr), fcfg.seed, dev, lambda rec, lr=lr: log({"lr": lr, **rec}),
+                       label=f"lr {lr:g} seed {fcfg.seed}")
+        main = ds.main_metric(data.task, r["eval"])
+        points.append({"lr": lr, "eval": r["eval"], "best_step": r["best_step"], "wall_s": time.perf_counter() - t0})
+        if best is None or r["eval"][main] > best[1]["eval"][main]:
+            best = (lr, r)
+    return best[0], points, best[1]
+
+
+def _seed_runs(net, data, fcfg, seeds: int, dev, log) -> tuple[FinetuneConfig, list[dict], dict | None]:
+    """(the config at the rate used, each seed's run, the sweep's record or None when finetune.lr is a number)."""
+    runs, record = [], None
+    if fcfg.lr == "auto":
+        t0 = time.perf_counter()
+        n = len(fcfg.lr_grid)
+        dist.print0(f"finetune.lr=auto: {n} rates ({', '.join(f'{x:g}' for x in fcfg.lr_grid)}) x seed {fcfg.seed}, "
+                    f"then {seeds - 1} more seed(s) at the best: {n + seeds - 1} runs, {(n + seeds - 1) / seeds:.2g}x "
+                    f"the cost of --seeds {seeds} at a given finetune.lr", file=sys.stderr)
+        lr, points, first = sweep(net, data, fcfg, dev, log)
+        fcfg, runs = replace(fcfg, lr=lr), [first]
+        record = {"picked": lr, "grid": points, "runs": n + seeds - 1, "cost_vs_fixed_lr": (n + seeds - 1) / seeds,
+                  "sweep_s": time.perf_counter() - t0}
+        dist.print0(f"finetune.lr=auto: picked {lr:g} in {record['sweep_s']:.0f} s; eval " + ", ".join(
+            f"{p['lr']:g}: {p['eval'][ds.main_metric(data.task, p['eval'])]:.4f}" for p in points), file=sys.stderr)
+    for k in range(len(runs), seeds):
+        runs.append(train_seed(net, data, fcfg, fcfg.seed + k, dev, log))
+    return fcfg, runs, record
+
+
 def _fine_tune_seeds(net, data, fcfg, seeds: int, dev, log):
-    """Each seed trained and its best state scored on test; returns (runs, test predictions, the best seed's model)."""
-    runs = []
-    for k in range(seeds):
-        r = train_seed(net, data, fcfg, fcfg.seed + k, dev, log)
+    """Each seed trained (after the sweep when finetune.lr=auto) and its best state scored on test; returns (runs,
+    test predictions, the best seed's model, the rate used, the sweep's record or None)."""
+    fcfg, runs, record = _seed_runs(net, data, fcfg, seeds, dev, log)
+    for r in runs:
         if "test" in data.examples and data.examples["test"].labels is not None:
             model = _model_for(net, data, fcfg, r["state"]).to(dev)
             r["test"], _ = _evaluate(model, data, "test", fcfg, dev)
             log({"seed": r["seed"], "step": r["best_step"], "split": "test", **r["test"]})
-        runs.append(r)
     main = ds.main_metric(data.task, runs[0]["eval"])
     best = max(runs, key=lambda r: r["eval"][main])
     model = _model_for(net, data, fcfg, best["state"]).to(dev)
     pred = predict(model, data, "test", fcfg, dev) if "test" in data.examples else None
     for r in runs:
         r.pop("state", None)
-    return runs, pred, model
+    return runs, pred, model, fcfg.lr, record
