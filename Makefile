@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	# The report's browser test needs Chromium (Debian's package); without root it is skipped with the reason.
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "chromium could not be installed: the browser test will be skipped"
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -rs  # -rs: each skipped test and its reason in the summary (the browser test without Chromium)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py

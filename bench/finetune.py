@@ -39,9 +39,10 @@ def ours(a, files, out: Path, lr, seed: int) -> tuple[dict, float]:
 
 
 def _rows(path: Path) -> tuple[list[str], list[str]]:
-    from maskedlm.downstream import read_examples
+    from maskedlm.tasks import get_task
+    from maskedlm.tasks.read import read_examples
 
-    ex = read_examples(path, "classify", "text", None, "label")
+    ex = read_examples(path, get_task("classify"), "text", None, "label")
     return ex.texts, ex.labels
 
 
@@ -73,7 +74,7 @@ def _peer_setup(a, files, hf_dir: Path, seed: int):
 
 @torch.no_grad()
 def _peer_score(model, tok, ids: list, gold: list) -> dict:
-    from maskedlm.downstream import classify_metrics
+    from maskedlm.tasks.metrics import classify_metrics
 
     model.eval()
     pred = []
@@ -131,7 +132,7 @@ def trainer(a, files, hf_dir: Path, lr: float, seed: int) -> tuple[dict, float]:
     """transformers' Trainer with TrainingArguments as run_glue.py sets them (evaluation at maskedlm's steps)."""
     import transformers
 
-    from maskedlm.downstream import classify_metrics
+    from maskedlm.tasks.metrics import classify_metrics
 
     t0 = time.perf_counter()
     model, tok, enc, gold = _peer_setup(a, files, hf_dir, seed)
@@ -211,7 +212,7 @@ def main() -> None:
     import transformers.models.bert.modeling_bert  # noqa: F401
     import transformers.models.modernbert.modeling_modernbert  # noqa: F401
 
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     peer = {"loop": loop, "trainer": trainer, "none": None}[a.peer]

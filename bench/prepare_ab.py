@@ -1,4 +1,4 @@
-"""A/B of prepare.py versions (with their corpus.py) and settings, in alternating child processes: CPU and wall time.
+"""A/B of prepare.py versions (with their corpus.py, encode.py) and settings, in alternating child processes: CPU and wall time.
 
 Not a peer benchmark (bench/prepare.py is): it compares maskedlm with itself, e.g. a commit before a change against
 the working tree, on a shared machine where only same-round ratios mean anything. For example:
@@ -17,19 +17,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import importlib.util, json, os, sys, time
-path, corpus_path, inp, tok, out, batch, join = sys.argv[1:8]
+path, corpus_path, encode_path, inp, tok, out, batch, join = sys.argv[1:9]
 def load(name, file):
     spec = importlib.util.spec_from_file_location(name, file)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # registered first: dataclasses look it up
+    spec.loader.exec_module(mod)
     return mod
 if corpus_path:  # before anything imports the working tree's corpus reader
     sys.modules["maskedlm.data.corpus"] = load("maskedlm.data.corpus", corpus_path)
+if encode_path:  # the tokenizing layer, data/encode.py since it left prepare.py
+    sys.modules["maskedlm.data.encode"] = load("maskedlm.data.encode", encode_path)
 if path:
     m = load("prepare_ab_version", path)
 else:
     import maskedlm.data.prepare as m
 if int(batch): m.BATCH_CHARS = int(batch)
-if int(join): m.JOIN_TEXTS = int(join)
+import maskedlm.data.encode as e
+if int(join): (m if hasattr(m, "JOIN_TEXTS") else e).JOIN_TEXTS = int(join)
 import numpy, tokenizers, tqdm  # imported before the clock starts, as in bench/prepare.py
 c, t = time.process_time(), time.perf_counter()
 m.prepare([inp], tok, 128, out, val_fraction=0.01, doc_per="line", workers=0, overwrite=True, progress=False)
@@ -61,16 +65,17 @@ def main() -> None:
     for v in a.variants:
         rev, *opts = v.split(":")
         kw = dict(o.split("=", 1) for o in opts)
-        path = corpus_path = ""
-        if rev != "work":  # that revision's prepare.py (and corpus.py, once it has one), with the working tree's others
+        path = corpus_path = encode_path = ""
+        if rev != "work":  # that revision's prepare.py (and corpus.py, encode.py where it has them), with the tree's others
             path = _file_at(rev, "prepare.py", tmp, required=True)
             corpus_path = _file_at(rev, "corpus.py", tmp, required=False)
+            encode_path = _file_at(rev, "encode.py", tmp, required=False)
         env = dict(os.environ, TOKENIZERS_PARALLELISM=kw.get("par", "true"))
-        plans.append((v, path, corpus_path, env, kw.get("batch", "0"), kw.get("join", "0")))
+        plans.append((v, path, corpus_path, encode_path, env, kw.get("batch", "0"), kw.get("join", "0")))
     res: dict[str, list] = {v: [] for v, *_ in plans}
     for r in range(a.rounds):
-        for v, path, corpus_path, env, batch, join in plans:
-            out = subprocess.run([sys.executable, "-c", CHILD, path, corpus_path, a.input, a.tokenizer, str(tmp / "out"), batch, join],
+        for v, path, corpus_path, encode_path, env, batch, join in plans:
+            out = subprocess.run([sys.executable, "-c", CHILD, path, corpus_path, encode_path, a.input, a.tokenizer, str(tmp / "out"), batch, join],
                                  env=env, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{v} failed:\n{out.stderr}")

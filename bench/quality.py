@@ -212,11 +212,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.hf_precision = a.hf_precision or ("fp32" if a.family == "bert" else "bf16")
 
-    from maskedlm.checkpoint import load_checkpoint_model
     from maskedlm.data.shards import load_meta, open_split
     from maskedlm.evaluate import evaluate
     from maskedlm.hf import from_hf_state_dict
     from maskedlm.model import MaskedLM
+    from maskedlm.models import load_checkpoint_model
     from maskedlm.tokenizer import SpecialIds
 
     data = prepared_data(a)

@@ -21,13 +21,14 @@ import time
 
 import torch
 
-import maskedlm.model as mm
+import maskedlm.attention as attn
 from maskedlm.config import Config, MaskingConfig, ModelConfig, OptimConfig, TrainConfig
 from maskedlm.data.loader import MicroBatch, StepBatch
 from maskedlm.masking import MaskedBatch, default_k_max, mask_batch
 from maskedlm.model import MaskedLM
+from maskedlm.process import reuse_host_memory
 from maskedlm.tokenizer import SpecialIds
-from maskedlm.train import Trainer, reuse_host_memory
+from maskedlm.train import Trainer
 
 # Everything a system can be; the default list is chosen in main() from --dtype and what is installed.
 MASKEDLM_SYSTEMS = ["maskedlm-bert-bf16", "maskedlm-modern-bf16", "maskedlm-bert-fp32", "maskedlm-modern-fp32"]
@@ -197,12 +198,12 @@ class MaskedLMSystem(System):
         if "-sdpa" not in self.name:
             return self.trainer.train_step(batch).sums[0]
         # the attention before the CPU explicit path: SDPA everywhere (same process A/B)
-        saved = mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES
-        mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = -1
+        saved = attn.CPU_EXPLICIT_ATTENTION_MAX_SCORES
+        attn.CPU_EXPLICIT_ATTENTION_MAX_SCORES = -1
         try:
             return self.trainer.train_step(batch).sums[0]
         finally:
-            mm.CPU_EXPLICIT_ATTENTION_MAX_SCORES = saved
+            attn.CPU_EXPLICIT_ATTENTION_MAX_SCORES = saved
 
 
 def make_system(name, args, device) -> System:

@@ -5,12 +5,14 @@ import json
 
 import pytest
 import torch
+from train_data import make_data
 
 from maskedlm import checkpoint as ckpt
 from maskedlm import files
 from maskedlm.config import load_config
 from maskedlm.errors import UserError
 from maskedlm.model import MaskedLM
+from maskedlm.models import load_checkpoint_model
 from maskedlm.optim import build_optimizer
 
 
@@ -47,7 +49,7 @@ def test_round_trip_and_keep_last_k(tmp_path):
     for pid, st in ref["state"].items():
         for name, t in st.items():
             assert torch.equal(ck.optimizer_state["state"][pid][name], t), (pid, name)
-    loaded, lcfg, tok = ckpt.load_checkpoint_model(tmp_path)
+    loaded, lcfg, tok = load_checkpoint_model(tmp_path)
     assert lcfg == cfg and tok is None
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
@@ -83,7 +85,7 @@ def test_damaged_latest_falls_back_to_the_previous_on_resume(tmp_path, damage):
     # inference does not silently use older weights: the error names the checkpoint that does load
     if damage != "missing-optimizer":  # weights-only loading does not need optimizer.pt
         with pytest.raises(UserError, match="step_0000010 loads"):
-            ckpt.load_checkpoint_model(tmp_path)
+            load_checkpoint_model(tmp_path)
 
 
 def test_kill_during_save_leaves_previous_loadable(tmp_path):
@@ -98,7 +100,7 @@ def test_kill_during_save_leaves_previous_loadable(tmp_path):
     (root / "step_0000030").mkdir()
     (root / "step_0000030" / "state.json").write_text('{"step": 30, "files"')
     assert ckpt.read_latest_name(root) == "step_0000010"
-    model2, _, _ = ckpt.load_checkpoint_model(tmp_path)
+    model2, _, _ = load_checkpoint_model(tmp_path)
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in model.state_dict().items())
     ck = ckpt.load_for_resume(tmp_path, warn=lambda m: None)
     assert ck.state["step"] == 10
@@ -153,26 +155,20 @@ def _mark_ran():
     return None
 
 
-def test_load_model_errors(tmp_path):
+def test_a_missing_dir_and_a_run_without_checkpoints_are_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        ckpt.load_checkpoint_model(tmp_path / "nope")
+        load_checkpoint_model(tmp_path / "nope")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no checkpoint yet"):
-        ckpt.load_checkpoint_model(tmp_path / "run")
+        load_checkpoint_model(tmp_path / "run")
 
 
 def test_a_run_dir_without_a_checkpoint_yet_is_named_as_such_as_model(tmp_path, capsys):
     """What `train` leaves when killed before its first save (config.json, command.txt, metrics.jsonl; no
     checkpoints/), or with checkpoints/ still empty, given as MODEL: one line saying so and what to do, exit 2, for
     every command that takes MODEL; not transformers' "unsupported model_type" (config.json is not Hugging Face's)."""
-    import sys
-    from pathlib import Path
-
     from maskedlm.cli import main
-    from maskedlm.hf import load_any_model
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_data import make_data
+    from maskedlm.models import load_any_model
 
     data = make_data(tmp_path / "data", rows=16, val_rows=4, seq_len=16)
     cfg, model, opt = _model_and_opt()

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from inference_data import make_data, train_tiny
+from train_data import make_data as make_cluster_data
 
-from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.config import EvalConfig, MaskingConfig
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate, evaluate_model
+from maskedlm.models import load_checkpoint_model
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,9 @@ def run(tmp_path_factory, data):
 
 
 def test_cli_eval_prints_the_metrics_of_the_run(run, data, capsys):
-    from maskedlm.checkpoint import load_checkpoint_model
     from maskedlm.cli import main
     from maskedlm.data.shards import open_split
+    from maskedlm.models import load_checkpoint_model
 
     main(["eval", str(run), "--data", str(data)])
     printed = json.loads(capsys.readouterr().out)
@@ -167,7 +168,7 @@ def test_incompatible_data_is_refused(run, data, tmp_path):
         (dict(split="test"), "split"),
     ],
 )
-def test_bad_eval_input(run, data, tmp_path, args, message):
+def test_evaluate_model_refuses_bad_input_with_what_is_wrong(run, data, tmp_path, args, message):
     kw = dict(model_path=run, data=data) | args
     if kw["model_path"] == "missing-dir":
         kw["model_path"] = tmp_path / "missing-dir"
@@ -213,13 +214,7 @@ def _two_token_words(data):
 @pytest.fixture(scope="module")
 def word_run(tmp_path_factory):
     """A run trained with whole-word masking (masking.unit=word), evaluated periodically with the default eval.*."""
-    import sys
-    from pathlib import Path
-
     from maskedlm.train import train
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_data import make_data as make_cluster_data
 
     root = tmp_path_factory.mktemp("wordrun")
     data = _two_token_words(make_cluster_data(root / "data", rows=64, val_rows=24, seq_len=32))

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_data import make_data
 
-from maskedlm import downstream as ds
 from maskedlm.config import ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.finetune import finetune
+from maskedlm.tasks import get_task, load_task
+from maskedlm.tasks.encode import _cut_pair
+from maskedlm.tasks.heads import TaskModel, hf_task_config, to_hf_task_state_dict
+from maskedlm.tasks.metrics import classify_metrics, entities, regress_metrics, token_metrics
+from maskedlm.tasks.read import read_examples
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -69,7 +71,7 @@ def _random_task_model(family, task, num_labels, vocab=45):
     mcfg = ModelConfig(family=family, vocab_size=vocab, hidden=32, layers=2, heads=4, intermediate=48,
                        max_positions=64, layer_norm_eps=eps, pad_vocab_multiple=8)
     torch.manual_seed(0)
-    m = ds.TaskModel(mcfg, task, num_labels, dropout=0.1)
+    m = TaskModel(mcfg, task, num_labels, dropout=0.1)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -83,12 +85,12 @@ def test_heads_give_transformers_logits_and_loss(family, task):
     logits and loss within 1e-5 in fp32, on a padded batch of text pairs (segment ids 1 on the second text)."""
     L = {"classify": 3, "regress": 1, "tokens": 4}[task]
     ours = _random_task_model(family, task, L)
-    cfg = ds.hf_task_config(ours, ["a", "b", "c", "d"][:L], {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    cfg = hf_task_config(ours, ["a", "b", "c", "d"][:L], {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
     config_cls = transformers.BertConfig if family == "bert" else transformers.ModernBertConfig
     hf_cfg = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
     theirs = getattr(transformers, cfg["architectures"][0])(hf_cfg).eval()
-    result = theirs.load_state_dict(ds.to_hf_task_state_dict(ours), strict=False)
+    result = theirs.load_state_dict(to_hf_task_state_dict(ours), strict=False)
     assert not result.unexpected_keys and not [k for k in result.missing_keys if "position_ids" not in k]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 45, (3, 12), generator=g)
@@ -106,7 +108,7 @@ def test_heads_give_transformers_logits_and_loss(family, task):
     kw = {"token_type_ids": types} if family == "bert" else {}
     with torch.no_grad():
         mine = ours(ids, mask, types)
-        total, count = ds.loss_sum(mine, labels, task)
+        total, count = get_task(task).loss_sum(mine, labels)
         hf = theirs(input_ids=ids, attention_mask=mask, labels=labels, **kw)
     if task == "tokens":
         torch.testing.assert_close(mine[mask.bool()], hf.logits[mask.bool()], rtol=0, atol=1e-5)
@@ -146,7 +148,7 @@ def test_a_finetune_output_is_a_model_for_its_encoder_and_refused_where_the_mlm_
     """DIR and DIR/best/ as MODEL: their encoder is the fine-tuned one (transformers' own hidden states) and finetune
     takes it again; eval, fill, explain, score and export need the MLM head it lacks: one line naming what to pass.
     A --probe DIR holds no model at all."""
-    from maskedlm.hf import load_any_model
+    from maskedlm.models import load_any_model
 
     files = _classify_files(tmp_path)
     ft = tmp_path / "ft"
@@ -252,37 +254,37 @@ def test_tokens_and_regress_on_modern(runs, tmp_path):
 def test_files_glue_tsv_pairs_csv_and_gzip(tmp_path):
     # GLUE's MRPC-style TSV: a quote inside a text must not open a quoted field
     (tmp_path / "a.tsv").write_text('Quality\t#1 ID\t#1 String\t#2 String\n1\t7\tHe said "yes\tShe said no\n')
-    ex = ds.read_examples(tmp_path / "a.tsv", "classify", "#1 String", "#2 String", "Quality")
+    ex = read_examples(tmp_path / "a.tsv", get_task("classify"), "#1 String", "#2 String", "Quality")
     assert ex.texts == ['He said "yes'] and ex.pairs == ["She said no"] and ex.labels == ["1"]
     (tmp_path / "b.csv").write_text('text,label\n"a, b",2.0\nc,3.5\n')
-    assert ds.read_examples(tmp_path / "b.csv", "regress", "text", None, "label").labels == [2.0, 3.5]
+    assert read_examples(tmp_path / "b.csv", get_task("regress"), "text", None, "label").labels == [2.0, 3.5]
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": "x", "label": 1}) + "\n" + json.dumps({"text": "y", "label": 1.0}) + "\n")
-    assert ds.read_examples(tmp_path / "c.jsonl.gz", "classify", "text", None, "label").labels == ["1", "1"]
+    assert read_examples(tmp_path / "c.jsonl.gz", get_task("classify"), "text", None, "label").labels == ["1", "1"]
     # a test file without labels is read for predictions only
-    assert ds.read_examples(tmp_path / "c.jsonl.gz", "classify", "text", None, "gold", labels_required=False).labels is None
-    assert ds._cut_pair(10, 3, 8) == (5, 3) and ds._cut_pair(10, 9, 8) == (4, 4) and ds._cut_pair(2, 3, 8) == (2, 3)
+    assert read_examples(tmp_path / "c.jsonl.gz", get_task("classify"), "text", None, "gold", labels_required=False).labels is None
+    assert _cut_pair(10, 3, 8) == (5, 3) and _cut_pair(10, 9, 8) == (4, 4) and _cut_pair(2, 3, 8) == (2, 3)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_against_hand_computations():
     # gold 0 0 1 1 2, pred 0 1 1 1 0: confusion rows (true) [1 1 0], [0 2 0], [1 0 0]
-    m = ds.classify_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0])
+    m = classify_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0])
     assert m["accuracy"] == 3 / 5
     assert m["macro_f1"] == pytest.approx((2 * 1 / (2 + 1 + 1) + 2 * 2 / (4 + 1 + 0) + 0) / 3)
     # MCC = (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²)), c=3, s=5, t=(2,2,1), p=(2,3,0)
     assert m["mcc"] == pytest.approx((3 * 5 - (2 * 2 + 3 * 2 + 0)) / ((25 - 13) * (25 - 9)) ** 0.5)
-    assert ds.classify_metrics([0, 1], [0, 0])["mcc"] == 0.0  # one predicted class: undefined, scored 0
-    r = ds.regress_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 8.0])
+    assert classify_metrics([0, 1], [0, 0])["mcc"] == 0.0  # one predicted class: undefined, scored 0
+    r = regress_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 8.0])
     # ranks of the prediction with the tie shared: 1.5 1.5 3 4 against 1 2 3 4
     assert r["spearman"] == pytest.approx(4.5 / (5 * 4.5) ** 0.5)
     assert r["pearson"] == pytest.approx(torch.corrcoef(torch.tensor([[1., 2, 3, 4], [1., 1, 2, 8]]))[0, 1].item())
     gold = [["B-PER", "I-PER", "O", "B-LOC"], ["I-LOC", "O"]]
     pred = [["B-PER", "I-PER", "O", "B-PER"], ["B-LOC", "O"]]  # the I-LOC after nothing starts an entity (conlleval)
-    t = ds.token_metrics(gold, pred)
+    t = token_metrics(gold, pred)
     assert t["token_accuracy"] == 4 / 6  # words 4 and 5 differ
     assert (t["entity_precision"], t["entity_recall"]) == (2 / 3, 2 / 3) and t["entity_f1"] == pytest.approx(2 / 3)
-    assert ds.entities(["B-A", "I-B", "E-B", "S-C"]) == {(0, 1, "A"), (1, 3, "B"), (3, 4, "C")}
+    assert entities(["B-A", "I-B", "E-B", "S-C"]) == {(0, 1, "A"), (1, 3, "B"), (3, 4, "C")}
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -316,9 +318,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runs, tmp_path, capsys
                 str(tmp_path / "o"), "finetune.lr=-1"], capsys)
     assert "finetune.lr must be a number > 0 or auto, got -1.0" in err
     # a MODEL whose tokenizer has more tokens than the model has rows
-    from maskedlm.checkpoint import load_checkpoint_model, save_checkpoint
+    from maskedlm.checkpoint import save_checkpoint
     from maskedlm.config import Config
     from maskedlm.model import MaskedLM
+    from maskedlm.models import load_checkpoint_model
 
     _, cfg, _ = load_checkpoint_model(runs / "trained")
     small = dataclasses.replace(cfg.model, vocab_size=20)
@@ -328,7 +331,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runs, tmp_path, capsys
                 str(tmp_path / "o")], capsys)
     assert "45 tokens but the model has 20" in err and not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="--task must be one of"):
-        ds.load_task(None, None, "rank", {}, None, None, None, 8)
+        load_task(None, None, "rank", {}, None, None, None, 8)
 
 
 def test_probe_tasks_during_pretraining_are_logged_beside_the_loss(runs, tmp_path):
@@ -383,9 +386,13 @@ def test_bad_probe_tasks_are_refused_before_the_run_dir_is_written(tmp_path, cap
 
 
 def test_probe_imports_no_training_code():
+    """probe.py runs inside pretraining's evaluation and under finetune --probe: it may read and encode tasks, never
+    pull in a trainer, an optimizer, the training objective, checkpoints or the fine-tuned task heads."""
     import subprocess
 
-    code = "import sys, maskedlm.probe; print(sorted(m for m in sys.modules if m in ('maskedlm.train', 'maskedlm.finetune')))"
+    training = ("maskedlm.train", "maskedlm.finetune", "maskedlm.optim", "maskedlm.step", "maskedlm.objective",
+                "maskedlm.checkpoint", "maskedlm.tasks.heads")
+    code = f"import sys, maskedlm.probe; print(sorted(m for m in sys.modules if m in {training!r}))"
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "[]"
 

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from maskedlm.config import ModelConfig, load_finetune_config
-from maskedlm.downstream import Encoded, Examples, TaskData, TaskModel, collate
 from maskedlm.errors import UserError
 from maskedlm.finetune import finetune, length_batches, predict
 from maskedlm.metrics import StepProgress
 from maskedlm.suite import read_suite, run_suite, show_suite
+from maskedlm.tasks import TaskData, get_task
+from maskedlm.tasks.encode import Encoded, collate
+from maskedlm.tasks.heads import TaskModel
+from maskedlm.tasks.read import Examples
 from maskedlm.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -155,7 +158,7 @@ def test_length_sorted_batches_give_the_logits_of_full_padding_in_file_order(fam
     mcfg = ModelConfig(family=family, vocab_size=50, hidden=32, layers=2, heads=4, intermediate=48, max_positions=64,
                        layer_norm_eps=1e-5, pad_vocab_multiple=8)
     torch.manual_seed(0)
-    net = TaskModel(mcfg, "classify", 3, dropout=0.1).eval()
+    net = TaskModel(mcfg, get_task("classify"), 3, dropout=0.1).eval()
     rng = random.Random(0)
     rows = [[2, *(rng.randrange(5, 50) for _ in range(rng.randint(1, 30))), 3] for _ in range(23)]
     enc = Encoded(rows, [[0] * len(r) for r in rows], None, 0)
@@ -172,7 +175,7 @@ def test_length_sorted_batches_give_the_logits_of_full_padding_in_file_order(fam
             assert ids.shape[1] == max(len(rows[i]) for i in b)  # each batch to its own longest row
             torch.testing.assert_close(net(ids, m, types), want[b], atol=1e-5, rtol=1e-5)
     names = ["x", "y", "z"]
-    data = TaskData("classify", names, {"eval": Examples("e", [""] * len(rows), None, ["x"] * len(rows))},
+    data = TaskData(get_task("classify"), names, {"eval": Examples("e", [""] * len(rows), None, ["x"] * len(rows))},
                     {"eval": enc})
     fcfg = load_finetune_config(["finetune.eval_batch_rows=4"])
     assert predict(net, data, "eval", fcfg, torch.device("cpu")) == [names[k] for k in want.argmax(-1).tolist()]

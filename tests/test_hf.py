@@ -10,7 +10,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
-from maskedlm.hf import export, import_checkpoint, load_any_model
+from maskedlm.hf import hf_config, model_config_from_hf
+from maskedlm.interop import export, import_checkpoint
+from maskedlm.models import load_any_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,8 +138,6 @@ def test_import_each_architecture(tmp_path, arch):
     family = "modern" if arch.startswith("Modern") else "bert"
     tok = tiny_tokenizer()
     mcfg = tiny_cfg(family, tok.get_vocab_size())
-    from maskedlm.hf import hf_config
-
     hcfg = transformers.AutoConfig.for_model(**hf_config(mcfg))
     torch.manual_seed(1)
     hm = getattr(transformers, arch)(hcfg).eval()
@@ -154,7 +154,7 @@ def test_import_each_architecture(tmp_path, arch):
     if not has_head:
         assert "cls.predictions.transform.dense.weight" in result["initialised"] or "head.dense.weight" in result["initialised"]
         assert "initialised fresh" in result["report"]
-    from maskedlm.checkpoint import load_checkpoint_model
+    from maskedlm.models import load_checkpoint_model
 
     ours, cfg, _ = load_checkpoint_model(out)
     x = probe(tok)
@@ -175,8 +175,6 @@ def test_import_each_architecture(tmp_path, arch):
 
 def test_sentence_transformers_folder_with_transformer_subdir(tmp_path):
     """Older sentence-transformers folders keep the BertModel in 0_Transformer/, named by modules.json."""
-    from maskedlm.hf import hf_config
-
     tok = tiny_tokenizer()
     mcfg = tiny_cfg("bert", tok.get_vocab_size())
     torch.manual_seed(4)
@@ -220,54 +218,94 @@ def test_sentence_transformers_minilm_matches_transformers(tmp_path):
     assert result["max_abs_diff"] < 1e-4
 
 
-def test_bad_inputs(tmp_path):
-    with pytest.raises(UserError, match="download it first"):
-        load_any_model("bert-base-uncased-not-here/x")
-    with pytest.raises(UserError, match="no config.json"):
-        load_any_model(tmp_path)
-    (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-    with pytest.raises(UserError, match="unsupported Hugging Face model_type 'gpt2'"):
-        load_any_model(tmp_path / "gpt")
-    (tmp_path / "bad.json").mkdir()
-    (tmp_path / "bad.json" / "config.json").write_text("{not json")
-    with pytest.raises(UserError, match="not valid JSON"):
-        load_any_model(tmp_path / "bad.json")
-
-    # a valid BERT dir, then broken in different ways
+def _bert_dir(root, tokenizer=True):
+    """A valid tiny BERT MaskedLM directory as transformers saves it (config.json, model.safetensors), with our
+    tokenizer.json beside it unless tokenizer=False; returns (dir, transformers model, config dict)."""
     tok = tiny_tokenizer()
-    mcfg = tiny_cfg("bert", tok.get_vocab_size())
-    from maskedlm.hf import hf_config
-
-    hm = transformers.BertForMaskedLM(transformers.AutoConfig.for_model(**hf_config(mcfg)))
-    src = tmp_path / "bert"
+    hm = transformers.BertForMaskedLM(transformers.AutoConfig.for_model(**hf_config(tiny_cfg("bert", tok.get_vocab_size()))))
+    src = root / "bert"
     hm.save_pretrained(str(src))
-    with pytest.raises(UserError, match="no tokenizer"):
-        load_any_model(src)
+    if tokenizer:
+        tok.save(str(src / "tokenizer.json"))
+    return src, hm, json.loads((src / "config.json").read_text())
+
+
+def _absent_name(root):
+    return "bert-base-uncased-not-here/x"
+
+
+def _empty_dir(root):
+    return root
+
+
+def _gpt2_config(root):
+    (root / "gpt").mkdir()
+    (root / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    return root / "gpt"
+
+
+def _config_not_json(root):
+    (root / "bad.json").mkdir()
+    (root / "bad.json" / "config.json").write_text("{not json")
+    return root / "bad.json"
+
+
+def _no_tokenizer(root):
+    return _bert_dir(root, tokenizer=False)[0]
+
+
+def _tokenizer_of_another_vocab(root):
+    src = _bert_dir(root)[0]
     big = Tokenizer(models.WordPiece({w: i for i, w in enumerate(SPECIAL + [f"w{i}" for i in range(200)])},
                                      unk_token="[UNK]"))
     big.save(str(src / "tokenizer.json"))
-    with pytest.raises(UserError, match="do not belong together"):
-        load_any_model(src)
-    tok.save(str(src / "tokenizer.json"))
-    load_any_model(src)  # now fine
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
-    with pytest.raises(UserError, match="hidden_act='relu'"):
-        load_any_model(src)
-    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
-    with pytest.raises(UserError, match="lacks tensors"):
-        load_any_model(src)
-    (src / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
-    with pytest.raises(UserError, match="do not fit"):
-        load_any_model(src)
-    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def _config_changed(**change):
+    def build(root):
+        src, _, cfg = _bert_dir(root)
+        (src / "config.json").write_text(json.dumps({**cfg, **change}))
+        return src
+    return build
+
+
+def _no_safetensors(root):
+    src = _bert_dir(root)[0]
     (src / "model.safetensors").unlink()
-    with pytest.raises(UserError, match="no model.safetensors"):
-        load_any_model(src)
+    return src
+
+
+def _pytorch_bin_only(root):
+    src, hm, _ = _bert_dir(root)
+    (src / "model.safetensors").unlink()
     torch.save(hm.state_dict(), src / "pytorch_model.bin")
-    with pytest.raises(UserError, match="safetensors only"):
-        load_any_model(src)
+    return src
+
+
+@pytest.mark.parametrize("build, message", [
+    (_absent_name, "download it first"),
+    (_empty_dir, "no config.json"),
+    (_gpt2_config, "unsupported Hugging Face model_type 'gpt2'"),
+    (_config_not_json, "not valid JSON"),
+    (_no_tokenizer, "no tokenizer"),
+    (_tokenizer_of_another_vocab, "do not belong together"),
+    (_config_changed(hidden_act="relu"), "hidden_act='relu'"),
+    (_config_changed(num_hidden_layers=3), "lacks tensors"),
+    (_config_changed(hidden_size=64), "do not fit"),
+    (_no_safetensors, "no model.safetensors"),
+    (_pytorch_bin_only, "safetensors only"),
+], ids=["absent", "empty-dir", "gpt2", "config-not-json", "no-tokenizer", "tokenizer-of-another-vocab", "relu",
+        "fewer-layers-in-config", "other-hidden-size", "no-safetensors", "pytorch-bin-only"])
+def test_a_bad_model_dir_is_refused_with_what_is_wrong(tmp_path, build, message):
+    with pytest.raises(UserError, match=message):
+        load_any_model(build(tmp_path))
+
+
+def test_the_bert_dir_the_bad_cases_break_loads(tmp_path):
+    """The valid directory that test_a_bad_model_dir_is_refused_with_what_is_wrong breaks one way per case."""
+    model, cfg, _ = load_any_model(_bert_dir(tmp_path)[0])
+    assert (cfg.model.family, cfg.model.layers, cfg.model.hidden) == ("bert", 2, 32)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -299,14 +337,10 @@ def test_released_modernbert_layout_with_local_layers_matches_transformers(tmp_p
         all_global.load_state_dict(ours.state_dict())
         assert (all_global(x) - hm(input_ids=x).logits).abs().max().item() > 1e-3
     # and the layout survives export
-    from maskedlm.hf import hf_config, model_config_from_hf
-
     assert hf_config(model_config_from_hf(hcfg.to_dict()))["layer_types"] == hcfg.layer_types
 
 
 def test_irregular_modernbert_layer_types_are_refused():
-    from maskedlm.hf import model_config_from_hf
-
     d = dict(model_type="modernbert", vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
              intermediate_size=48, layer_types=["sliding_attention", "full_attention", "full_attention"])
     with pytest.raises(UserError, match="layer_types"):

@@ -317,13 +317,13 @@ def test_prepare_workers_are_capped(world, tmp_path, capsys, monkeypatch):
     from maskedlm.data import prepare as prep
 
     seen = []
-    real = prep._encoded_batches
+    real = prep.encoded_batches
 
     def spy(pieces, tok, workers, batch_chars):
         seen.append(workers)
         return real(pieces, tok, 1, batch_chars)  # the work itself in-process: the test is about the number
 
-    monkeypatch.setattr(prep, "_encoded_batches", spy)
+    monkeypatch.setattr(prep, "encoded_batches", spy)
     monkeypatch.setattr(prep, "_cores", lambda: 2)
     main(["prepare", "--input", str(world / "corpus"), "--tokenizer", str(world / "tok"), "--seq-len", "32", "--out",
           str(tmp_path / "data"), "--doc-per", "line", "--workers", "1000"])

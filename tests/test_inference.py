@@ -11,8 +11,8 @@ import torch
 from inference_data import WORDS, make_data, tiny_config, train_tiny
 
 from maskedlm.errors import UserError
-from maskedlm.hf import load_any_model
 from maskedlm.inference import explain, fill, format_explain, format_fill, score
+from maskedlm.models import load_any_model
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_bad_text_is_a_user_error(trained, call, message):
         call(trained)
 
 
-def test_missing_model_path(tmp_path, capsys):
+def test_a_missing_model_path_is_a_one_line_error_in_the_api_and_the_cli(tmp_path, capsys):
     from maskedlm.cli import main
 
     with pytest.raises(UserError, match="does not exist"):
@@ -191,7 +191,7 @@ def _same_fill(a, b, text="golf golf [MASK] golf"):
 
 
 def test_model_from_run_dir_checkpoint_dir_and_hugging_face_dir(tmp_path, run_dir, trained):
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     _same_fill(trained, load_any_model(run_dir))
     _same_fill(trained, load_any_model(run_dir / "checkpoints" / "step_0000400"))

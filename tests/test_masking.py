@@ -122,7 +122,7 @@ def test_random_replacement_uniform_over_non_special():
     assert chi2 < 45.3, chi2  # chi-square, 19 degrees of freedom, p = 0.001
 
 
-def test_output_layout(big):
+def test_masked_batch_lists_the_selected_positions_in_order_with_their_original_tokens(big):
     ids, rows, cfg, mb, elig = big
     assert isinstance(mb, MaskedBatch)
     B, T = ids.shape

@@ -3,20 +3,17 @@ or train.max_tokens), the masks then follow that schedule, and a resume from a c
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import make_data
 
 from maskedlm.config import MaskingConfig
 from maskedlm.errors import UserError
 from maskedlm.masking import rate_at
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 QUIET = ["train.log_every_steps=1000", "eval.every_steps=0"]
 LINEAR = ["masking.rate_schedule=linear", "masking.rate_start=0.4", "masking.rate_end=0.15"]

@@ -185,7 +185,7 @@ def test_word_masking_never_splits_a_tokenizer_word(packed):
     assert rand_total > 0 and abs(rand_total / sel_total - 0.1) < 0.01  # random replacement kept, per token
 
 
-def test_word_needs_flags():
+def test_word_masking_without_word_starts_is_refused():
     with pytest.raises(UserError, match="word starts"):
         select_positions(torch.randint(5, 50, (2, 16)), torch.arange(2), 0, MaskingConfig(unit="word"), SP)
 
@@ -314,7 +314,7 @@ def test_rate_schedule_is_the_configured_function_of_step(schedule):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.positions, b.positions)
 
 
-def test_schedule_validation():
+def test_a_rate_schedule_needs_its_length_and_a_k_max_fit_for_its_start():
     unset = MaskingConfig(rate_schedule="linear", rate_start=0.3)
     unset.validate()  # rate_schedule_steps 0 is valid: train fills in the run's steps
     with pytest.raises(UserError, match="masking.rate_schedule_steps > 0"):  # anything else must be told the length
@@ -452,7 +452,7 @@ def test_masks_text_shows_rows_as_words(data_dir, capsys):
     assert "##" not in out  # word pieces are joined into words
 
 
-def test_masks_errors(data_dir, tmp_path):
+def test_masks_refuses_a_bad_masking_override_and_an_unprepared_dir(data_dir, tmp_path):
     from maskedlm.masks import masks_report
 
     d, _, _ = data_dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from train_data import make_data
 
 from maskedlm.data.loader import MixLoader, mixture_sources
 from maskedlm.errors import UserError
@@ -88,12 +89,6 @@ def test_mask_keys_differ_by_source_and_epoch():
 
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_data import make_data
-
     d = tmp_path_factory.mktemp("mix")
     return (make_data(d / "a", rows=128, val_rows=32, seed=1), make_data(d / "b", rows=40, val_rows=16, seed=2),
             make_data(d / "other", rows=64, val_rows=16, words=44, seed=3))

@@ -238,7 +238,7 @@ def test_bf16_autocast_forward_gives_fp32_loss():
     loss.backward()
 
 
-def test_bad_config():
+def test_a_zero_vocab_and_a_row_longer_than_max_positions_are_refused():
     with pytest.raises(ValueError, match="vocab_size"):
         MaskedLM(ModelConfig(vocab_size=0))
     m = MaskedLM(tiny("bert"))

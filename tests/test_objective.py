@@ -99,7 +99,7 @@ def test_log_softmax_in_fp32_under_bf16_autocast():
     assert abs(got.item() - expected) < 1e-5
 
 
-def test_accuracy_counts():
+def test_accuracy_counts_argmax_hits_at_labelled_positions_only():
     logits = torch.zeros(2, 3, V)
     logits[0, 0, 4] = logits[0, 1, 2] = logits[1, 2, 7] = 1.0
     targets = torch.tensor([[4, 3, -100], [-100, -100, 7]])
@@ -122,7 +122,7 @@ def test_accuracy_counts_follow_argmax_on_ties(dtype):
     assert correct.item() == ((first == targets) & in_a).sum().item() > 0
 
 
-def test_bad_arguments():
+def test_masked_cross_entropy_refuses_an_unknown_reduction_and_shapes_that_disagree():
     with pytest.raises(ValueError, match="reduction"):
         masked_cross_entropy(torch.zeros(1, 2, V), torch.zeros(1, 2, dtype=torch.long), reduction="avg")
     with pytest.raises(ValueError, match="disagree"):

@@ -16,6 +16,7 @@ import pytest
 
 from maskedlm.cli import main
 from maskedlm.data import corpus as reader
+from maskedlm.data import encode as encoding
 from maskedlm.data import prepare as prep
 from maskedlm.data import shards
 from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, load_meta, open_split
@@ -160,12 +161,12 @@ def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks)
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = load_tokenizer(toks["wordpiece"])
-    assert prep.word_start_table(tok) is not None
+    assert encoding.word_start_table(tok) is not None
     for kind in ("bpe", "unigram"):  # no id → word-start rule there: they keep word_ids
-        assert prep.word_start_table(load_tokenizer(toks[kind])) is None
+        assert encoding.word_start_table(load_tokenizer(toks[kind])) is None
     ws = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##a": 2}, unk_token="[UNK]"))
     ws.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # a word may start with "##" here: no table
-    assert prep.word_start_table(ws) is None
+    assert encoding.word_start_table(ws) is None
     # Words the model cannot spell ([UNK]), literal special tokens and "##" in the text, CJK, accents, a word over
     # WordPiece's 100-char limit, control characters, and a document that tokenizes to nothing.
     odd = ["x ##ing #a ## [MASK] b[SEP]c 漢字 ☃☃ Zéro\x07 " + "ka" * 80, "\x07\x08", "naïve ##  #  ☃", "[CLS]"]
@@ -173,16 +174,16 @@ def test_fast_wordpiece_path_gives_identical_shards(tmp_path, monkeypatch, toks)
     path = write_blank_line(tmp_path / "odd.txt", docs)
     monkeypatch.setattr(prep, "BATCH_CHARS", 500)
     joined = []  # _encode_joined's outcomes in this process: encoded, or refused (a literal "[SEP]" in the batch)
-    encode_joined = prep._encode_joined
-    monkeypatch.setattr(prep, "_encode_joined", lambda *a: joined.append(encode_joined(*a)) or joined[-1])
+    encode_joined = encoding._encode_joined
+    monkeypatch.setattr(encoding, "_encode_joined", lambda *a: joined.append(encode_joined(*a)) or joined[-1])
     out = {}
-    cacheable = prep.chunk_cacheable
-    for name, table, joiner, cache in (("cache", prep.word_start_table, prep._joiner, cacheable),
-                                       ("joined", prep.word_start_table, prep._joiner, None),
-                                       ("fast", prep.word_start_table, None, None), ("word_ids", None, None, None)):
-        monkeypatch.setattr(prep, "word_start_table", table or (lambda t: None))
-        monkeypatch.setattr(prep, "_joiner", joiner or (lambda t: None))
-        monkeypatch.setattr(prep, "chunk_cacheable", cache or (lambda t: None))
+    cacheable = encoding.chunk_cacheable
+    for name, table, joiner, cache in (("cache", encoding.word_start_table, encoding._joiner, cacheable),
+                                       ("joined", encoding.word_start_table, encoding._joiner, None),
+                                       ("fast", encoding.word_start_table, None, None), ("word_ids", None, None, None)):
+        monkeypatch.setattr(encoding, "word_start_table", table or (lambda t: None))
+        monkeypatch.setattr(encoding, "_joiner", joiner or (lambda t: None))
+        monkeypatch.setattr(encoding, "chunk_cacheable", cache or (lambda t: None))
         for workers in (1, 2):
             d = tmp_path / f"{name}{workers}"
             prep.prepare([str(path)], toks["wordpiece"], 16, d, val_fraction=0.1, workers=workers)
@@ -503,10 +504,10 @@ def test_chunk_cache_gives_the_tokenizers_own_ids(monkeypatch, toks, norm):
     vocab = load_tokenizer(toks["wordpiece"]).get_vocab()
     tok = _bert_like(vocab, **norm)
     tok.add_tokens(["zzyzx", "ka-lo"])  # normalized added tokens, matched inside chunks
-    assert prep.chunk_cacheable(tok) == "whitespace"
-    monkeypatch.setattr(prep, "CACHE_WORDS", 50)  # starts over many times below
+    assert encoding.chunk_cacheable(tok) == "whitespace"
+    monkeypatch.setattr(encoding, "CACHE_WORDS", 50)  # starts over many times below
     texts = HOSTILE + make_docs(200, seed=5) + HOSTILE + [d + " zzyzx ka-lo kazzyzx" for d in make_docs(50, seed=6)]
-    enc = prep._Encoder(tok)
+    enc = encoding._Encoder(tok)
     assert enc.cache is not None
     assert (enc.cache.cjk is not None) == (norm.get("handle_chinese_chars", True) and bool(norm))
     for i in range(0, len(texts), 37):
@@ -522,9 +523,9 @@ def test_chunk_cache_refuses_tokenizers_it_cannot_reproduce(toks):
     from tokenizers import AddedToken, Tokenizer, normalizers
 
     vocab = load_tokenizer(toks["wordpiece"]).get_vocab()
-    assert prep.chunk_cacheable(load_tokenizer(toks["wordpiece"])) == "whitespace"
+    assert encoding.chunk_cacheable(load_tokenizer(toks["wordpiece"])) == "whitespace"
     for kind in ("bpe", "unigram"):
-        assert prep.chunk_cacheable(load_tokenizer(toks[kind])) == "space"
+        assert encoding.chunk_cacheable(load_tokenizer(toks[kind])) == "space"
     spaced = _bert_like(vocab, lowercase=True)
     spaced.add_tokens(["new york"])  # would match across a cut
     stripping = _bert_like(vocab, lowercase=True)
@@ -534,22 +535,22 @@ def test_chunk_cache_refuses_tokenizers_it_cannot_reproduce(toks):
     truncating = _bert_like(vocab, lowercase=True)
     truncating.enable_truncation(8)
     for tok in (spaced, stripping, other_norm, truncating):
-        assert prep.chunk_cacheable(tok) is None
+        assert encoding.chunk_cacheable(tok) is None
     # Byte-level BPE: no cut without GPT-2's regex, with a normalizer that can make spaces (NFKC), or with dropout.
     for change in ({"pre_tokenizer": {"use_regex": False}}, {"normalizer": {"type": "NFKC"}}, {"model": {"dropout": 0.1}}):
         spec = json.loads(load_tokenizer(toks["bpe"]).to_str())
         for key, val in change.items():
             spec[key] = val if key == "normalizer" else {**spec[key], **val}
-        assert prep.chunk_cacheable(Tokenizer.from_str(json.dumps(spec))) is None, change
+        assert encoding.chunk_cacheable(Tokenizer.from_str(json.dumps(spec))) is None, change
     # ... nor with an added token matched after normalizing (the cut looks for added tokens in the raw text).
     for kind in ("bpe", "unigram"):
         tok = load_tokenizer(toks[kind])
         tok.add_tokens(["zzyzx"])
-        assert prep.chunk_cacheable(tok) is None
+        assert encoding.chunk_cacheable(tok) is None
     # And where it refuses, the encoder still gives the tokenizer's own ids (by the uncached path).
     text = ["new york is not new  york <mask>x ka " * 3]
     for tok in (spaced, stripping, other_norm):
-        ids, _, lens = prep._Encoder(tok)(text)
+        ids, _, lens = encoding._Encoder(tok)(text)
         assert ids.tolist() == tok.encode(text[0], add_special_tokens=False).ids
 
 
@@ -602,11 +603,11 @@ def test_space_chunk_cache_gives_the_tokenizers_own_ids_and_word_starts(monkeypa
         spec["normalizer"] = {"type": "NFKD"}
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.add_tokens([AddedToken("zzyzx", normalized=False), AddedToken("#(", normalized=False)])
-    assert prep.chunk_cacheable(tok) == "space"
-    monkeypatch.setattr(prep, "CACHE_WORDS", 40)
+    assert encoding.chunk_cacheable(tok) == "space"
+    monkeypatch.setattr(encoding, "CACHE_WORDS", 40)
     texts = (SPACE_HOSTILE + HOSTILE + make_docs(150, seed=8) + SPACE_HOSTILE
              + [d + "  zzyzx kazzyzx \t #( x  #(" for d in make_docs(30, seed=9)])
-    enc = prep._Encoder(tok)
+    enc = encoding._Encoder(tok)
     assert enc.cache is not None and enc.cache.mode == "space"
     for i in range(0, len(texts), 29):
         batch = texts[i:i + 29]
@@ -625,11 +626,11 @@ def test_space_chunk_cache_writes_the_same_data_dir(tmp_path, monkeypatch, toks,
     docs = make_docs(40, seed=13) + [" ".join(SPACE_HOSTILE[i:i + 4]) for i in range(0, len(SPACE_HOSTILE), 4)]
     docs += make_docs(40, seed=14)
     path = write_blank_line(tmp_path / "c.txt", docs)
-    monkeypatch.setattr(prep, "CACHE_WORDS", 64)
+    monkeypatch.setattr(encoding, "CACHE_WORDS", 64)
     monkeypatch.setattr(prep, "BATCH_CHARS", 700)
     out = {}
-    for name, cacheable in (("cache", prep.chunk_cacheable), ("plain", lambda t: None)):
-        monkeypatch.setattr(prep, "chunk_cacheable", cacheable)
+    for name, cacheable in (("cache", encoding.chunk_cacheable), ("plain", lambda t: None)):
+        monkeypatch.setattr(encoding, "chunk_cacheable", cacheable)
         for workers in (1, 2):
             d = tmp_path / f"{name}{workers}"
             prep.prepare([str(path)], toks[kind], 16, d, val_fraction=0.1, workers=workers)

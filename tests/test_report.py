@@ -2,22 +2,18 @@
 
 import html
 import json
-import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
+from train_data import make_data
 
-from maskedlm.checkpoint import load_checkpoint_model
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
+from maskedlm.models import load_checkpoint_model
 from maskedlm.report import calibration, smooth, write_report
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 CURVES = {"train-loss-tokens", "train-loss-time", "eval-loss", "eval-loss-time", "eval-accuracy", "lr", "grad-norm",

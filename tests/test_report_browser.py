@@ -8,17 +8,14 @@ proxy port and is told apart from the page's requests by its initiator.
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from train_data import make_data
 
 from maskedlm.report import write_report
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models
 
 from maskedlm.cli import main
 from maskedlm.errors import UserError
@@ -76,8 +76,6 @@ def test_vocab_txt_dir_matches_transformers_bert(tmp_path):
 
 
 def test_roberta_style_special_tokens(tmp_path):
-    from tokenizers import Tokenizer, models
-
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "hello": 4, "<mask>": 5}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
@@ -86,27 +84,45 @@ def test_roberta_style_special_tokens(tmp_path):
     assert sp == SpecialIds(pad=1, unk=3, cls=0, sep=2, mask=5) and set(sp.all()) == {0, 1, 2, 3, 5}
 
 
-def test_missing_special_tokens_and_bad_paths(tmp_path, corpus):
-    from tokenizers import Tokenizer, models
-
+def test_a_tokenizer_without_sep_and_mask_is_refused_naming_them():
     tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "hi": 3}, unk_token="[UNK]"))
     with pytest.raises(UserError, match=r"no \[SEP\], \[MASK\] token"):
         special_ids(tok)
-    with pytest.raises(UserError, match="tokenizer not found"):
-        load_tokenizer(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="neither tokenizer.json nor vocab.txt"):
-        load_tokenizer(tmp_path / "empty")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="cannot load tokenizer"):
-        load_tokenizer(tmp_path / "bad.json")
-    with pytest.raises(UserError, match="kind must be one of"):
-        train_tokenizer([str(corpus)], 100, "sentencepiece", tmp_path / "x")
-    with pytest.raises(UserError, match="byte-level bpe must be > 261"):
-        train_tokenizer([str(corpus)], 100, "bpe", tmp_path / "x")
-    (tmp_path / "e.txt").write_text("")
-    with pytest.raises(UserError, match="all 1 input files are empty"):
-        train_tokenizer([str(tmp_path / "e.txt")], 100, "wordpiece", tmp_path / "x")
+
+
+def _bad_json(root):
+    (root / "bad.json").write_text("{not json")
+    return root / "bad.json"
+
+
+def _empty_dir(root):
+    (root / "empty").mkdir()
+    return root / "empty"
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda root: root / "nope", "tokenizer not found"),
+    (_empty_dir, "neither tokenizer.json nor vocab.txt"),
+    (_bad_json, "cannot load tokenizer"),
+], ids=["absent", "empty-dir", "not-json"])
+def test_a_path_that_holds_no_tokenizer_is_refused(tmp_path, where, message):
+    with pytest.raises(UserError, match=message):
+        load_tokenizer(where(tmp_path))
+
+
+def _empty_file(root, corpus):
+    (root / "e.txt").write_text("")
+    return [str(root / "e.txt")]
+
+
+@pytest.mark.parametrize("inputs, vocab, kind, message", [
+    (lambda root, corpus: [str(corpus)], 100, "sentencepiece", "kind must be one of"),
+    (lambda root, corpus: [str(corpus)], 100, "bpe", "byte-level bpe must be > 261"),
+    (_empty_file, 100, "wordpiece", "all 1 input files are empty"),
+], ids=["unknown-kind", "bpe-vocab-under-its-bytes", "empty-input"])
+def test_a_bad_tokenizer_training_is_refused_and_writes_nothing(tmp_path, corpus, inputs, vocab, kind, message):
+    with pytest.raises(UserError, match=message):
+        train_tokenizer(inputs(tmp_path, corpus), vocab, kind, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_data import make_data
 
-from maskedlm.checkpoint import load_checkpoint_model, read_checkpoint
+from maskedlm.checkpoint import read_checkpoint
 from maskedlm.errors import UserError
+from maskedlm.models import load_checkpoint_model
 from maskedlm.train import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.log_every_steps=1000", "eval.every_steps=0", "checkpoint.every_steps=0"]
@@ -231,7 +230,7 @@ def test_time_budget_ends_the_run_and_the_schedule_together(data, tmp_path):
     assert lrs[-1] < 0.3 * lrs[0]
 
 
-def test_bad_inputs_are_refused_with_clear_messages(data, tmp_path):
+def test_a_second_train_or_a_resume_with_another_config_is_refused(data, tmp_path):
     run = tmp_path / "run"
     train("tiny", data, run, ["train.max_steps=2", *QUIET])
     with pytest.raises(UserError, match="already holds a run.*--resume"):
@@ -240,16 +239,21 @@ def test_bad_inputs_are_refused_with_clear_messages(data, tmp_path):
     with pytest.raises(UserError, match=r"different config.*\(masking\.mask_rate: 0\.15 → 0\.2, model\.dropout: 0\.0 → 0\.1\)"):
         train("tiny", data, run, ["train.max_steps=4", "optim.lr=1e-3", "model.dropout=0.1", "masking.mask_rate=0.2",
                                   *QUIET], resume=True)
-    cases = [
-        (["model.max_positions=16"], "seq_len 32 but the model takes at most 16 positions"),
-        (["model.vocab_size=50"], "vocab_size 45 but the model has 50"),
-        (["train.max_steps=0"], "no training budget"),
-        (["train.micro_batch_rows=5"], "divisible"),
-        (["train.max_step=3"], "did you mean 'train.max_steps'"),
-    ]
-    for i, (over, msg) in enumerate(cases):
-        with pytest.raises(UserError, match=msg):
-            train("tiny", data, tmp_path / f"bad{i}", ["train.max_steps=2", *QUIET, *over])
+
+
+@pytest.mark.parametrize("over, msg", [
+    (["model.max_positions=16"], "seq_len 32 but the model takes at most 16 positions"),
+    (["model.vocab_size=50"], "vocab_size 45 but the model has 50"),
+    (["train.max_steps=0"], "no training budget"),
+    (["train.micro_batch_rows=5"], "divisible"),
+    (["train.max_step=3"], "did you mean 'train.max_steps'"),
+], ids=["positions-under-seq-len", "vocab-not-the-datas", "no-budget", "rows-not-divisible", "typo"])
+def test_a_config_that_is_mistyped_or_does_not_fit_the_data_is_refused(data, tmp_path, over, msg):
+    with pytest.raises(UserError, match=msg):
+        train("tiny", data, tmp_path / "bad", ["train.max_steps=2", *QUIET, *over])
+
+
+def test_a_dir_that_is_not_prepared_data_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a prepared data dir"):
         train("tiny", tmp_path / "nodata", tmp_path / "bad", ["train.max_steps=2"])
 
@@ -266,7 +270,7 @@ def test_cli_reports_a_config_typo_in_one_line(data, tmp_path, capsys):
 
 
 def test_init_from_a_hugging_face_dir_starts_from_its_weights(data, tmp_path):
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     first = tmp_path / "first"
     train("tiny", data, first, ["train.max_steps=5", *QUIET])

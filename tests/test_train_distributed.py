@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
+from train_data import make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.micro_batch_rows=4", "eval.every_steps=3", "train.log_every_steps=1000"]
@@ -136,7 +134,7 @@ _EVAL_WORKER = """
 import json, sys
 from pathlib import Path
 from maskedlm import distributed as dist
-from maskedlm.checkpoint import load_checkpoint_model
+from maskedlm.models import load_checkpoint_model
 from maskedlm.config import EvalConfig
 from maskedlm.data.shards import open_split
 from maskedlm.evaluate import evaluate

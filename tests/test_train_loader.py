@@ -115,7 +115,7 @@ def test_param_groups_leave_biases_norms_and_embeddings_undecayed():
     assert isinstance(opt, torch.optim.AdamW)
 
 
-def test_schedules_by_step():
+def test_linear_cosine_constant_and_wsd_lr_equal_hand_values_by_step():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="linear", min_lr_ratio=0.0)
     s = Schedule(cfg, total_steps=110)
     assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)

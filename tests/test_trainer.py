@@ -5,20 +5,16 @@ batch gives; the step's bookkeeping (normaliser, accumulation, skip) is what is 
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from train_data import make_data
 
 from maskedlm.config import load_config
 from maskedlm.data.shards import open_data_dir
 from maskedlm.model import MaskedLM
 from maskedlm.train import Trainer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

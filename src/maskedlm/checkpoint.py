@@ -18,15 +18,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import safetensors
+import tokenizers
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import maskedlm
-from maskedlm.config import config_from_dict
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, fsync_path, replace_dir
-from maskedlm.model import MaskedLM, plan_model
-from maskedlm.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER = "model.safetensors", "config.json", "tokenizer.json", "state.json", "optimizer.pt"
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -44,8 +45,6 @@ def step_dir_name(step: int) -> str:
 
 # -- low-level writers (one place each, so tests can simulate a full disk; text goes through files.py) ---------------
 def _write_weights(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -76,12 +75,8 @@ def _file_record(path: Path) -> dict:
 
 
 def library_versions() -> dict:
-    import numpy
-    import safetensors
-    import tokenizers
-
     return {
-        "maskedlm": maskedlm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+        "maskedlm": maskedlm.__version__, "torch": torch.__version__, "numpy": np.__version__,
         "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__,
         "python": platform.python_version(),
     }
@@ -97,8 +92,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-
     dec = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
     if "cpu" in state:
         torch.set_rng_state(dec(state["cpu"]))
@@ -253,8 +246,6 @@ def read_checkpoint(path: str | Path, load_optimizer: bool = True, verify: bool 
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {CONFIG} is unreadable ({e})") from None
     try:
-        from safetensors.torch import load_file
-
         model_state = load_file(str(path / WEIGHTS))
     except Exception as e:  # safetensors raises its own error type on a bad header or short file
         raise CheckpointError(f"checkpoint {path}: {WEIGHTS} is unreadable ({e})") from None
@@ -291,75 +282,3 @@ def load_for_resume(run_dir: str | Path, warn=print) -> Checkpoint | None:
     if problems:
         raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + "; ".join(problems))
     return None
-
-
-def is_run_config(path: str | Path) -> bool:
-    """`path` is a config.json as `train` writes it into RUN_DIR (Config's sections), not a Hugging Face one."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(d, dict) and "model_type" not in d and isinstance(d.get("model"), dict)
-            and "family" in d["model"] and "train" in d)
-
-
-def is_run_without_checkpoint(path: str | Path) -> bool:
-    """A run dir whose run has not saved yet: `train` writes config.json at start, checkpoints/ at the first save
-    (a run killed before then leaves only config.json, command.txt and its logs)."""
-    path = Path(path)
-    if (path / STATE).is_file():
-        return False
-    if (path / "checkpoints").is_dir():
-        return not step_dirs(path / "checkpoints")
-    return is_run_config(path / CONFIG)
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A run dir (→ its latest checkpoint) or a checkpoint dir."""
-    path = Path(path)
-    if (path / STATE).is_file():
-        return path
-    if is_run_without_checkpoint(path):
-        raise UserError(f"run dir {path} has no checkpoint yet (it has not reached its first save, or was stopped "
-                        "before it); wait for the first save, or pass a checkpoint dir or a run dir that has one")
-    ck_root = path / "checkpoints"
-    if ck_root.is_dir():
-        latest = read_latest_name(ck_root)
-        if latest and (ck_root / latest).is_dir():
-            return ck_root / latest
-        return step_dirs(ck_root)[-1][1]
-    if not path.exists():
-        raise UserError(f"model {path} does not exist")
-    raise UserError(f"{path} is neither a run dir nor a checkpoint dir (no {STATE}, no checkpoints/)")
-
-
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer or None) from a run dir (its latest checkpoint) or a
-    checkpoint dir: maskedlm's own format only; hf.load_any_model takes any MODEL path and calls this for ours.
-
-    A damaged latest checkpoint is an error that names the previous, loadable one, rather than a silent fallback:
-    inference should not quietly use older weights.
-    """
-    ck_dir = resolve_checkpoint_dir(path)
-    try:
-        ck = read_checkpoint(ck_dir, load_optimizer=False)
-    except CheckpointError as e:
-        others = [p for p in checkpoint_candidates(ck_dir.parent.parent) if p != ck_dir] if ck_dir.parent.name == "checkpoints" else []
-        for p in others:
-            try:
-                read_checkpoint(p, load_optimizer=False)
-            except CheckpointError:
-                continue
-            raise CheckpointError(f"{e}; the previous checkpoint {p} loads: pass it as MODEL") from None
-        raise
-    cfg = config_from_dict(ck.config)
-    plan_model(cfg.model, weights=ck.model_state, source=str(ck_dir))
-    model = MaskedLM(cfg.model)
-    missing, unexpected = model.load_state_dict(ck.model_state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {ck_dir}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.to(device).eval()
-    tokenizer = load_tokenizer(ck_dir / TOKENIZER) if (ck_dir / TOKENIZER).is_file() else None
-    return model, cfg, tokenizer
-
-

@@ -1,9 +1,8 @@
 """The `maskedlm` command line: parses arguments and dispatches to the Python API; no logic lives here.
 
-Each subcommand imports its module lazily (so `maskedlm --help` stays fast) and calls one function. A UserError
-becomes a one-line `maskedlm: error: ...` on stderr and exit status 2. In train a first Ctrl-C or SIGTERM saves a
-checkpoint and exits 0 (the run is intact and resumable); a second Ctrl-C, or one in any other command, exits 130.
-"""
+Each subcommand imports its module inside its function (torch stays off the import path: `--help` is fast) and calls
+one function. A UserError becomes a one-line `maskedlm: error: ...` on stderr and exit 2. In train a first Ctrl-C or
+SIGTERM saves a checkpoint and exits 0 (the run is resumable); a second Ctrl-C, or one in any other command, exits 130."""
 
 from __future__ import annotations
 
@@ -54,11 +53,10 @@ def _prepare(a):
 
 
 def _train(a):
+    from maskedlm import distributed as dist
     from maskedlm.train import train
 
     train(config=a.config, data=a.data, out=a.out, overrides=a.overrides, resume=a.resume, init_from=a.init_from)
-    from maskedlm import distributed as dist
-
     dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
 
@@ -90,8 +88,8 @@ def _fill(a):
 
 
 def _explain(a):
-    from maskedlm.hf import load_any_model
     from maskedlm.inference import explain, format_explain
+    from maskedlm.models import load_any_model
 
     loaded = load_any_model(a.model)
     result = explain(loaded, _text(a.text), mask=a.mask, seed=a.seed)
@@ -111,25 +109,24 @@ def _demo(a):
 
 
 def _export(a):
-    from maskedlm.hf import export
+    from maskedlm.interop import export
 
     print(export(a.model, out=a.out, overwrite=a.overwrite)["report"])
 
 
 def _import(a):
-    from maskedlm.hf import import_checkpoint
+    from maskedlm.interop import import_checkpoint
 
     print(import_checkpoint(a.hf_dir, out=a.out, overwrite=a.overwrite)["report"])
 
 
 def _finetune(a):
+    from maskedlm import distributed as dist
     from maskedlm.finetune import finetune
 
     result = finetune(a.model, train=a.train, eval=a.eval, out=a.out, task=a.task, test=a.test,
                       text_field=a.text_field, pair_field=a.text_pair_field, label_field=a.label_field,
                       seeds=a.seeds, probe=a.probe, overrides=a.overrides, overwrite=a.overwrite)
-    from maskedlm import distributed as dist
-
     dist.print0(json.dumps(result, indent=2))  # under torchrun every rank has the same numbers; one prints them
     dist.end_process(0)  # under torchrun: no interpreter finalization, where gloo's threads can abort the process
 
@@ -179,11 +176,7 @@ def _masks(a):
                        step=a.step, epoch=a.epoch, max_rows=a.max_rows))
 
 
-# Long: every subcommand's options in one place, so `maskedlm COMMAND --help` and this file read the same.
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train a tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     t = tok_sub.add_parser("train", help="train a WordPiece, BPE or Unigram tokenizer on text files")
@@ -198,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     t.set_defaults(fn=_tokenizer_train)
 
+
+def _add_prepare(sub) -> None:
     t = sub.add_parser("prepare", help="tokenize a corpus into packed rows (train/ and val/ shards + meta.json)")
     t.add_argument("--input", nargs="+", metavar="PATH",
                    help="files, directories, globs: text, JSON Lines, .gz/.zst, Parquet, datasets save_to_disk dirs")
@@ -216,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     t.set_defaults(fn=_prepare)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="pretrain (or continue pretraining) an encoder")
     t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("--config", default=None,
@@ -228,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(fn=_train)
 
+
+def _add_eval(sub) -> None:
     t = sub.add_parser("eval", help="masked loss, accuracy and perplexity at a fixed evaluation mask")
     t.__class__ = _IntermixedParser
     t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
@@ -237,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="eval.key=value")
     t.set_defaults(fn=_eval)
 
+
+def _add_fill(sub) -> None:
     t = sub.add_parser("fill", help="top-k tokens at each [MASK]")
     t.add_argument("model", metavar="MODEL")
     t.add_argument("text", help="the text with [MASK]; - reads it from standard input")
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_fill)
 
+
+def _add_explain(sub) -> None:
     t = sub.add_parser("explain", help="the objective's view of one example: x, A(x), x̄, −log p per position")
     t.add_argument("model", metavar="MODEL")
     t.add_argument("text", help="- reads it from standard input")
@@ -252,29 +255,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_explain)
 
+
+def _add_score(sub) -> None:
     t = sub.add_parser("score", help="pseudo-log-likelihood of a text (each token masked in turn)")
     t.add_argument("model", metavar="MODEL")
     t.add_argument("text", help="- reads it from standard input")
     t.set_defaults(fn=_score)
 
+
+def _add_demo(sub) -> None:
     t = sub.add_parser("demo", help="the embedded default run on Shakespeare's works")
     t.add_argument("--minutes", type=float, default=None, help="training budget (default: 5, or 0.25 with --quick)")
     t.add_argument("--quick", action="store_true", help="end within a minute (CI)")
     t.add_argument("--out", default="demo_out", metavar="DIR")
     t.set_defaults(fn=_demo)
 
+
+def _add_export(sub) -> None:
     t = sub.add_parser("export", help="write a Hugging Face transformers directory")
     t.add_argument("model", metavar="MODEL")
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(fn=_export)
 
+
+def _add_import(sub) -> None:
     t = sub.add_parser("import", help="convert a Hugging Face BERT/ModernBERT directory into a maskedlm model")
     t.add_argument("hf_dir", metavar="HF_DIR")
     t.add_argument("--out", required=True, metavar="MODEL")
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(fn=_import)
 
+
+def _add_masks(sub) -> None:
     t = sub.add_parser("masks", help="show what a masking configuration does to the data")
     t.__class__ = _IntermixedParser  # overrides before or after the options
     t.add_argument("data", metavar="DATA_DIR")
@@ -288,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="masking.key=value")
     t.set_defaults(fn=_masks)
 
+
+def _add_finetune(sub) -> None:
     t = sub.add_parser("finetune", help="fine-tune (or --probe) a MODEL on labelled data: classify, regress, tokens")
     t.__class__ = _IntermixedParser
     t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
@@ -305,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="finetune.key=value")
     t.set_defaults(fn=_finetune)
 
+
+def _add_report(sub) -> None:
     t = sub.add_parser("report", help="a self-contained HTML report: curves of one or more runs, the objective's anatomy")
     t.add_argument("runs", nargs="+", metavar="RUN_DIR")
     t.add_argument("--data", default=None, metavar="DATA_DIR",
@@ -312,6 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="report.html", metavar="FILE", help="the page to write (default: report.html)")
     t.add_argument("--png", default=None, metavar="DIR", help="also write every figure as a PNG into DIR")
     t.set_defaults(fn=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one `_add_COMMAND` per subcommand, in the order `maskedlm --help` lists them."""
+    p = _Parser(prog="maskedlm", description="Pretrain transformer encoders with masked language modelling.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_tokenizer(sub)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_fill(sub)
+    _add_explain(sub)
+    _add_score(sub)
+    _add_demo(sub)
+    _add_export(sub)
+    _add_import(sub)
+    _add_masks(sub)
+    _add_finetune(sub)
+    _add_report(sub)
     return p
 
 

@@ -465,11 +465,16 @@ def load_config(config: "str | Path | Config | dict | None" = None, overrides=()
     else:
         cfg = _read_toml(_resolve(str(config)))
     for item in overrides or ():
-        key, eq, text = str(item).partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"override {item!r} must look like section.key=value")
-        _set(cfg, key.strip(), _parse_scalar(text.strip()))
+        _set(cfg, *_split_override(item))
     return cfg.validate()
+
+
+def _split_override(item, form: str = "section.key=value") -> tuple[str, object]:
+    """The one override parser: `key=value` → (key, the value as TOML reads a scalar); UserError naming `form`."""
+    key, eq, text = str(item).partition("=")
+    if not eq or not key.strip():
+        raise UserError(f"override {item!r} must look like {form}")
+    return key.strip(), _parse_scalar(text.strip())
 
 
 def config_from_dict(data: dict) -> Config:
@@ -487,6 +492,20 @@ def config_diff(a: Config, b: Config, ignore=RESUME_FREE_KEYS) -> list[str]:
     norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
     return sorted(k for k in fa.keys() | fb.keys() if k not in ignore and norm(fa.get(k)) != norm(fb.get(k)))
 
+
+def check_resume_config(stored: Config, cfg: Config, run_dir) -> str | None:
+    """--resume takes the stored run's config: UserError for a change outside RESUME_FREE_KEYS and RESUME_NOTED_KEYS;
+    a note naming the changed RESUME_NOTED_KEYS (a changed optimizer schedule), or None."""
+    diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
+    fs, fc = flat_config(stored), flat_config(cfg)
+    if diff:
+        shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
+        raise UserError(f"--resume with a different config than the run in {run_dir} ({shown}); resume with the same "
+                        "config or start a new --out")
+    noted = [k for k in config_diff(stored, cfg) if k in RESUME_NOTED_KEYS]
+    if not noted:
+        return None
+    return "note: --resume with a changed optimizer schedule: " + ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in noted)
 
 def config_hash(cfg: Config, ignore=RESUME_FREE_KEYS) -> str:
     """sha256 of the canonical JSON of the keys that decide the weights (RESUME_FREE_KEYS left out)."""
@@ -543,12 +562,9 @@ def load_finetune_config(overrides=()) -> FinetuneConfig:
     hints = get_type_hints(FinetuneConfig)
     known = [f"finetune.{f.name}" for f in fields(FinetuneConfig)]
     for item in overrides or ():
-        key, eq, text = str(item).partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UserError(f"override {item!r} must look like finetune.key=value")
+        key, value = _split_override(item, "finetune.key=value")
         section, _, name = key.partition(".")
         if section != "finetune" or name not in hints:
             raise _unknown(key, known)
-        setattr(cfg, name, _coerce(key, _parse_scalar(text.strip()), hints[name]))
+        setattr(cfg, name, _coerce(key, value, hints[name]))
     return cfg.validate()

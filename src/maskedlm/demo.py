@@ -23,15 +23,15 @@ import torch
 from maskedlm.config import load_config
 from maskedlm.data.prepare import prepare
 from maskedlm.data.shards import open_data_dir
-from maskedlm.downstream import load_task
 from maskedlm.errors import UserError
 from maskedlm.evaluate import evaluate
 from maskedlm.files import atomic_write_text
-from maskedlm.hf import load_any_model
 from maskedlm.inference import fill
 from maskedlm.model import MaskedLM
+from maskedlm.models import load_any_model
 from maskedlm.probe import run_probe
 from maskedlm.report import write_report
+from maskedlm.tasks import load_task
 from maskedlm.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from maskedlm.train import train
 
@@ -242,7 +242,6 @@ def _show_fills(loaded, held_out: Path, n: int) -> list[dict]:
     return shown
 
 
-# Long: the demo's steps one after another, in the order it prints them.
 def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") -> dict:
     """The demo; returns {"before", "after", "tokens_per_s", "steps", "run_dir", "fill"}. minutes None: 5 (0.25 quick)."""
     mode = QUICK if quick else FULL
@@ -298,11 +297,17 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
         "steps": result["step"], "tokens": result["tokens"], "tokens_per_s": tokens_per_s,
         "before": before, "after": after, "fill": shown, "probe": probe, "wall_s": time.perf_counter() - t_start,
     }
+    _finish(summary, run_dir, held_dir, t_start)
+    return summary
+
+
+def _finish(summary: dict, run_dir: Path, held_dir: Path, t_start: float) -> None:
+    """Writes the run's report and demo.json into run_dir (summary gains "report" and the final "wall_s")."""
     # The run's report, its anatomy taken on the held-out play (whose rows sit in that data dir's train split).
     summary["report"] = str(write_report([run_dir], data=held_dir, out=run_dir / "report.html"))
     summary["wall_s"] = time.perf_counter() - t_start
     atomic_write_text(run_dir / "demo.json", json.dumps(summary, indent=2))
+    shown = summary["fill"]
     print(f"\nreport: {summary['report']} (open it in a browser)")
     print(f"done in {summary['wall_s']:.0f} s; summary in {run_dir / 'demo.json'}; try:\n"
           f"  maskedlm fill {shlex.quote(str(run_dir))} {shlex.quote(shown[0]['line'] if shown else 'a line with one [MASK] in it')}")
-    return summary

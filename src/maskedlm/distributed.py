@@ -72,14 +72,6 @@ def info() -> DistInfo:
     return _INFO
 
 
-def rank() -> int:
-    return _INFO.rank
-
-
-def world_size() -> int:
-    return _INFO.world_size
-
-
 def is_main() -> bool:
     return _INFO.is_main
 
@@ -190,6 +182,23 @@ def shard_items(n_items: int) -> list[int | None]:
     per_rank = -(-int(n_items) // w)  # ceil
     mine: list[int | None] = list(range(r, int(n_items), w))
     return mine + [None] * (per_rank - len(mine))
+
+
+def shard_list(items: list) -> list:
+    """This rank's share of a list: item i goes to rank i % world_size, as in shard_items; the whole list on one
+    process. The caller sees that every rank gets one."""
+    return items[_INFO.rank::_INFO.world_size]
+
+
+def own_entry(per_rank: list):
+    """This rank's entry of a list all_gather_object gathered; None when it was gathered at another world size."""
+    return per_rank[_INFO.rank] if len(per_rank) == _INFO.world_size else None
+
+
+def seed_ranks(seed: int) -> None:
+    """Seed torch's global RNG (dropout) with seed + rank: rank 0 of N draws as a single process would, the others
+    differ."""
+    torch.manual_seed(int(seed) + _INFO.rank)
 
 
 def barrier() -> None:

@@ -20,9 +20,9 @@ from maskedlm import masking
 from maskedlm.config import EvalConfig, load_config
 from maskedlm.data.shards import FLAG_DOC_START, FLAG_WORD_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
-from maskedlm.hf import load_any_model
+from maskedlm.models import check_compatible, load_any_model
 from maskedlm.objective import masked_accuracy_counts, masked_cross_entropy
-from maskedlm.tokenizer import special_ids, tokenizer_hash
+from maskedlm.tokenizer import special_ids
 
 
 def _check_eval(store, cfg: EvalConfig, precision: str) -> int:
@@ -62,10 +62,25 @@ def _eval_logits(model, store, cfg: EvalConfig, special, vocab_size: int, device
         model.train(was_training)
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean masked loss); inf where exp would overflow a float (loss >= 700) rather than raise."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
 def _metrics(nll_sum: float, correct: int, count: int, rows: int) -> dict:
     loss = nll_sum / count
-    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            "tokens": count, "rows": rows}
+    return {"loss": loss, "accuracy": correct / count, "perplexity": perplexity(loss), "tokens": count, "rows": rows}
+
+
+def weighted_metrics(weights: list[float], per: list[dict | None]) -> dict:
+    """A mixture's numbers: loss and accuracy of its sources weighted by the mixture's weights, renormalised over the
+    sources that have numbers (None: a source without the split); tokens and rows summed; each source's under
+    "sources". The one place periodic evaluation in training and `maskedlm eval` on several data dirs combine them."""
+    have = [(wi, r) for wi, r in zip(weights, per) if r is not None]
+    total = sum(wi for wi, _ in have)
+    loss = sum(wi * r["loss"] for wi, r in have) / total
+    return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in have) / total, "perplexity": perplexity(loss),
+            "tokens": sum(r["tokens"] for _, r in have), "rows": sum(r["rows"] for _, r in have), "sources": per}
 
 
 def evaluate(model, store, cfg: EvalConfig, special, vocab_size: int, device="cpu", precision: str = "fp32") -> dict:
@@ -138,26 +153,6 @@ def _eval_overrides(cfg, overrides) -> EvalConfig:
     return load_config(cfg, overrides).eval
 
 
-def check_compatible(model_cfg, tokenizer, data: DataDir) -> None:
-    """Refuse data that the model cannot read: another vocabulary, another tokenizer, or rows longer than its positions."""
-    if data.vocab_size != int(model_cfg.vocab_size):
-        raise UserError(
-            f"data {data.path} has vocab_size {data.vocab_size} but the model has {model_cfg.vocab_size}; "
-            "prepare the data with the model's tokenizer"
-        )
-    want = data.tokenizer_hash
-    if want and tokenizer is not None and tokenizer_hash(tokenizer) != want:
-        raise UserError(
-            f"data {data.path} was prepared with a different tokenizer than the model's (tokenizer_hash {want[:12]}… vs "
-            f"{tokenizer_hash(tokenizer)[:12]}…); prepare the data with the model's tokenizer"
-        )
-    if data.seq_len > int(model_cfg.max_positions):
-        raise UserError(
-            f"data {data.path} has seq_len {data.seq_len} but the model takes at most {model_cfg.max_positions} positions; "
-            "prepare the data with a smaller --seq-len"
-        )
-
-
 def evaluate_model(model_path, data, split: str = "val", overrides=(), device: str | None = None) -> dict:
     """`maskedlm eval`: load MODEL (run, checkpoint or Hugging Face dir), check it fits DATA_DIR, evaluate a split.
 
@@ -186,10 +181,9 @@ def _evaluate_model(model_path, data, split: str, overrides, device) -> dict:
     if len(per) == 1:
         return per[0]
     w = mixture_weights(cfg.data.weights, sources)
-    loss = sum(wi * r["loss"] for wi, r in zip(w, per))
-    return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in zip(w, per)),
-            "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": sum(r["tokens"] for r in per),
-            "rows": sum(r["rows"] for r in per), "weights": w, "sources": per}
+    combined = weighted_metrics(w, per)
+    per_source = combined.pop("sources")
+    return {**combined, "weights": w, "sources": per_source}  # in the order `maskedlm eval` prints them
 
 
 def _evaluate_source(model, cfg, tokenizer, data_dir: DataDir, split: str, overrides, device, model_path) -> dict:

@@ -1,26 +1,22 @@
-"""Hugging Face interop: key maps and configs for BertForMaskedLM / ModernBertForMaskedLM, export, import, loading.
+"""Hugging Face layouts: key maps and configs for BertForMaskedLM / ModernBertForMaskedLM, and reading an HF dir.
 
 HF's `vocab_size` is our TRUE vocabulary size: padded embedding/decoder rows (never used, kept at zero) are cut on
 export and re-added as zeros on import, so a round trip gives identical tensors and logits of the same width.
-Offline and safetensors only; transformers is needed only to verify an export, never to load or convert.
+Offline and safetensors only; transformers is never needed to load or convert. Export and import: interop.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-import maskedlm
-from maskedlm.checkpoint import STATE, is_run_without_checkpoint, load_checkpoint_model, save_checkpoint
 from maskedlm.config import Config, ModelConfig
 from maskedlm.errors import UserError
-from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.model import MaskedLM, padded_vocab_size, plan_model
-from maskedlm.tokenizer import load_tokenizer, save_tokenizer, special_ids
+from maskedlm.tokenizer import load_tokenizer, special_ids
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key maps. Each entry: (our key, HF key suffix). The q/k/v split (BERT) and vocabulary padding are handled apart.
@@ -216,16 +212,15 @@ def missing_head_keys(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[
 # Configs
 
 
-# Long: one keyword per field of transformers' BertConfig / ModernBertConfig, listed flat so each is easy to check.
 def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
-    """config.json content (also the kwargs of BertConfig / ModernBertConfig) for our ModelConfig.
+    """config.json content (also the kwargs of BertConfig / ModernBertConfig) for our ModelConfig: one keyword per
+    field of transformers' config, listed flat so each is easy to check.
 
     special: optional {"pad", "cls", "sep", "mask", ...} token ids, written as HF's *_token_id fields.
     The modern config states which layers are global (all, by default) both ways transformers has spelled it:
     layer_types (v5) and global_attn_every_n_layers with global/local_rope_theta (v4.48+).
     """
     special = dict(special or {})
-    n = cfg.global_attn_every_n_layers
     common = dict(
         vocab_size=int(cfg.vocab_size),
         hidden_size=cfg.hidden,
@@ -238,21 +233,24 @@ def hf_config(cfg: ModelConfig, special: dict | None = None) -> dict:
         pad_token_id=special.get("pad", 0 if cfg.family == "bert" else None),
     )
     if cfg.family == "bert":
-        return dict(
-            architectures=["BertForMaskedLM"],
-            model_type="bert",
-            **common,
-            hidden_act="gelu",
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.attention_dropout,
-            type_vocab_size=cfg.type_vocab_size,
-            layer_norm_eps=cfg.layer_norm_eps,
-            position_embedding_type="absolute",
-        )
+        return dict(architectures=["BertForMaskedLM"], model_type="bert", **common, **_bert_fields(cfg))
+    return dict(architectures=["ModernBertForMaskedLM"], model_type="modernbert", **common, **_modern_fields(cfg, special))
+
+
+def _bert_fields(cfg: ModelConfig) -> dict:
     return dict(
-        architectures=["ModernBertForMaskedLM"],
-        model_type="modernbert",
-        **common,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        position_embedding_type="absolute",
+    )
+
+
+def _modern_fields(cfg: ModelConfig, special: dict) -> dict:
+    n = cfg.global_attn_every_n_layers
+    return dict(
         bos_token_id=special.get("cls"),
         cls_token_id=special.get("cls"),
         eos_token_id=special.get("sep"),
@@ -366,7 +364,6 @@ def model_config_from_hf(d: dict) -> ModelConfig:
 
 _WEIGHTS = "model.safetensors"
 _WEIGHTS_INDEX = "model.safetensors.index.json"
-_PROBE_TOLERANCE = 1e-4  # export self-check: fp32 logits of the same weights agree to ~1e-6; 1e-4 flags a wrong map
 
 
 def _resolve_hf_dir(hf_dir) -> Path:
@@ -394,8 +391,6 @@ def _resolve_hf_dir(hf_dir) -> Path:
 
 
 def _read_hf_weights(d) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     def load(path):
         try:
             return load_file(str(path))
@@ -423,7 +418,7 @@ def _read_hf_weights(d) -> dict[str, torch.Tensor]:
     raise UserError(f"{d} has no {_WEIGHTS}: not a complete Hugging Face checkpoint")
 
 
-def _load_hf(hf_dir, device="cpu"):
+def load_hf_dir(hf_dir, device="cpu"):
     """(model, Config, tokenizer, info) where info names the source and the head tensors initialised fresh."""
     root = _resolve_hf_dir(hf_dir)
     try:
@@ -460,187 +455,3 @@ def _load_hf(hf_dir, device="cpu"):
     info = dict(source=str(Path(hf_dir)), weights_dir=str(root), architectures=hf_cfg.get("architectures"),
                 initialised=missing_head)
     return model.to(device).eval(), Config(model=mcfg), tok, info
-
-
-FINETUNE_MARKER = ".maskedlm-finetune"  # in every `maskedlm finetune` DIR; its model is DIR/best/ (none with --probe)
-# transformers' task classes: an encoder and a task head, no MLM head (a fine-tuned DIR/best/ is one of the first two)
-TASK_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
-
-
-def load_any_model(path, device="cpu", report=None, mlm_head: bool = True):
-    """(MaskedLM in eval mode, Config, tokenizers.Tokenizer) from any MODEL path: a maskedlm run dir (its latest
-    checkpoint) or checkpoint dir, a `maskedlm finetune` DIR (its best/) or a local Hugging Face BERT / ModernBERT dir
-    (BertModel, BertForMaskedLM, BertForPreTraining, sentence-transformers, ModernBertForMaskedLM/Model, and the
-    task classes such as finetune's best/). Every command that takes a MODEL uses it.
-
-    MLM-head tensors a Hugging Face checkpoint lacks are initialised (BERT init, seed 0) and reported by name through
-    `report` (stderr by default). mlm_head: the caller uses the MLM head ω (eval, fill, explain, score, export), so a
-    fine-tuned task model, whose MLM head was dropped for a task head, is refused; False: the encoder θ is what counts
-    (finetune, train --init-from) and any head is made fresh.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise UserError(
-            f"model {str(path)!r} does not exist; pass a run dir, a checkpoint dir or a local Hugging Face dir (for a "
-            f"Hub name, download it first, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)")
-    if p.is_dir() and (p / FINETUNE_MARKER).is_file():
-        if not (p / "best").is_dir():
-            raise UserError(f"{path} is the output of `maskedlm finetune --probe`, which keeps no model; pass the "
-                            "MODEL that was probed")
-        p = p / "best"
-    if p.is_dir() and ((p / STATE).is_file() or (p / "checkpoints").is_dir() or is_run_without_checkpoint(p)):
-        return load_checkpoint_model(p, device=device)  # a run dir with no checkpoint yet is refused there, by name
-    model, cfg, tok, info = _load_hf(p, device=device)
-    task = [a for a in info["architectures"] or [] if isinstance(a, str) and a.endswith(TASK_CLASSES)]
-    if mlm_head and task and info["initialised"]:
-        # Its MLM head would be made up (fresh weights): the numbers, fills or export would look real and mean nothing.
-        raise UserError(f"{p} is a fine-tuned {task[0]}: it has no MLM head, which this command needs; pass the model "
-                        "it was fine-tuned from (finetune and train --init-from take a fine-tuned model's encoder, and "
-                        "transformers loads it as it is)")
-    if info["initialised"]:
-        say = report or (lambda m: print(m, file=sys.stderr))
-        say(f"note: {p} has no MLM head weights for {', '.join(info['initialised'])}; initialised them fresh")
-    return model, cfg, tok
-
-
-
-
-EXPORT_MARKER = ".maskedlm-export"  # written into every export, so --overwrite knows the directory is one of ours
-
-
-def _is_export(d: Path) -> bool:
-    return (d / EXPORT_MARKER).is_file()
-
-
-def _is_run_dir(d: Path) -> bool:
-    return (d / "config.json").is_file() and (d / "checkpoints").is_dir()
-
-
-def _check_out(out, overwrite: bool, tag: str, inputs, ours) -> Path:
-    """files.check_out for export and import: not an input, and an existing directory only with overwrite and only
-    when `ours` recognises it."""
-    paths = [p for p in inputs if isinstance(p, (str, os.PathLike))]
-    return check_out(out, inputs=paths, overwrite=overwrite, ours=ours, what="an export" if tag == "export" else "a run")
-
-
-def _readable(d: Path) -> None:
-    """Temp-file writers create 0600 files; an export or import is meant to be shared like any saved model."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in d.rglob("*"):
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-
-
-def _probe_ids(tok, vocab_size: int, max_positions: int) -> torch.Tensor:
-    """Two probe rows: a sentence through the tokenizer and random ids, both framed by [CLS] ... [SEP]."""
-    sp = special_ids(tok)
-    T = min(24, max_positions)
-    text_ids = tok.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).ids[: T - 2]
-    row0 = [sp.cls] + text_ids + [sp.sep]
-    row0 += [sp.pad] * (T - len(row0))
-    g = torch.Generator().manual_seed(0)
-    row1 = [sp.cls] + torch.randint(0, vocab_size, (T - 2,), generator=g).tolist() + [sp.sep]
-    return torch.tensor([row0, row1], dtype=torch.long)  # (2, T)
-
-
-def verify_export(out, model, tok) -> float:
-    """Load `out` with transformers (offline) and compare logits with ours on a probe batch; returns the max
-    absolute difference. RuntimeError above 1e-4 or when transformers' tokenizer disagrees with ours."""
-    import transformers
-
-    bar = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # a check, not a download: no "Loading weights" bar
-    try:
-        # SDPA, transformers' default, is what a user of the export gets. Its eager attention sums in another order:
-        # on the tests' random ModernBERT it is 1.0e-5 away from both SDPA and us (1.5e-6 of the logits' scale).
-        hm = transformers.AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True, attn_implementation="sdpa")
-    finally:
-        if bar:
-            transformers.utils.logging.enable_progress_bar()
-    hm.eval()
-    ids = _probe_ids(tok, model.vocab_size, model.cfg.max_positions)  # (2, T)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        ours = model.eval()(ids.to(device)).float().cpu()  # (2, T, V)
-        theirs = hm(input_ids=ids).logits.float()  # (2, T, V)
-    if ours.shape != theirs.shape:
-        raise RuntimeError(f"export check failed: transformers gives logits {tuple(theirs.shape)}, ours {tuple(ours.shape)}")
-    diff = (ours - theirs).abs().max().item()
-    if not diff <= _PROBE_TOLERANCE:
-        raise RuntimeError(f"export check failed: logits differ from transformers' by {diff:.3g} (> {_PROBE_TOLERANCE})")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    text = "The quick brown fox jumps over the lazy dog."
-    if hf_tok(text)["input_ids"] != tok.encode(text).ids:
-        raise RuntimeError("export check failed: transformers' tokenizer encodes the probe text differently from ours")
-    return diff
-
-
-def export(model, out, overwrite: bool = False, verify: bool = True) -> dict:
-    """MODEL (run dir, checkpoint dir or HF dir) → a Hugging Face dir: config.json, model.safetensors (HF names),
-    tokenizer.json + tokenizer_config.json + special_tokens_map.json. Written to a temporary dir, verified with
-    transformers when it is installed, then renamed into place."""
-
-    from safetensors.torch import save_file
-
-    net, cfg, tok = load_any_model(model)
-    if tok is None:
-        raise UserError(f"{model} has no tokenizer.json; an export needs the tokenizer the model was trained with")
-    mcfg = cfg.model if hasattr(cfg, "model") else cfg
-    sp = special_ids(tok)
-    if tok.get_vocab_size() > net.vocab_size:
-        raise UserError(f"{model}: the tokenizer has {tok.get_vocab_size()} tokens but the model {net.vocab_size} rows")
-    out = _check_out(out, overwrite, "export", [model], _is_export)
-    with building(out, "export") as tmp:
-        hf_cfg = hf_config(mcfg, special=sp.as_dict())
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        sd = {k: v.cpu() for k, v in to_hf_state_dict(net).items() if k not in tied_hf_keys(mcfg)}
-        save_file(sd, str(tmp / _WEIGHTS), metadata={"format": "pt"})
-        save_tokenizer(tok, tmp)
-        tcfg_path = tmp / "tokenizer_config.json"
-        tcfg = json.loads(tcfg_path.read_text())
-        tcfg["model_max_length"] = int(mcfg.max_positions)  # so pipelines truncate to what the model can see
-        tcfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
-        (tmp / "special_ids.json").unlink(missing_ok=True)  # ours, not transformers'
-        atomic_write_text(tmp / EXPORT_MARKER, json.dumps({"maskedlm": maskedlm.__version__}) + "\n")
-        _readable(tmp)
-        diff = None
-        if verify:
-            try:
-                import transformers  # noqa: F401
-            except ImportError:
-                transformers = None
-            if transformers is not None:
-                diff = verify_export(tmp, net, tok)
-        replace_dir(tmp, out)
-    arch = hf_cfg["architectures"][0]
-    check = f"verified with transformers (max |Δlogit| {diff:.2g})" if diff is not None else "not verified (transformers not installed)"
-    report = f"exported {arch} ({mcfg.layers} layers, hidden {mcfg.hidden}, vocabulary {net.vocab_size}) to {out}; {check}"
-    if getattr(mcfg, "doc_attention", False):
-        report += ("\nnote: the model was trained with model.doc_attention (attention within each document of a packed "
-                   "row); transformers attends across the whole input, which gives the same outputs on one-document inputs")
-    return dict(out=str(out), architecture=arch, max_abs_diff=diff, report=report)
-
-
-def import_checkpoint(hf_dir, out, overwrite: bool = False) -> dict:
-    """A local HF BERT / ModernBERT dir → a maskedlm run dir (checkpoints/step_0000000, loadable as MODEL and by
-    `train --init-from`). Head tensors the checkpoint lacks are initialised and named in the report."""
-
-    check_out(out, inputs=[hf_dir], overwrite=overwrite, ours=_is_run_dir, what="a run")  # before reading weights
-    model, cfg, tok, info = _load_hf(hf_dir)
-    out = _check_out(out, overwrite, "import", [hf_dir, info["weights_dir"]], _is_run_dir)
-    with building(out, "import") as tmp:
-        tok_file = tmp / "tokenizer.source.json"
-        tok_file.write_text(tok.to_str())
-        state = dict(imported_from=info["source"], architectures=info["architectures"],
-                     initialised_fresh=info["initialised"])
-        save_checkpoint(tmp, 0, model, None, cfg.to_dict(), tok_file, state, keep=1)
-        tok_file.unlink()
-        atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        _readable(tmp)
-        replace_dir(tmp, out)
-    n = model.num_parameters()
-    fresh = (f"; initialised fresh (not in the checkpoint): {', '.join(info['initialised'])}"
-             if info["initialised"] else "; MLM head taken from the checkpoint")
-    report = (f"imported {cfg.model.family} ({cfg.model.layers} layers, hidden {cfg.model.hidden}, vocabulary "
-              f"{cfg.model.vocab_size}; θ {n['theta']:,} ω {n['omega']:,} parameters) from {hf_dir} to {out}{fresh}")
-    return dict(out=str(out), initialised=info["initialised"], report=report)

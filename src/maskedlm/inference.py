@@ -1,7 +1,7 @@
 """Use a trained model on one text: fill [MASK]s, explain the objective on one example, score a text.
 
 MODEL is a run dir (its latest checkpoint), a checkpoint dir, or a Hugging Face dir; every function also takes the
-(model, cfg, tokenizer) triple that hf.load_any_model returns. All forwards run in fp32 under no_grad, sparse at the
+(model, cfg, tokenizer) triple that models.load_any_model returns. All forwards run in fp32 under no_grad, sparse at the
 positions asked about; nothing here trains or changes the model.
 """
 
@@ -15,8 +15,8 @@ import torch
 
 from maskedlm.config import MaskingConfig
 from maskedlm.errors import UserError
-from maskedlm.hf import load_any_model
 from maskedlm.masking import Selection, corrupt
+from maskedlm.models import load_any_model
 from maskedlm.tokenizer import special_ids
 
 _TOP_EXPLAIN = 5  # the five likeliest tokens per position: enough to see what the model confuses, one line each

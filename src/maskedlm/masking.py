@@ -286,8 +286,6 @@ def _expected_total(probs: tuple[float, ...], n_max: int) -> torch.Tensor:
     return torch.tensor(F, dtype=torch.float64)
 
 
-# Long: lengths, budget, placement retries and coverage are one vectorised pipeline over the batch; split up, its (B, W)
-# intermediates would have to be passed between functions.
 def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, probs):
     """Non-overlapping runs of whole words with lengths drawn from `probs`, never across a document start.
 
@@ -297,22 +295,41 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     (stars and bars). A placement with a span across a document start is redrawn (same lengths); after
     _SPAN_ATTEMPTS tries, such spans are dropped.
     """
-    B, T = elig.shape
-    dev = elig.device
-    pos = torch.arange(T, device=dev)  # (T,)
-    wstart = starts & elig  # (B, T) first token of each eligible word
-    widx = (torch.cumsum(wstart.long(), dim=1) - 1).clamp(min=0)  # (B, T) word index of each eligible token
-    W = wstart.sum(dim=1)  # (B,) eligible words per row
-    tok_len = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_add(1, widx, elig.long())  # (B, W) tokens/word
-    prefix = torch.zeros((B, T + 1), dtype=torch.long, device=dev)  # (B, W+1) tokens before word w
-    prefix[:, 1:] = torch.cumsum(tok_len, dim=1)
-    prev_inelig = torch.ones_like(elig)  # (B, T)
-    prev_inelig[:, 1:] = ~elig[:, :-1]
-    doc = ((flags.to(torch.long) & FLAG_DOC_START) != 0) if flags is not None else torch.zeros_like(elig)  # (B, T)
-    barrier_tok = wstart & (doc | prev_inelig)  # (B, T) a word no span may reach back across
-    barrier = torch.zeros((B, T), dtype=torch.long, device=dev).scatter_reduce(1, widx, barrier_tok.long(), "amax")  # (B, W)
-    segment = torch.cumsum(barrier, dim=1)  # (B, W) which document piece each word is in
+    words = _Words.of(elig, starts, flags)
+    lengths, before, used = _span_lengths(words.count, elig.shape[1], row_index, epoch, seed, rate, probs)
+    start, ok = _place_spans(words.segment, words.count, lengths, before, used, row_index, epoch, seed)
+    return _cover(elig, words, start, lengths, used & ok, k_max)
 
+
+@dataclass
+class _Words:
+    """The eligible words of each row, indexed 0..W-1 in position order (tensors padded to T words)."""
+
+    index: torch.Tensor  # (B, T) word index of each eligible token
+    count: torch.Tensor  # (B,) eligible words per row
+    prefix: torch.Tensor  # (B, W+1) tokens before word w
+    segment: torch.Tensor  # (B, W) which document piece each word is in: no span may cross from one to the next
+
+    @staticmethod
+    def of(elig, starts, flags) -> _Words:
+        B, T = elig.shape
+        wstart = starts & elig  # (B, T) first token of each eligible word
+        widx = (torch.cumsum(wstart.long(), dim=1) - 1).clamp(min=0)  # (B, T) word index of each eligible token
+        tok_len = torch.zeros((B, T), dtype=torch.long, device=elig.device).scatter_add(1, widx, elig.long())  # (B, W)
+        prefix = torch.zeros((B, T + 1), dtype=torch.long, device=elig.device)  # (B, W+1) tokens before word w
+        prefix[:, 1:] = torch.cumsum(tok_len, dim=1)
+        prev_inelig = torch.ones_like(elig)  # (B, T)
+        prev_inelig[:, 1:] = ~elig[:, :-1]
+        doc = ((flags.to(torch.long) & FLAG_DOC_START) != 0) if flags is not None else torch.zeros_like(elig)  # (B, T)
+        barrier_tok = wstart & (doc | prev_inelig)  # (B, T) a word no span may reach back across
+        barrier = torch.zeros_like(widx).scatter_reduce(1, widx, barrier_tok.long(), "amax")  # (B, W)
+        return _Words(widx, wstart.sum(dim=1), prefix, torch.cumsum(barrier, dim=1))
+
+
+def _span_lengths(W, T: int, row_index, epoch, seed, rate, probs):
+    """Span lengths (B, J) in words, the words of the spans before each (B, J), and which spans are used (B, J): a
+    prefix of them, with an expected total of exactly rate·W words."""
+    dev = W.device
     # Span j is used only if the j spans before it (≥ 1 word each) leave room under the threshold (< rate·T + 1),
     # so at most J spans per row.
     J = max(1, min(T, math.floor(float(rate) * T) + 2))
@@ -333,12 +350,16 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     u = _unit_double(_hash(seed, epoch, _S_COUNT, row_index, torch.zeros(1, device=dev)))[:, 0]  # (B,)
     target = y + u  # (B,)
     used = (before.to(torch.float64) < target.unsqueeze(1)) & (after <= W.unsqueeze(1))  # (B, J) a prefix of spans
-    n_spans = used.sum(dim=1)  # (B,)
-    free = W - (lengths * used).sum(dim=1)  # (B,) words outside the spans
-    slots = free + n_spans  # (B,)
-    jj = torch.arange(J, device=dev)  # (J,)
-    big = T + 1
+    return lengths, before, used
 
+
+def _place_spans(segment, W, lengths, before, used, row_index, epoch, seed):
+    """First word of each span (B, J) at uniformly random slots, redrawn while a span crosses a document start, and
+    whether each span stayed within one document (B, J) in the placement kept (the last try's, where all failed)."""
+    (B, J), T, dev = lengths.shape, segment.shape[1], lengths.device
+    pos, jj = torch.arange(T, device=dev), torch.arange(J, device=dev)  # (T,) (J,)
+    n_spans = used.sum(dim=1)  # (B,)
+    slots = W - (lengths * used).sum(dim=1) + n_spans  # (B,) words outside the spans, plus a slot per span
     chosen_start = torch.zeros((B, J), dtype=torch.long, device=dev)  # (B, J)
     chosen_ok = torch.ones((B, J), dtype=torch.bool, device=dev)  # (B, J)
     todo = torch.arange(B, device=dev)  # (R,) rows still without a placement that respects document starts
@@ -346,7 +367,7 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
         h = _hash(seed, epoch, _S_SLOT + attempt, row_index[todo], pos)  # (R, T) one score per slot
         h = torch.where(pos.unsqueeze(0) < slots[todo].unsqueeze(1), h, -1)  # (R, T)
         top = torch.topk(h, J, dim=1).indices  # (R, J) best-scored slots first: a uniform random subset
-        top = torch.where(jj.unsqueeze(0) < n_spans[todo].unsqueeze(1), top, big)  # (R, J) keep the first n_spans
+        top = torch.where(jj.unsqueeze(0) < n_spans[todo].unsqueeze(1), top, T + 1)  # (R, J) keep the first n_spans
         slot = torch.sort(top, dim=1).values  # (R, J) span j sits at the j-th chosen slot
         start = (slot - jj.unsqueeze(0) + before[todo]).clamp(max=T - 1)  # (R, J) first word of span j
         end = (start + lengths[todo] - 1).clamp(max=T - 1)  # (R, J) last word of span j
@@ -359,11 +380,16 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
         todo = todo[~row_ok]
         if todo.numel() == 0:
             break
-    keep = used & chosen_ok  # (B, J)
-    start = chosen_start  # (B, J)
+    return chosen_start, chosen_ok
+
+
+def _cover(elig, words: _Words, start, lengths, keep, k_max):
+    """The tokens of the kept spans that fit in k_max tokens, in order: (selected (B, T), span number (B, T) or -1)."""
+    (B, J), T, dev = start.shape, elig.shape[1], elig.device
+    jj = torch.arange(J, device=dev)  # (J,)
     stop = (start + lengths).clamp(max=T)  # (B, J) one past the last word
-    span_tokens = prefix.gather(1, stop) - prefix.gather(1, start)  # (B, J)
-    keep &= torch.cumsum(span_tokens * keep, dim=1) <= int(k_max)  # (B, J) spans that do not fit in K are left out
+    span_tokens = words.prefix.gather(1, stop) - words.prefix.gather(1, start)  # (B, J)
+    keep = keep & (torch.cumsum(span_tokens * keep, dim=1) <= int(k_max))  # (B, J) spans that do not fit in K are out
     diff = torch.zeros((B, T + 1), dtype=torch.long, device=dev)  # (B, W+1)
     diff.scatter_add_(1, torch.where(keep, start, T), keep.long())
     diff.scatter_add_(1, torch.where(keep, stop, T), -keep.long())
@@ -371,12 +397,11 @@ def _select_spans(elig, starts, flags, row_index, epoch, seed, rate, k_max, prob
     mark = torch.full((B, T + 1), -1, dtype=torch.long, device=dev)  # (B, W+1)
     mark.scatter_(1, torch.where(keep, start, T), torch.where(keep, jj.unsqueeze(0).expand(B, J), -1))
     span_of_word = torch.where(covered, torch.cummax(mark[:, :T], dim=1).values, -1)  # (B, W)
-    selected = elig & covered.gather(1, widx)  # (B, T)
-    unit = torch.where(selected, span_of_word.gather(1, widx), -1)  # (B, T)
+    selected = elig & covered.gather(1, words.index)  # (B, T)
+    unit = torch.where(selected, span_of_word.gather(1, words.index), -1)  # (B, T)
     return selected, unit
 
 
-# Long: argument checks, the K check and the predicted/corrupted split are shared by every unit, so they stay together.
 def select_positions(
     ids: torch.Tensor,
     row_index: torch.Tensor,
@@ -389,6 +414,28 @@ def select_positions(
 ) -> Selection:
     """A(x) for each row of `ids` (B, T): never a special token or padding; a pure function of
     (cfg.seed, epoch, row_index, position, step's rate). `k_max` None: config_k_max(cfg, T)."""
+    row_index, flags, K = _checked_selection_args(ids, row_index, cfg, flags, k_max)
+    predict, corrupt_rate = rates_at(cfg, step)
+    rate = max(predict, corrupt_rate)
+    ids = ids.long()  # (B, T)
+    elig = eligible(ids, special)  # (B, T)
+    seed = int(cfg.seed)
+    starts = None if cfg.unit == "token" else unit_starts(elig, flags, cfg.unit)  # (B, T)
+    if cfg.unit in ("token", "word"):
+        selected, uid, first = _select_ranked(elig, starts, row_index, epoch, seed, rate, K)  # (B, T) ×3
+        unit = torch.where(selected, uid, -1)  # (B, T)
+        split_key = first  # (B, T) the unit's first position keys its predicted/corrupted draw
+    else:
+        probs = _length_probs(cfg.unit, float(cfg.span_geometric_p if cfg.unit == "span" else 0.0), _max_unit_words(cfg))
+        selected, unit = _select_spans(elig, starts, flags, row_index, epoch, seed, rate, K, probs)  # (B, T) ×2
+        split_key = torch.where(selected, unit, 0)  # (B, T) the span's number keys its draw
+    predicted, corrupted = _split_selected(selected, split_key, row_index, epoch, seed, predict, corrupt_rate)
+    positions, valid = _padded_positions(predicted, K)  # (B, K) ×2
+    return Selection(mask=predicted, positions=positions, valid=valid, corrupt_mask=corrupted, unit_id=unit)
+
+
+def _checked_selection_args(ids, row_index, cfg: MaskingConfig, flags, k_max) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(row_index as (B,) long, flags on ids' device, K) after checking shapes and that K fits the config."""
     cfg.validate()
     if ids.dim() != 2:
         raise ValueError(f"ids must be (B, T), got shape {tuple(ids.shape)}")
@@ -406,38 +453,33 @@ def select_positions(
             f"k_max={K} is below the {config_k_max(cfg, T)} that masking.unit={cfg.unit!r} at rate up to "
             f"{_max_rate(cfg)} needs at seq_len {T}; pass masking.config_k_max(cfg, seq_len) or k_max=None"
         )
-    predict, corrupt_rate = rates_at(cfg, step)
+    return row_index, flags, K
+
+
+def _split_selected(selected, split_key, row_index, epoch, seed, predict, corrupt_rate):
+    """(predicted (B, T), corrupted (B, T) or None when it equals predicted) from the selected units.
+
+    predict_rate vs corrupt_rate: a unit is predicted with probability predict/rate and corrupted with probability
+    corrupt/rate, from one uniform draw, so the smaller set is inside the larger (Wettig et al. 2022)."""
     rate = max(predict, corrupt_rate)
-    ids = ids.long()  # (B, T)
-    elig = eligible(ids, special)  # (B, T)
-    seed = int(cfg.seed)
-    starts = None if cfg.unit == "token" else unit_starts(elig, flags, cfg.unit)  # (B, T)
-    pos = torch.arange(T, device=ids.device)  # (T,)
-    if cfg.unit in ("token", "word"):
-        selected, uid, first = _select_ranked(elig, starts, row_index, epoch, seed, rate, K)  # (B, T) ×3
-        unit = torch.where(selected, uid, -1)  # (B, T)
-        split_key = first  # (B, T) the unit's first position keys its predicted/corrupted draw
-    else:
-        probs = _length_probs(cfg.unit, float(cfg.span_geometric_p if cfg.unit == "span" else 0.0), _max_unit_words(cfg))
-        selected, unit = _select_spans(elig, starts, flags, row_index, epoch, seed, rate, K, probs)  # (B, T) ×2
-        split_key = torch.where(selected, unit, 0)  # (B, T) the span's number keys its draw
-    # predict_rate vs corrupt_rate: a unit is predicted with probability predict/rate and corrupted with probability
-    # corrupt/rate, from one uniform draw, so the smaller set is inside the larger (Wettig et al. 2022).
-    if predict < rate or corrupt_rate < rate:
-        v = _unit_float(_hash(seed, epoch, _S_SPLIT, row_index, pos))  # (B, T)
-        v = v.gather(1, split_key)  # (B, T)
-        predicted = selected & (v * rate < predict)  # (B, T)
-        corrupted = selected & (v * rate < corrupt_rate)  # (B, T)
-    else:
-        predicted, corrupted = selected, None
+    if not (predict < rate or corrupt_rate < rate):
+        return selected, None
+    pos = torch.arange(selected.shape[1], device=selected.device)  # (T,)
+    v = _unit_float(_hash(seed, epoch, _S_SPLIT, row_index, pos)).gather(1, split_key)  # (B, T) the unit's draw
+    return selected & (v * rate < predict), selected & (v * rate < corrupt_rate)  # (B, T) ×2
+
+
+def _padded_positions(predicted, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (B, K), valid (B, K)): each row's predicted positions ascending, padded with 0 (valid False)."""
+    B, T = predicted.shape
+    pos = torch.arange(T, device=predicted.device)  # (T,)
     # Padded positions: ascending real positions first, then T (sorted last), then mapped to 0.
     idx = torch.where(predicted, pos, T)  # (B, T)
     idx = torch.sort(idx, dim=1).values[:, : min(K, T)]  # (B, K')
     if idx.shape[1] < K:
-        idx = torch.cat([idx, torch.full((B, K - idx.shape[1]), T, dtype=torch.long, device=ids.device)], dim=1)
+        idx = torch.cat([idx, torch.full((B, K - idx.shape[1]), T, dtype=torch.long, device=predicted.device)], dim=1)
     valid = idx < T  # (B, K)
-    positions = torch.where(valid, idx, 0)  # (B, K)
-    return Selection(mask=predicted, positions=positions, valid=valid, corrupt_mask=corrupted, unit_id=unit)
+    return torch.where(valid, idx, 0), valid  # (B, K) ×2
 
 
 # ---------------------------------------------------------------------------------------------------- corruption

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maskedlm.attention import attention
 from maskedlm.errors import UserError
 
 
@@ -60,61 +61,6 @@ def attention_bias(
     return None if allowed is None else allowed[:, None, :, :]  # (B, 1, T, T)
 
 
-# SDPA's CPU flash kernel is slow in bf16: at BERT lengths an explicit form is faster with the same precision
-# (fp32 scores and softmax, as SDPA keeps them; bf16 probabilities × v, as flash attention does). bench/RESULTS.md:
-# attention forward + backward 60 → 32 ms at B 32, H 4, T 128, D 64 (→ 20 ms with _Bf16Scores).
-# It materialises the (B, H, T, T) scores, so it is used only while they stay small (2^25 scores: 192 MB of fp32 +
-# bf16 probabilities per layer); beyond that, and on GPUs, SDPA's fused kernels.
-CPU_EXPLICIT_ATTENTION_MAX_SCORES = 1 << 25
-
-
-# torch ≥ 2.9 sets oneDNN's fp32 matmul precision per backend; on older torch the scores take the plain fp32 matmul.
-_ONEDNN_FP32_PRECISION = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")
-
-
-class _Bf16Scores(torch.autograd.Function):
-    """scale · q kᵀ as fp32 scores for bf16 q, k (B, H, T, D) on CPU. Forward: oneDNN multiplies the bf16 values with
-    fp32 accumulation and fp32 output (mkldnn fp32_precision "bf16": lossless here, the inputs are bf16 already) at
-    about twice the speed of an fp32 matmul of the upcast values. Backward: bf16 matmuls with the scores' gradient
-    rounded to bf16 once, as flash attention does; q and k take bf16 gradients in any case. bench/RESULTS.md:
-    attention forward + backward 36 → 20 ms at B 32, H 4, T 128, D 64; tests/test_speed.py: gradients as close to
-    fp32 as SDPA's own bf16 kernel gets."""
-
-    @staticmethod
-    def forward(ctx, q, k, scale: float):
-        ctx.save_for_backward(q, k)
-        ctx.scale = scale
-        before = torch.backends.mkldnn.matmul.fp32_precision
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        try:
-            s = torch.matmul(q.float(), k.float().transpose(-2, -1))  # (B, H, T, T) fp32
-        finally:
-            torch.backends.mkldnn.matmul.fp32_precision = before
-        return s.mul_(scale)  # (B, H, T, T)
-
-    @staticmethod
-    def backward(ctx, grad_s):
-        q, k = ctx.saved_tensors
-        g = (grad_s * ctx.scale).to(q.dtype)  # (B, H, T, T)
-        return torch.matmul(g, k), torch.matmul(g.transpose(-2, -1), q), None  # (B, H, T, D) × 2
-
-
-def attention_explicit(q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """softmax(q kᵀ / √D) v for q, k, v (B, H, T, D): scores and softmax in fp32, then p·v in v's dtype.
-    mask: bool, True = may attend (SDPA's convention)."""
-    with torch.autocast(q.device.type, enabled=False):  # autocast would take the fp32 scores matmul back to bf16
-        if q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu" and _ONEDNN_FP32_PRECISION:
-            s = _Bf16Scores.apply(q, k, q.shape[-1] ** -0.5)  # (B, H, T, T) fp32
-        else:
-            s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, T)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))  # (B, H, T, T)
-    a = torch.softmax(s, dim=-1).to(v.dtype)  # (B, H, T, T)
-    if dropout_p > 0:
-        a = F.dropout(a, dropout_p)  # (B, H, T, T)
-    return torch.matmul(a, v)  # (B, H, T, D)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection (hf.py splits it for BERT's separate tensors)."""
 
@@ -132,11 +78,7 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)  # (B, H, T, D)
             k = apply_rope(k, *rope)  # (B, H, T, D)
-        p = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and B * self.heads * T * T <= CPU_EXPLICIT_ATTENTION_MAX_SCORES:
-            y = attention_explicit(q, k, v, mask, p)  # (B, H, T, D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)  # (B, T, C)
 

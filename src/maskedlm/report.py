@@ -20,9 +20,9 @@ from maskedlm.checkpoint import read_latest_name
 from maskedlm.config import flat_config, load_config
 from maskedlm.data.shards import open_data_dir
 from maskedlm.errors import UserError
-from maskedlm.evaluate import check_compatible, score_positions
+from maskedlm.evaluate import score_positions
 from maskedlm.files import atomic_write_text
-from maskedlm.hf import load_any_model
+from maskedlm.models import check_compatible, load_any_model
 
 CALIBRATION_BINS = 10  # equal-width confidence bins of the reliability diagram and the ECE (Guo et al. 2017 use 15)
 POSITION_BINS = 8

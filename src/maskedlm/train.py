@@ -8,13 +8,10 @@ for one CPU and N torchrun processes: only distributed.py knows about ranks.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import shlex
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,49 +22,26 @@ import torch
 from maskedlm import distributed as dist
 from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
-from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, config_diff, config_hash, flat_config, load_config
+from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
 from maskedlm.data.shards import FLAG_DOC_START, DataDir, mixture_weights, open_sources
 from maskedlm.errors import UserError
-from maskedlm.evaluate import check_compatible, evaluate
+from maskedlm.evaluate import evaluate, weighted_metrics
 from maskedlm.files import atomic_write_text, check_out, lock_dir
-from maskedlm.hf import load_any_model
 from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
-from maskedlm.optim import Schedule, build_optimizer, set_lr
-from maskedlm.probe import load_probe_task, probe_record
-from maskedlm.tokenizer import load_tokenizer
+from maskedlm.models import check_compatible, is_run_dir, load_any_model
+from maskedlm.optim import Schedule, build_optimizer
+from maskedlm.probe import load_probe_tasks, probe_record
+from maskedlm.process import StopFlag, reuse_host_memory
+from maskedlm.step import OptimizerStep
 
 # The preset a run gets without --config: in every short run measured (docs/runs.md) modern-mini learns to use the
 # context within ~150 steps, while bert-mini stays on the unigram plateau far longer.
 DEFAULT_PRESET = "modern-mini"
 HOST_READ_LAG = None  # steps between queuing a step and reading its numbers on the host; None: 1 on CUDA, 0 else
 PREFETCH_STEPS = 2  # steps read and masked ahead; two hide the data path behind a step without holding much memory
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks between steps (so the save happens at a step boundary)."""
-
-    def __init__(self):
-        self.reason: str | None = None
-        self._old = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread (e.g. train() called from a worker thread)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
-        self.reason = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
 
 
 # ------------------------------------------------------------------------------------------------ run set-up
@@ -119,21 +93,6 @@ def _fill_rate_schedule_steps(cfg: Config, tokens_per_step: int) -> str | None:
     return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
 
 
-def _check_same_config(stored: Config | None, cfg: Config, out: Path) -> None:
-    if stored is None:
-        return
-    diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS | RESUME_NOTED_KEYS)
-    noted = [k for k in config_diff(stored, cfg) if k in RESUME_NOTED_KEYS]
-    if noted and not diff:
-        fs, fc = flat_config(stored), flat_config(cfg)
-        dist.print0("note: --resume with a changed optimizer schedule: "
-                    + ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in noted))
-    if diff:
-        fs, fc = flat_config(stored), flat_config(cfg)
-        shown = ", ".join(f"{k}: {fs.get(k)!r} → {fc.get(k)!r}" for k in diff)
-        raise UserError(f"--resume with a different config than the run in {out} ({shown}); resume with the same config or start a new --out")
-
-
 def _rate_text(cfg: Config, schedule_from: str | None) -> str:
     m = cfg.masking
     if m.rate_schedule == "constant":
@@ -145,22 +104,6 @@ def _rate_text(cfg: Config, schedule_from: str | None) -> str:
 
 def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
-
-
-def reuse_host_memory() -> bool:
-    """glibc only: serve every allocation from the heap (no mmap) and never trim it back to the OS.
-
-    A CPU train step frees and re-allocates the same large activation buffers every step; glibc's defaults serve them
-    with fresh mmaps, so each step page-faults (and the kernel zeroes) hundreds of MB again: ~100k minor faults and
-    ~0.2 s of system time per step at bench/throughput.py's default shape, gone with this setting (bench/RESULTS.md),
-    for ~10% more peak memory. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint | None:
@@ -179,53 +122,6 @@ def _checkpoint_to_resume(out: Path, cfg: Config, data: DataDir) -> Checkpoint |
         raise UserError(f"{data.path} was prepared with a different tokenizer than the run in {out} was trained on; "
                         "resume with the run's data")
     return ck
-
-
-# ------------------------------------------------------------------------------------------------ the step
-class OptimizerStep:
-    """The one optimizer step every training in maskedlm takes: pretraining (`Trainer.train_step`) and fine-tuning.
-
-    The caller gives the step's micro-batches, how many items carry a loss on this rank, and a function that returns
-    a micro-batch's Σ loss (and one more number to report). The loss is that sum over the whole step, every
-    micro-batch and rank, divided by the global count of items, known before any backward pass; so splitting a step
-    by accumulation or across ranks changes nothing. The gradient is clipped; a step with a non-finite loss or
-    gradient, or with nothing to learn from anywhere, leaves weights and optimizer state untouched. Nothing here waits
-    for the device.
-    """
-
-    def __init__(self, sync_model, optimizer, schedule: Schedule, params: list, clip_grad_norm: float, device):
-        self.sync_model, self.optimizer, self.schedule, self.params, self.device = (
-            sync_model, optimizer, schedule, params, device)
-        self.clip = clip_grad_norm if clip_grad_norm > 0 else float("inf")
-        # A skipped step is decided on the device where the fused AdamW can take it (a found_inf tensor leaves
-        # parameters, moments and its step count alone); elsewhere the host reads the flag first.
-        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not dist.is_sharded(params)
-
-    def __call__(self, micro: list, count_local: int, loss_sums, step: int, time_fraction: float | None = None):
-        """(lr, global count, (2,) sums over all ranks, grad norm, skipped) of the step taken after `step` steps."""
-        device = self.device
-        count = dist.global_sum([count_local], device)[0]  # () float64, summed over ranks without the host waiting
-        norm_by = count.clamp(min=1.0).float()
-        lr = self.schedule.lr(step, time_fraction)
-        set_lr(self.optimizer, lr)
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        other = torch.zeros((), dtype=torch.float32, device=device)
-        for i, mb in enumerate(micro):
-            with dist.grad_sync(self.sync_model, sync=i == len(micro) - 1):  # gradients reduced after the last only
-                loss_sum, extra = loss_sums(mb)
-                (loss_sum / norm_by).backward()
-            total += loss_sum.detach().float()
-            other += extra.float()
-        sums = dist.all_reduce_sum(torch.stack([total, other]))
-        grad_norm = dist.clip_grad_norm(self.params, self.clip)
-        bad = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm)) | (count == 0)
-        if self.skip_on_device:
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-        elif not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr, count, sums, grad_norm, bad
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -249,11 +145,13 @@ class Trainer:
     model: the MaskedLM to train, its weights already loaded (a resume or --init-from loads them before wrapping).
     data: the prepared data dir to train on; None builds only what `train_step` needs (bench/throughput.py and the
     step tests feed their own batches). out: the run dir to log and save into; None logs and saves nothing.
+    logger: None opens the run dir's (rank 0). lock: the run dir's lock, for train() to release. resume: the
+    checkpoint to continue from (its counters, loader position, RNG and optimizer state; the weights are in `model`).
     """
 
     def __init__(self, cfg: Config, model: MaskedLM, data: DataDir | None = None, out: Path | None = None, *,
                  device: torch.device | None = None, logger=None, sources: list[DataDir] | None = None,
-                 probe_tasks: list | None = None):
+                 probe_tasks: list | None = None, lock=None, resume: Checkpoint | None = None):
         self.cfg, self.data, self.out = cfg, data, (Path(out) if out is not None else None)
         # A mixture's sources, `data` first (it stands for all: they share tokenizer and row length).
         self.sources = list(sources) if sources else ([data] if data is not None else [])
@@ -278,8 +176,7 @@ class Trainer:
                                      [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm, self.device)
         self.loader = self._build_loader() if data is not None else None
         self.val_store = self._open_val() if data is not None else None
-        self.logger = logger if logger is not None else NullLogger()
-        self.lock = None  # the run dir's files.lock_dir lock, held by train() on rank 0
+        self.lock = lock  # the run dir's files.lock_dir lock: rank 0 of train() holds it, train() releases it
         self._probe_tasks = probe_tasks  # eval.probe_tasks as load_probe_tasks reads them; None: at the first evaluation
 
         self.step = 0  # optimizer steps taken
@@ -293,8 +190,19 @@ class Trainer:
         self._last_record: dict = {"step": 0}
         self._pending: list[StepResult] = []  # steps queued on the device whose numbers the host has not read yet
         self._agree = dist.LaggedMax(self.lag)
+        if resume is not None:
+            self.load_state_dict(resume.state, resume.optimizer_state)
+        self.logger = logger if logger is not None else self._open_logger()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
+    def _open_logger(self):
+        """metrics.jsonl and the progress bar of the run dir on rank 0 (a resumed bar starts where the run is); a
+        logger that does nothing on other ranks and without a run dir."""
+        if self.out is None:
+            return NullLogger()
+        done = self._done(self.step, self.elapsed_before)
+        return dist.on_main(MetricsLogger, self.out, self.budget(), start=done, wait=False) or NullLogger()
+
     def _build_loader(self) -> RowLoader:
         cfg, data, t = self.cfg, self.data, self.cfg.train
         k_max = config_k_max(cfg.masking, data.seq_len)  # one K for the whole run: static shapes for torch.compile
@@ -443,12 +351,7 @@ class Trainer:
         d, w = self.data, self.mixture_weights()
         per = [evaluate(self.model, st, self.cfg.eval, d.special, d.vocab_size, device=self.device,
                         precision=self.cfg.train.precision) if st is not None else None for st in self.val_store]
-        have = [(wi, r) for wi, r in zip(w, per) if r is not None]
-        total = sum(wi for wi, _ in have)
-        loss = sum(wi * r["loss"] for wi, r in have) / total
-        return {"loss": loss, "accuracy": sum(wi * r["accuracy"] for wi, r in have) / total,
-                "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": sum(r["tokens"] for _, r in have),
-                "rows": sum(r["rows"] for _, r in have), "sources": per}
+        return weighted_metrics(w, per)
 
     def maybe_evaluate(self) -> None:
         every = self.cfg.eval.every_steps
@@ -484,9 +387,9 @@ class Trainer:
             dist.load_optimizer_state(self.model, self.optimizer, optimizer_state)
         if self.loader is not None and "loader" in state:
             self.loader.load_state_dict(state["loader"])
-        per_rank = state.get("rng_ranks") or []
-        if len(per_rank) == dist.info().world_size:
-            set_rng_state(per_rank[dist.info().rank])  # the same world size: each rank's dropout stream continues
+        mine = dist.own_entry(state.get("rng_ranks") or [])
+        if mine is not None:
+            set_rng_state(mine)  # the same world size: each rank's dropout stream continues
         self.step = self.last_saved = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.skipped = int(state.get("skipped_steps", 0))
@@ -502,7 +405,7 @@ class Trainer:
         return path
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def _should_stop(self, stop: _StopFlag) -> tuple[str | None, float | None]:
+    def _should_stop(self, stop: StopFlag) -> tuple[str | None, float | None]:
         """(why the loop must stop or None, the elapsed fraction of a time budget). Every rank must agree (time and
         signals differ per process), so the flags are max-reduced and read `lag` steps late like other numbers."""
         time_fraction = min(1.0, self.elapsed() / self.max_seconds) if self.max_seconds else 0.0
@@ -518,7 +421,7 @@ class Trainer:
         numbers (the last step's record, the last evaluation, the checkpoint)."""
         if self.loader is None or self.out is None:
             raise UserError("Trainer.fit needs a data dir and a run dir")
-        stop = _StopFlag()
+        stop = StopFlag()
         stop.install()
         self._t0 = time.perf_counter()
         self._window = (time.perf_counter(), 0)
@@ -589,15 +492,11 @@ def _record_command(out: Path) -> None:
     atomic_write_text(path, before + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
 
 
-def _has_run(out: Path) -> bool:
-    return (out / "config.json").exists() or (out / "checkpoints").exists()
-
-
 def _take_run_dir(out: Path, resume: bool):
     """Rank 0 creates RUN_DIR and locks it (files.lock_dir) for the run's life: one writer per run dir. A refusal is
     raised on every rank (dist.on_main), so under torchrun no rank waits for a rank 0 that has gone."""
     lock = dist.on_main(lock_dir, out)
-    if not resume and _has_run(out):  # another run took `out` between the first check and the lock
+    if not resume and is_run_dir(out):  # another run took `out` between the first check and the lock
         if lock is not None:
             lock.release()
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
@@ -615,16 +514,6 @@ def _check_sources(cfg: Config, sources: list[DataDir], init_tok) -> None:
             source.token_counts("masking.random_token_dist='unigram'")
 
 
-def load_probe_tasks(cfg: Config, data: DataDir) -> list:
-    """eval.probe_tasks read, checked and tokenized with the data's tokenizer: all a probe needs but the model."""
-    if not cfg.eval.probe_tasks:
-        return []
-    if data.tokenizer_file is None:
-        raise UserError(f"eval.probe_tasks needs the tokenizer.json of {data.path}; prepare the data again")
-    tok = load_tokenizer(data.tokenizer_file)
-    return [load_probe_task(t, tok, min(data.seq_len, cfg.model.max_positions)) for t in cfg.eval.probe_tasks]
-
-
 def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer:
     """Everything before the first step: the config resolved and checked against the data and any stored run, the
     process group joined, the model built (from --init-from or a checkpoint), the run dir written, the Trainer made."""
@@ -634,18 +523,20 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     data = sources[0]
     check_out(out, inputs=[*(s.path for s in sources), init_from], overwrite=True, ours=lambda d: True,
               what="a run")  # not an input
-    has_run = _has_run(out)
+    has_run = is_run_dir(out)
     if has_run and not resume:
         raise UserError(f"{out} already holds a run; continue it with --resume, or pass a new --out")
     init_model = init_cfg = init_tok = None
     if init_from is not None and has_run:
-        print(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
+        dist.print0(f"note: --init-from {init_from} is ignored: {out} resumes from its own checkpoint")
     elif init_from is not None:
         init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
     schedule_from = _fill_rate_schedule_steps(cfg, cfg.train.global_batch_rows * data.seq_len)
-    _check_same_config(stored, cfg, out)
+    note = check_resume_config(stored, cfg, out) if stored is not None else None
+    if note:
+        dist.print0(note)
     _check_sources(cfg, sources, init_tok)
     # Read now, not at the first evaluation: a missing or bad task file is refused before the run dir is written
     # and before any training time is spent. The Trainer keeps them, so they are still read only once.
@@ -664,7 +555,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
         del init_model
-    torch.manual_seed(cfg.train.seed + info.rank)
+    dist.seed_ranks(cfg.train.seed)
     ck = _checkpoint_to_resume(out, cfg, data) if resume and has_run else None
     if ck is not None:
         model.load_state_dict(ck.model_state)  # before wrapping
@@ -677,12 +568,8 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
     dist.on_main(atomic_write_text, out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     dist.on_main(_record_command, out)
     dist.on_main(truncate_jsonl, out / "metrics.jsonl", start)
-    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks)
-    trainer.lock = lock
-    done = trainer._done(start, float(ck.state.get("elapsed_s", 0.0)) if ck is not None else 0.0)
-    trainer.logger = dist.on_main(MetricsLogger, out, trainer.budget(), start=done, wait=False) or NullLogger()
+    trainer = Trainer(cfg, model, data, out, sources=sources, probe_tasks=probe_tasks, lock=lock, resume=ck)
     if ck is not None:
-        trainer.load_state_dict(ck.state, ck.optimizer_state)
         dist.print0(f"resuming from {ck.path} (step {trainer.step})")
     dist.print0(trainer.summary(schedule_from))
     return trainer

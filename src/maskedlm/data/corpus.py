@@ -1,8 +1,8 @@
 """Reading corpora: files, directories and globs of plain text or JSON Lines (.gz, .zst too), Parquet files and
-`datasets` save_to_disk directories (Arrow), cut into documents and pieces.
-
-Streams with bounded memory: files are read in blocks (tables in record batches) and huge documents are cut at
-whitespace into pieces. It counts what it read and warns about what it skipped; it does not tokenize, pack or write.
+`datasets` save_to_disk directories (Arrow), cut into documents and pieces; pyarrow and zstandard, optional extras,
+are imported in the functions that read such files only. Streams with bounded memory: files are read in blocks
+(tables in record batches) and huge documents are cut at whitespace into pieces. It counts what it read and warns
+about what it skipped; it does not tokenize, pack or write.
 """
 
 from __future__ import annotations

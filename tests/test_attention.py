@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from maskedlm.attention import attention_explicit
 from maskedlm.config import ModelConfig
-from maskedlm.model import MaskedLM, attention_explicit
+from maskedlm.model import MaskedLM
 from maskedlm.objective import masked_cross_entropy
 
 
@@ -93,7 +94,7 @@ def test_explicit_attention_bf16_gradients_about_as_precise_as_sdpa_bf16(with_ma
 def test_explicit_attention_without_onednn_precision_control_uses_fp32_scores(monkeypatch):
     """torch < 2.9 has no torch.backends.mkldnn.matmul.fp32_precision: the scores then come from the plain fp32
     matmul of the upcast values, which for bf16 inputs is the same product."""
-    import maskedlm.model as mm
+    import maskedlm.attention as mm
 
     q, k, v = qkv(torch.bfloat16, 2, 3, 32, 16, seed=9)
     dy = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
@@ -118,7 +119,7 @@ def test_explicit_attention_without_onednn_precision_control_uses_fp32_scores(mo
 @pytest.mark.parametrize("family", ["bert", "modern"])
 def test_bf16_cpu_train_step_matches_fp32(family, monkeypatch):
     """Under CPU bf16 autocast the model takes the explicit path; loss and gradients stay at bf16 distance of fp32."""
-    import maskedlm.model as mm
+    import maskedlm.attention as mm
 
     calls = []
     real = mm.attention_explicit
