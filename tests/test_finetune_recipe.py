@@ -179,3 +179,24 @@ def test_length_sorted_batches_give_the_logits_of_full_padding_in_file_order(fam
                     {"eval": enc})
     fcfg = load_finetune_config(["finetune.eval_batch_rows=4"])
     assert predict(net, data, "eval", fcfg, torch.device("cpu")) == [names[k] for k in want.argmax(-1).tolist()]
+
+
+def test_suite_from_the_command_line_and_its_table_from_report(model, tmp_path, capsys):
+    from maskedlm.cli import main
+
+    suite = _suite(tmp_path, [("tiny", _task(tmp_path / "t", n=(32, 16, 16)))])
+    out = tmp_path / "out"
+    main(["finetune", str(model), "--suite", str(suite), "--out", str(out), "finetune.lr=1e-3",
+          "finetune.max_steps=2"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("| task | metric | eval (median) | test (median) | seeds | lr |")
+    main(["report", str(out)])
+    assert capsys.readouterr().out.endswith((out / "suite.md").read_text())
+    assert json.loads((out / "suite.json").read_text())["tasks"][0]["lr"] == 1e-3
+    for argv, message in (([], "finetune needs --train FILE and --eval FILE (or --suite SUITE.toml)"),
+                          (["--suite", str(suite), "--train", "x.csv"], "--train does not go with --suite"),
+                          (["--suite", str(suite)], "already holds a suite output")):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", str(model), "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
