@@ -115,6 +115,8 @@ def test_suite_table_equals_the_medians_of_each_tasks_own_records(model, tmp_pat
     ('[[task]]\nname = "a"\ntrain = "x"\neval = "y"\n[[task]]\nname = "a"\ntrain = "x"\neval = "y"\n', "used twice"),
     ('seeds = 0\n[[task]]\nname = "a"\ntrain = "x"\neval = "y"\n', "seeds must be an integer >= 1"),
     ("[[task]\n", "cannot read the suite"),
+    ('[[task]]\nname = "a"\ntrain = "x"\neval = "y"\nmetric = "spearman"\n', "metric must be one of accuracy"),
+    ('[[task]]\nname = "a"\ntrain = "x"\neval = "y"\ntask = "rank"\n', "task must be one of classify"),
 ])
 def test_bad_suite_files_are_refused_with_what_is_wrong(tmp_path, text, message):
     path = tmp_path / "suite.toml"

@@ -17,6 +17,8 @@ from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 
 MARKER = "suite.json"  # how --overwrite and `report` recognise a suite's DIR
+METRICS = {"classify": ("accuracy", "macro_f1", "mcc"), "regress": ("pearson", "spearman", "mse"),
+           "tokens": ("token_accuracy", "entity_f1", "entity_precision", "entity_recall")}  # as tasks/metrics.py names them
 _TASK_KEYS = {"name", "train", "eval", "test", "task", "metric", "text_field", "text_pair_field", "label_field",
               "seeds", "overrides"}
 
@@ -58,11 +60,15 @@ def _task(raw, where: str, base: Path, defaults: dict) -> SuiteTask:
     seeds = raw.get("seeds", defaults.get("seeds"))
     if seeds is not None and (not isinstance(seeds, int) or seeds < 1):
         raise UserError(f"{where}: seeds must be an integer >= 1, got {seeds!r}")
+    kind, metric = raw.get("task", "classify"), raw.get("metric")
+    if kind not in METRICS:
+        raise UserError(f"{where}: task must be one of {', '.join(METRICS)}, got {kind!r}")
+    if metric is not None and metric not in METRICS[kind]:
+        raise UserError(f"{where}: metric must be one of {', '.join(METRICS[kind])} for {kind}, got {metric!r}")
     files = {k: (base / raw[k] if isinstance(raw.get(k), str) else None) for k in ("train", "eval", "test")}
-    return SuiteTask(raw["name"], files["train"], files["eval"], files["test"], raw.get("task", "classify"),
-                     raw.get("metric"), raw.get("text_field"), raw.get("text_pair_field"), raw.get("label_field"),
-                     seeds, [*_strings(defaults.get("overrides", []), "the suite"),
-                             *_strings(raw.get("overrides", []), where)])
+    return SuiteTask(raw["name"], files["train"], files["eval"], files["test"], kind, metric, raw.get("text_field"),
+                     raw.get("text_pair_field"), raw.get("label_field"), seeds,
+                     [*_strings(defaults.get("overrides", []), "the suite"), *_strings(raw.get("overrides", []), where)])
 
 
 def read_suite(path) -> list[SuiteTask]:
@@ -90,9 +96,7 @@ def read_suite(path) -> list[SuiteTask]:
 
 def _row(t: SuiteTask, result: dict) -> dict:
     """A task's line of the table: the chosen metric's median over seeds on eval and (when scored) test."""
-    metric = t.metric or result["metric"]
-    if metric not in result["eval"]:
-        raise UserError(f"task {t.name!r}: metric {metric!r} is not one of {', '.join(result['eval'])}")
+    metric = t.metric if t.metric in result["eval"] else result["metric"]  # entity F1 exists for BIO tags only
     test = result["test"][metric] if result.get("test") else None
     return {"name": t.name, "task": t.task, "metric": metric, "eval": result["eval"][metric], "test": test,
             "seeds": len(result["seeds"]), "lr": result.get("lr"), "dir": t.name}
