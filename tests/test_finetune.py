@@ -316,7 +316,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runs, tmp_path, capsys
     assert "never has: 'zzz'" in err and not (tmp_path / "o").exists()
     err = _cli(["finetune", str(runs / "trained"), "--train", str(good), "--eval", str(good), "--out",
                 str(tmp_path / "o"), "finetune.lr=-1"], capsys)
-    assert "finetune.lr must be in (0, 1], got -1.0" in err
+    assert "finetune.lr must be in (0, 1] or auto, got -1.0" in err
     # a MODEL whose tokenizer has more tokens than the model has rows
     from maskedlm.checkpoint import save_checkpoint
     from maskedlm.config import Config

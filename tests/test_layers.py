@@ -26,7 +26,7 @@ LAYERS = {
     "probe": ["probe"],
     "evaluation": ["evaluate"],
     "guards": ["spikes"],
-    "commands": ["train", "finetune", "inference", "masks", "report", "interop", "data.distprepare", "demo"],
+    "commands": ["train", "finetune", "inference", "masks", "report", "interop", "data.distprepare", "demo", "suite"],
     "entry": ["cli", "__main__"],
 }
 MAY_IMPORT = {
@@ -105,9 +105,9 @@ def test_a_module_imports_only_from_its_own_layer_and_those_below(name):
             assert LAYER_OF[ours] in allowed, f"{name}:{line} ({LAYER_OF[name]}) imports {ours} ({LAYER_OF[ours]})"
 
 
-def test_commands_import_no_other_command_but_the_demo_which_composes_them():
+def test_commands_import_no_other_command_but_the_demo_and_suite_which_compose_them():
     commands = set(LAYERS["commands"])
-    for name in commands - {"demo"}:
+    for name in commands - {"demo", "suite"}:
         used = {_ours(d) for d, _, _ in _imports(name)} & commands
         assert used <= {name}, f"{name} imports the commands {sorted(used - {name})}"
 

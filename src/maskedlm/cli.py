@@ -124,6 +124,10 @@ def _finetune(a):
     from maskedlm import distributed as dist
     from maskedlm.finetune import finetune
 
+    if a.suite:
+        return _suite(a)
+    if not (a.train and a.eval):
+        raise UserError("finetune needs --train FILE and --eval FILE (or --suite SUITE.toml)")
     result = finetune(a.model, train=a.train, eval=a.eval, out=a.out, task=a.task, test=a.test,
                       text_field=a.text_field, pair_field=a.text_pair_field, label_field=a.label_field,
                       seeds=a.seeds, probe=a.probe, overrides=a.overrides, overwrite=a.overwrite)
@@ -163,9 +167,27 @@ class _IntermixedParser(_Parser):
             self._inside = False
 
 
+def _suite(a):
+    from maskedlm.suite import markdown, run_suite
+
+    given = [o for o, v in (("--train", a.train), ("--eval", a.eval), ("--test", a.test), ("--probe", a.probe),
+                            ("--task", a.task != "classify")) if v]
+    if given:
+        raise UserError(f"{given[0]} does not go with --suite: the suite file names each task's files and kind")
+    tab = run_suite(a.model, a.suite, a.out, seeds=a.seeds, overrides=a.overrides, overwrite=a.overwrite,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(markdown(tab) + f"\nwrote {tab['out']}/suite.md and suite.json; each task's output in {tab['out']}/<name>/")
+
+
 def _report(a):
     from maskedlm.report import write_report
+    from maskedlm.suite import is_suite_dir, show_suite
 
+    if any(is_suite_dir(r) for r in a.runs):  # a suite's DIR: its table, not run curves
+        if len(a.runs) > 1:
+            raise UserError("report takes one suite DIR at a time (its table), not beside run dirs")
+        print(show_suite(a.runs[0]), end="")
+        return
     print(f"wrote {write_report(a.runs, data=a.data, out=a.out, png=a.png)}")
 
 
@@ -306,8 +328,8 @@ def _add_finetune(sub) -> None:
     t = sub.add_parser("finetune", help="fine-tune (or --probe) a MODEL on labelled data: classify, regress, tokens")
     t.__class__ = _IntermixedParser
     t.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or Hugging Face dir")
-    t.add_argument("--train", required=True, metavar="FILE", help="CSV/TSV with a header, JSON Lines or CoNLL; .gz ok")
-    t.add_argument("--eval", required=True, metavar="FILE", help="evaluated each epoch; picks the best checkpoint")
+    t.add_argument("--train", metavar="FILE", help="CSV/TSV with a header, JSON Lines or CoNLL; .gz ok")
+    t.add_argument("--eval", metavar="FILE", help="evaluated each epoch; picks the best checkpoint (and the lr)")
     t.add_argument("--test", default=None, metavar="FILE", help="scored with the best checkpoint; predictions.jsonl")
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--task", choices=["classify", "regress", "tokens"], default="classify")
@@ -316,14 +338,16 @@ def _add_finetune(sub) -> None:
     t.add_argument("--label-field", default=None, help="default: label (tokens: tags)")
     t.add_argument("--seeds", type=int, default=1, help="runs with seeds finetune.seed, +1, ...; mean, std, median")
     t.add_argument("--probe", action="store_true", help="frozen encoder, features once, a linear head")
+    t.add_argument("--suite", metavar="SUITE.toml", help="several tasks in turn (files, kind, metric each); one table")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("overrides", nargs="*", metavar="finetune.key=value")
     t.set_defaults(fn=_finetune)
 
 
 def _add_report(sub) -> None:
-    t = sub.add_parser("report", help="a self-contained HTML report: curves of one or more runs, the objective's anatomy")
-    t.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    t = sub.add_parser("report", help="a self-contained HTML report: curves of one or more runs, the objective's "
+                       "anatomy; or a finetune --suite DIR's table")
+    t.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs, or one finetune --suite output DIR")
     t.add_argument("--data", default=None, metavar="DATA_DIR",
                    help="also show the anatomy of each run's latest checkpoint on this data's evaluation mask")
     t.add_argument("--out", default="report.html", metavar="FILE", help="the page to write (default: report.html)")

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,12 +24,13 @@ from maskedlm.checkpoint import write_weights
 from maskedlm.config import SEED_LIMIT, FinetuneConfig, OptimConfig, load_finetune_config
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
+from maskedlm.metrics import StepProgress
 from maskedlm.models import FINETUNE_MARKER, is_finetune_dir, load_any_model
 from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
 from maskedlm.step import OptimizerStep
 from maskedlm.tasks import TaskData, load_task
-from maskedlm.tasks.encode import collate
+from maskedlm.tasks.encode import Encoded, collate
 from maskedlm.tasks.heads import TaskModel, hf_task_config, to_hf_task_state_dict
 from maskedlm.tasks.metrics import summarize
 from maskedlm.tokenizer import save_tokenizer, special_ids
@@ -48,16 +51,23 @@ def predict(model: TaskModel, data: TaskData, split: str, fcfg: FinetuneConfig, 
     enc, task = data.encoded[split], data.task
     was = model.training
     model.eval()
-    out = []
-    for start in range(0, len(enc.ids), fcfg.eval_batch_rows):
-        index = list(range(start, min(len(enc.ids), start + fcfg.eval_batch_rows)))
+    out = [None] * len(enc.ids)
+    for index in length_batches(enc, fcfg.eval_batch_rows):
         ids, mask, types = (t.to(device) for t in collate(enc, index, 0))
         with _autocast(fcfg, device):
             logits = model(ids, mask, types).float().cpu()  # (B, L) or (B, T, L)
         firsts = [enc.first[i] for i in index] if enc.first is not None else None
-        out += task.decode(task.item_scores(logits, index, enc), data.names, firsts)
+        for i, p in zip(index, task.decode(task.item_scores(logits, index, enc), data.names, firsts)):
+            out[i] = p
     model.train(was)
     return out
+
+
+def length_batches(enc: Encoded, batch_rows: int) -> list[list[int]]:
+    """Example indices sorted by length (longest first) and cut into batches: each batch is padded to its own longest
+    row, so sorted batches carry almost no padding, and padding changes no logit (the attention mask hides it)."""
+    order = sorted(range(len(enc.ids)), key=lambda i: -len(enc.ids[i]))
+    return [order[s:s + batch_rows] for s in range(0, len(order), batch_rows)]
 
 
 def _evaluate(model, data, split, fcfg, device) -> tuple[dict, list]:
@@ -120,9 +130,10 @@ def _total_steps(n: int, fcfg: FinetuneConfig) -> tuple[int, int]:
     return per_epoch, min(total, fcfg.max_steps) if fcfg.max_steps else total
 
 
-def train_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, log) -> dict:
-    """Fine-tune a fresh copy of `net` with `seed`, evaluating every finetune.eval_every_steps (or epoch) and stopping
-    early after finetune.patience evaluations without a better one; returns {seed, best_step, eval, state} (best)."""
+def train_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, log, label: str = "") -> dict:
+    """Fine-tune a fresh copy of `net` with `seed` at finetune.lr (a number here), evaluating every
+    finetune.eval_every_steps (or epoch) and stopping early after finetune.patience evaluations without a better one;
+    returns {seed, best_step, eval, state} (best). Progress: a bar on a terminal, else lines (stderr)."""
     task = data.task
     dist.seed_ranks(seed)  # dropout: rank 0 of N draws as one process would
     enc, labels = data.encoded["train"], data.examples["train"].labels
@@ -132,20 +143,24 @@ def train_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, log
     batches = _batches(len(enc.ids), fcfg.batch_rows, seed)
     best = {"seed": seed, "best_step": 0, "eval": None, "state": None}
     since_best, losses = 0, []
+    progress = StepProgress(total, label or f"seed {seed}", quiet=not dist.is_main())
     model.train()
     for step in range(1, total + 1):
         index = next(batches)
         ids, mask, types = collate(enc, index, 0)
         y = task.targets(labels, index, data.names, enc, ids.shape[1])
         losses.append(_step(stepper, sync, step - 1, tuple(t.to(device) for t in (ids, mask, types, y)), task, autocast))
+        progress.step(loss=losses[-1])
         if step % every == 0 or step == total:
             metrics, _ = _evaluate(model, data, "eval", fcfg, device)
+            progress.note(**{f"eval {task.main_metric(metrics)}": metrics[task.main_metric(metrics)]})
             log({"seed": seed, "step": step, "epoch": (step - 1) // per_epoch, "split": "eval",
                  "train_loss": sum(losses) / len(losses), **metrics})
             losses = []
             since_best = 0 if _keep_best(best, metrics, step, model, task) else since_best + 1
             if fcfg.patience and since_best >= fcfg.patience:
                 break
+    progress.close()
     return best
 
 
@@ -255,23 +270,23 @@ def finetune(model, train, eval, out, task: str = "classify", test=None, text_fi
             raise UserError(f"--train has {len(data.examples['train'].labels)} examples, fewer than the "
                             f"{info.world_size} processes; run on fewer processes")
         records: list[dict] = []
-        runs, pred, best_model = _train_or_probe(net.to(info.device), data, fcfg, int(seeds), probe, info.device,
-                                                 records.append)
+        runs, pred, best_model, lr = _train_or_probe(net.to(info.device), data, fcfg, int(seeds), probe, info.device,
+                                                     records.append)
         check = dist.everywhere(_write_out, out, inputs, overwrite, records, data, pred, best_model, tok, main_only=True)
     finally:
         if own_group:
             dist.shutdown()
-    return _summary(runs, data, probe, out, best_model, check)
+    return {**_summary(runs, data, probe, out, best_model, check), **lr}
 
 
 def _train_or_probe(net, data: TaskData, fcfg: FinetuneConfig, seeds: int, probe: bool, device, log):
-    """(runs, test predictions or None, the best seed's model or None for --probe)."""
+    """(runs, test predictions or None, the best seed's model or None for --probe, {lr, lr_sweep})."""
     if not probe:
         return _fine_tune_seeds(net, data, fcfg, seeds, device, log)
     if seeds > 1:  # the probe has no random part: features are fixed, L-BFGS starts from zeros
         dist.print0("note: --seeds does not apply to --probe (it is deterministic); one run", file=sys.stderr)
     result = run_probe(net, data, fcfg.eval_batch_rows, device, log=log)
-    return [result], result.pop("test_predictions", None), None
+    return [result], result.pop("test_predictions", None), None, {"lr": None, "lr_sweep": None}
 
 
 def _summary(runs: list[dict], data: TaskData, probe: bool, out: Path, best_model, check) -> dict:
@@ -304,20 +319,53 @@ def _write_out(out: Path, inputs, overwrite: bool, records, data, pred, best_mod
     return check
 
 
+def sweep(net, data: TaskData, fcfg: FinetuneConfig, dev, log) -> tuple[float, list[dict], dict]:
+    """finetune.lr=auto: the first seed at every rate of finetune.lr_grid, each for the whole budget; the rate whose
+    run scores best on --eval wins (a tie goes to the rate listed first). Returns (rate, the grid's points, the
+    winner's run, which becomes the first of the seeds: the sweep costs len(lr_grid) - 1 runs more than --seeds)."""
+    points, best = [], None
+    for lr in fcfg.lr_grid:
+        t0 = time.perf_counter()
+        r = train_seed(net, data, replace(fcfg, lr=lr), fcfg.seed, dev, lambda rec, lr=lr: log({"lr": lr, **rec}),
+                       label=f"lr {lr:g} seed {fcfg.seed}")
+        main = data.task.main_metric(r["eval"])
+        points.append({"lr": lr, "eval": r["eval"], "best_step": r["best_step"], "wall_s": time.perf_counter() - t0})
+        if best is None or r["eval"][main] > best[1]["eval"][main]:
+            best = (lr, r)
+    return best[0], points, best[1]
+
+
+def _seed_runs(net, data, fcfg, seeds: int, dev, log) -> tuple[FinetuneConfig, list[dict], dict | None]:
+    """(the config at the rate used, each seed's run, the sweep's record or None when finetune.lr is a number)."""
+    if fcfg.lr != "auto":
+        return fcfg, [train_seed(net, data, fcfg, fcfg.seed + k, dev, log) for k in range(seeds)], None
+    t0, n = time.perf_counter(), len(fcfg.lr_grid)
+    cost = (n + seeds - 1) / seeds
+    dist.print0(f"finetune.lr=auto: {n} rates ({', '.join(f'{x:g}' for x in fcfg.lr_grid)}) x seed {fcfg.seed}, then "
+                f"{seeds - 1} more seed(s) at the best: {n + seeds - 1} runs, {cost:.2g}x the cost of --seeds {seeds} "
+                "at a given finetune.lr", file=sys.stderr)
+    lr, points, first = sweep(net, data, fcfg, dev, log)
+    record = {"picked": lr, "grid": points, "runs": n + seeds - 1, "cost_vs_fixed_lr": cost,
+              "sweep_s": time.perf_counter() - t0}
+    dist.print0(f"finetune.lr=auto: picked {lr:g} in {record['sweep_s']:.0f} s; eval " + ", ".join(
+        f"{p['lr']:g}: {p['eval'][data.task.main_metric(p['eval'])]:.4f}" for p in points), file=sys.stderr)
+    fcfg = replace(fcfg, lr=lr)
+    return fcfg, [first, *(train_seed(net, data, fcfg, fcfg.seed + k, dev, log) for k in range(1, seeds))], record
+
+
 def _fine_tune_seeds(net, data, fcfg, seeds: int, dev, log):
-    """Each seed trained and its best state scored on test; returns (runs, test predictions, the best seed's model)."""
-    runs = []
-    for k in range(seeds):
-        r = train_seed(net, data, fcfg, fcfg.seed + k, dev, log)
+    """Each seed trained (after the sweep when finetune.lr=auto) and its best state scored on test; returns (runs,
+    test predictions, the best seed's model, {lr: the rate used, lr_sweep: the sweep's record or None})."""
+    fcfg, runs, record = _seed_runs(net, data, fcfg, seeds, dev, log)
+    for r in runs:
         if "test" in data.examples and data.examples["test"].labels is not None:
             model = _model_for(net, data, fcfg, r["state"]).to(dev)
             r["test"], _ = _evaluate(model, data, "test", fcfg, dev)
             log({"seed": r["seed"], "step": r["best_step"], "split": "test", **r["test"]})
-        runs.append(r)
     main = data.task.main_metric(runs[0]["eval"])
     best = max(runs, key=lambda r: r["eval"][main])
     model = _model_for(net, data, fcfg, best["state"]).to(dev)
     pred = predict(model, data, "test", fcfg, dev) if "test" in data.examples else None
     for r in runs:
         r.pop("state", None)
-    return runs, pred, model
+    return runs, pred, model, {"lr": fcfg.lr, "lr_sweep": record}

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,3 +171,55 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class StepProgress:
+    """Progress of a loop of known length (fine-tuning): a tqdm bar on a terminal; elsewhere a plain line every
+    `every` steps and at each `note`, with the step, the numbers given and the ETA, so a redirected log shows life.
+    `quiet` (ranks other than 0) shows nothing."""
+
+    def __init__(self, total: int, label: str, every: int = 0, progress: bool | None = None, out=None, clock=None,
+                 quiet: bool = False):
+        self.total, self.label, self.done, self.quiet = total, label, 0, quiet
+        self.every = every or max(1, total // 10)
+        self.out = out or sys.stderr  # stdout is for results (finetune prints its JSON there)
+        self.clock = clock or time.perf_counter
+        self.t0 = self.clock()
+        self.numbers: dict[str, str] = {}
+        if progress is None:
+            progress = _terminal_columns() > 0
+        self.bar = tqdm(total=total, desc=label, disable=quiet or not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _line(self) -> str:
+        elapsed = self.clock() - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        shown = "".join(f", {k} {v}" for k, v in self.numbers.items())
+        return f"{self.label}: step {self.done}/{self.total}{shown}, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
+
+    def step(self, **numbers) -> None:
+        """One step done; `numbers` (e.g. loss=0.53) are shown beside it."""
+        self.numbers.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in numbers.items()})
+        self.done += 1
+        if not self.bar.disable:
+            self.bar.set_postfix(self.numbers, refresh=False)
+            self.bar.update(1)
+        elif not self.quiet and self.done % self.every == 0 and self.done < self.total:
+            print(self._line(), file=self.out, flush=True)
+
+    def note(self, **numbers) -> None:
+        """New numbers (an evaluation's) shown now: above the bar, or as a plain line."""
+        self.numbers.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in numbers.items()})
+        if self.quiet:
+            return
+        if self.bar.disable:
+            print(self._line(), file=self.out, flush=True)
+        else:
+            self.bar.set_postfix(self.numbers, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
