@@ -262,7 +262,7 @@ def finetune_cases() -> list[Case]:
 
 
 def _finetune_numeric() -> list[Case]:
-    from maskedlm.config import FinetuneConfig
+    from maskedlm.tasks.config import FinetuneConfig
 
     hints = get_type_hints(FinetuneConfig)
     cases = []

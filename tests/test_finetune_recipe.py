@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskedlm.config import ModelConfig, load_finetune_config
+from maskedlm.config import ModelConfig
 from maskedlm.errors import UserError
 from maskedlm.finetune import finetune, length_batches, predict
 from maskedlm.metrics import StepProgress
 from maskedlm.suite import read_suite, run_suite, show_suite
 from maskedlm.tasks import TaskData, get_task
+from maskedlm.tasks.config import load_finetune_config
 from maskedlm.tasks.encode import Encoded, collate
 from maskedlm.tasks.heads import TaskModel
 from maskedlm.tasks.read import Examples
@@ -127,24 +128,24 @@ def test_bad_suite_files_are_refused_with_what_is_wrong(tmp_path, text, message)
 
 # ------------------------------------------------------------------------------------------------ the sweep
 def test_auto_lr_picks_the_rate_with_the_best_eval_score_and_reuses_its_run(model, tmp_path, capsys):
-    """A model at its initial weights and 24 steps: 1e-7 moves nothing, 1e2 wrecks it, 3e-3 learns the task."""
+    """A model at its initial weights and 24 steps: 1e-7 moves nothing, 1.0 (the largest rate allowed) wrecks it, 3e-3 learns the task."""
     files = _task(tmp_path / "t")
     r = finetune(model, files["train"], files["eval"], tmp_path / "o", test=files["test"], seeds=2,
-                 overrides=["finetune.lr=auto", "finetune.lr_grid=[1e-7, 3e-3, 1e2]", "finetune.max_steps=24",
+                 overrides=["finetune.lr=auto", "finetune.lr_grid=[1e-7, 3e-3, 1.0]", "finetune.max_steps=24",
                             "finetune.dropout=0"])
     grid = r["lr_sweep"]["grid"]
     scores = [p["eval"]["accuracy"] for p in grid]
-    assert [p["lr"] for p in grid] == [1e-7, 3e-3, 1e2]
+    assert [p["lr"] for p in grid] == [1e-7, 3e-3, 1.0]
     assert scores[1] >= 0.9 and max(scores[0], scores[2]) <= 0.75, scores  # one rate clearly best
     assert r["lr"] == r["lr_sweep"]["picked"] == 3e-3
     # the winner's run is seed 0 of the seeds; one more seed runs at the picked rate: 3 + 2 - 1 runs in all
     assert [s["seed"] for s in r["seeds"]] == [0, 1] and r["seeds"][0]["eval"] == grid[1]["eval"]
     assert r["lr_sweep"]["runs"] == 4 and r["lr_sweep"]["cost_vs_fixed_lr"] == 2.0
     err = capsys.readouterr().err
-    assert "finetune.lr=auto: 3 rates (1e-07, 0.003, 100) x seed 0, then 1 more seed(s) at the best: 4 runs" in err
+    assert "finetune.lr=auto: 3 rates (1e-07, 0.003, 1) x seed 0, then 1 more seed(s) at the best: 4 runs" in err
     assert "picked 0.003" in err
     recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
-    assert {x["lr"] for x in recs if "lr" in x} == {1e-7, 3e-3, 1e2}
+    assert {x["lr"] for x in recs if "lr" in x} == {1e-7, 3e-3, 1.0}
 
 
 def test_a_given_lr_runs_no_sweep(model, tmp_path):

@@ -21,7 +21,7 @@ LAYERS = {
     "data": ["tokenizer", "data", "data.corpus", "data.encode", "data.prepare", "data.shards", "data.loader"],
     "math": ["attention", "model", "masking", "objective", "optim"],
     "ranks": ["distributed", "step"],
-    "tasks": ["tasks", "tasks.read", "tasks.encode", "tasks.task", "tasks.load", "tasks.metrics"],
+    "tasks": ["tasks", "tasks.read", "tasks.encode", "tasks.task", "tasks.load", "tasks.metrics", "tasks.config"],
     "loading": ["checkpoint", "hf", "models", "tasks.heads"],
     "probe": ["probe"],
     "evaluation": ["evaluate"],

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, processors
 
 from maskedlm import distributed as dist
 from maskedlm.checkpoint import write_weights
-from maskedlm.config import SEED_LIMIT, FinetuneConfig, OptimConfig, load_finetune_config
+from maskedlm.config import SEED_LIMIT, OptimConfig
 from maskedlm.errors import UserError
 from maskedlm.files import atomic_write_text, building, check_out, replace_dir
 from maskedlm.metrics import StepProgress
@@ -30,6 +30,7 @@ from maskedlm.optim import Schedule, build_optimizer
 from maskedlm.probe import run_probe
 from maskedlm.step import OptimizerStep
 from maskedlm.tasks import TaskData, load_task
+from maskedlm.tasks.config import FinetuneConfig, load_finetune_config
 from maskedlm.tasks.encode import Encoded, collate
 from maskedlm.tasks.heads import TaskModel, hf_task_config, to_hf_task_state_dict
 from maskedlm.tasks.metrics import summarize
