@@ -195,6 +195,8 @@ class TrainConfig:
     # weights, gradients and optimizer state across ranks (torch.distributed.fsdp.fully_shard) for larger models.
     parallel: str = "ddp"
     dist_timeout_minutes: float = 10.0  # a collective waiting this long (a dead peer) fails instead of hanging
+    # Choose model shape, rows per step and LR for the budget on this machine at start (autoshape.py; `--config auto`).
+    auto_shape: bool = False
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -303,6 +305,7 @@ class Config:
 # string) and anything that cannot be coerced, or a key that does not exist, is rejected naming the key.
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+AUTO_BASE = "modern-mini"  # what `--config auto` starts from before autoshape.py sets its shape
 
 # Keys that may change between a run and its --resume: they decide when to log, evaluate and save, or how the same
 # computation is spread over devices (train.parallel: DDP and FSDP2 compute the same step), never what it is.
@@ -454,6 +457,9 @@ def load_config(config: "str | Path | Config | dict | None" = None, overrides=()
     elif isinstance(config, dict):
         cfg = Config()
         _apply_dict(cfg, config, "config")
+    elif str(config) == "auto":  # the default preset, its shape chosen at train time (autoshape.py)
+        cfg = _read_toml(_resolve(AUTO_BASE))
+        cfg.train.auto_shape = True
     else:
         cfg = _read_toml(_resolve(str(config)))
     for item in overrides or ():

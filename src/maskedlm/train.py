@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from maskedlm import autoshape, objective
 from maskedlm import distributed as dist
-from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
 from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
@@ -58,11 +58,15 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     if resume and (out / "config.json").is_file():
         stored = load_config(_read_json(out / "config.json"))
     base = config if config is not None else (stored if stored is not None else DEFAULT_PRESET)
+    if stored is not None and config == "auto":  # resuming: the shape chosen when the run started
+        base = stored
     cfg = load_config(base, overrides)
     if init_cfg is not None:  # --init-from: the architecture is the checkpoint's
         cfg.model = init_cfg
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
+    if cfg.train.auto_shape and stored is None:  # a resume keeps the shape chosen when the run started
+        dist.print0(autoshape.choose(cfg, load_config(base), data, init_from=init_cfg is not None))
     return cfg.validate(), stored
 
 
