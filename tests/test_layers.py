@@ -25,7 +25,7 @@ LAYERS = {
     "loading": ["checkpoint", "hf", "models", "tasks.heads"],
     "probe": ["probe"],
     "evaluation": ["evaluate"],
-    "guards": ["spikes"],
+    "guards": ["spikes", "autoshape"],
     "commands": ["train", "finetune", "inference", "masks", "report", "interop", "data.distprepare", "demo", "suite"],
     "entry": ["cli", "__main__"],
 }

@@ -227,6 +227,8 @@ class TrainConfig:
     # back to the last checkpoint and skips the data read since. 0: off (a short run has no checkpoint to go back to).
     spike_guard_nats: float = 0.0
     spike_window_steps: int = 50
+    # Choose model shape, rows per step and LR for the budget on this machine at start (autoshape.py; `--config auto`).
+    auto_shape: bool = False
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -365,6 +367,7 @@ class Config:
 # string) and anything that cannot be coerced, or a key that does not exist, is rejected naming the key.
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+AUTO_BASE = "modern-mini"  # what `--config auto` starts from before autoshape.py sets its shape
 
 # Keys that may change between a run and its --resume: they decide when to log, evaluate and save, or how the same
 # computation is spread over devices (train.parallel: DDP and FSDP2 compute the same step), never what it is.
@@ -523,6 +526,9 @@ def load_config(config: "str | Path | Config | dict | None" = None, overrides=()
     elif isinstance(config, dict):
         cfg = Config()
         _apply_dict(cfg, config, "config")
+    elif str(config) == "auto":  # the default preset, its shape chosen at train time (autoshape.py)
+        cfg = _read_toml(_resolve(AUTO_BASE))
+        cfg.train.auto_shape = True
     else:
         cfg = _read_toml(_resolve(str(config)))
     for item in overrides or ():

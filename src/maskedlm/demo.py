@@ -55,7 +55,8 @@ class _Mode:
 # embedding matrix nearly untrained in 5 minutes. Not bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the
 # unigram plateau (every mask gets the same top-5 by frequency), while modern-mini leaves it within 100-150 steps
 # although each of its steps is ~20% slower on a CPU (fixed-step runs at 1 thread, 2 seeds each, held-out loss at 1M
-# tokens: bert-mini 6.34-6.52, modern-mini 4.99-5.02; modern-mini at 2.4M tokens 4.19-4.21; README "The demo").
+# tokens: bert-mini 6.34-6.52, modern-mini 4.99-5.02; modern-mini at 2.4M tokens 4.19-4.21; docs/runs.md; all at 32
+# rows per step, before the preset moved to 16).
 # Minutes on a CPU are hundreds of steps, unknown in advance: warmup is 30 steps rather than the preset's 100, and the
 # schedule is warmup-stable-decay as the preset's (peak LR until the last 20% of the time; Hu et al. 2024, MiniCPM)
 # rather than a linear decay from the first second (bert-mini, 2-minute runs on a shared CPU: held-out loss 8.44 with

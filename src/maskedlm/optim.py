@@ -281,3 +281,31 @@ def batch_plan(cfg: Config, seq_len: int) -> BatchPlan:
                             f"(train.max_minutes={cfg.train.max_minutes:g}) has none: set train.max_tokens or train.max_steps")
         plan.total_tokens = plan.tokens_before(steps)
     return plan
+
+
+def fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
+    """A linear/cosine mask-rate schedule with masking.rate_schedule_steps 0 runs over the whole run: fill in the run's
+    total steps (train.max_steps, or the steps train.max_tokens makes) before the config is saved or compared, so the
+    saved config.json holds the number and a resume follows the same schedule (it is keyed by step). Returns where
+    the number came from, for the start-up summary; None when nothing was filled."""
+    m, t = cfg.masking, cfg.train
+    if m.rate_schedule == "constant" or m.rate_schedule_steps > 0:
+        return None
+    steps, _ = run_budget(cfg, plan)
+    if steps is None:
+        raise UserError(
+            f"masking.rate_schedule={m.rate_schedule!r} with a time budget alone (train.max_minutes={t.max_minutes:g}) "
+            "has no step count to schedule over; set masking.rate_schedule_steps (e.g. the steps you expect in that "
+            "time) or give train.max_steps / train.max_tokens"
+        )
+    m.rate_schedule_steps = int(steps)
+    return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
+
+
+def rate_text(cfg: Config, schedule_from: str | None) -> str:
+    m = cfg.masking
+    if m.rate_schedule == "constant":
+        return f"rate {m.mask_rate:g}"
+    filled = f" (from {schedule_from})" if schedule_from else ""
+    return (f"rate {m.rate_schedule} {m.rate_start or m.mask_rate:g} → {m.rate_end or m.mask_rate:g} over "
+            f"{m.rate_schedule_steps:,} steps{filled}")

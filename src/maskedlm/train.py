@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from maskedlm import autoshape, objective
 from maskedlm import distributed as dist
-from maskedlm import objective
 from maskedlm.checkpoint import Checkpoint, load_for_resume, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state
 from maskedlm.config import RESUME_FREE_KEYS, RESUME_NOTED_KEYS, Config, check_resume_config, config_diff, config_hash, load_config, read_config_json
 from maskedlm.data.loader import MixLoader, RowLoader, StepBatch
@@ -31,7 +31,7 @@ from maskedlm.masking import config_k_max, mask_batch
 from maskedlm.metrics import Budget, MetricsLogger, NullLogger, truncate_jsonl
 from maskedlm.model import MaskedLM, plan_model
 from maskedlm.models import check_compatible, holds_run, is_run_dir, load_any_model
-from maskedlm.optim import BatchPlan, Schedule, batch_plan, build_optimizer, run_budget
+from maskedlm.optim import Schedule, batch_plan, build_optimizer, fill_rate_schedule_steps, rate_text, run_budget
 from maskedlm.probe import load_probe_tasks, probe_record
 from maskedlm.process import StopFlag, reuse_host_memory
 from maskedlm.spikes import SpikeGuard
@@ -58,40 +58,16 @@ def _resolve_config(config, overrides, out: Path, resume: bool, data: DataDir, i
     if resume and (out / "config.json").is_file():
         stored = read_config_json(out / "config.json")
     base = config if config is not None else (stored if stored is not None else DEFAULT_PRESET)
+    if stored is not None and config == "auto":  # resuming: the shape chosen when the run started
+        base = stored
     cfg = load_config(base, overrides)
     if init_cfg is not None:  # --init-from: the architecture is the checkpoint's
         cfg.model = init_cfg
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
+    if cfg.train.auto_shape and stored is None:  # a resume keeps the shape chosen when the run started
+        dist.print0(autoshape.choose(cfg, load_config(base), data, measure_rate, init_from=init_cfg is not None))
     return cfg.validate(), stored
-
-
-def _fill_rate_schedule_steps(cfg: Config, plan: BatchPlan) -> str | None:
-    """A linear/cosine mask-rate schedule with masking.rate_schedule_steps 0 runs over the whole run: fill in the run's
-    total steps (train.max_steps, or the steps train.max_tokens makes) before the config is saved or compared, so the
-    saved config.json holds the number and a resume follows the same schedule (it is keyed by step). Returns where
-    the number came from, for the start-up summary; None when nothing was filled."""
-    m, t = cfg.masking, cfg.train
-    if m.rate_schedule == "constant" or m.rate_schedule_steps > 0:
-        return None
-    steps, _ = run_budget(cfg, plan)
-    if steps is None:
-        raise UserError(
-            f"masking.rate_schedule={m.rate_schedule!r} with a time budget alone (train.max_minutes={t.max_minutes:g}) "
-            "has no step count to schedule over; set masking.rate_schedule_steps (e.g. the steps you expect in that "
-            "time) or give train.max_steps / train.max_tokens"
-        )
-    m.rate_schedule_steps = int(steps)
-    return "train.max_steps" if t.max_steps and steps == t.max_steps else "train.max_tokens"
-
-
-def _rate_text(cfg: Config, schedule_from: str | None) -> str:
-    m = cfg.masking
-    if m.rate_schedule == "constant":
-        return f"rate {m.mask_rate:g}"
-    filled = f" (from {schedule_from})" if schedule_from else ""
-    return (f"rate {m.rate_schedule} {m.rate_start or m.mask_rate:g} → {m.rate_end or m.mask_rate:g} over "
-            f"{m.rate_schedule_steps:,} steps{filled}")
 
 
 def _fmt(n: int) -> str:
@@ -491,9 +467,28 @@ class Trainer:
             f"{t.global_batch_rows // (world * t.micro_batch_rows)} micro-batches of {t.micro_batch_rows} rows × "
             f"{world} rank(s); {self.loader.steps_per_epoch:,} steps per epoch\n{self.plan.describe()}"
             f"budget: {' or '.join(budget)}; device {self.device}, precision {t.precision}, compile {t.compile}\n"
-            f"masking: unit {cfg.masking.unit}, {_rate_text(cfg, schedule_from)}; "
+            f"masking: unit {cfg.masking.unit}, {rate_text(cfg, schedule_from)}; "
             f"evaluation: unit {cfg.eval.unit}, rate {cfg.eval.mask_rate:g}, seed {cfg.eval.seed}"
         )
+
+
+def measure_rate(cfg: Config, data: DataDir) -> float:
+    """Tokens/s of real training steps of `cfg` on `data` (weights thrown away), after one untimed step: the step rate
+    autoshape.py calibrates its candidate shapes with (before the process group exists, hence the device here)."""
+    device = torch.device(cfg.train.device if cfg.train.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = MaskedLM(cfg.model)
+    model.init_weights(cfg.train.seed)
+    trainer = Trainer(cfg, model, data, out=None, device=device)
+    try:
+        float(trainer.train_step(trainer.loader.next_step()).sums[0])  # start-up: allocation, first kernels
+        t0, n = time.perf_counter(), 0
+        while n < autoshape.MIN_TIMED or time.perf_counter() - t0 < autoshape.CALIBRATE_SECONDS:
+            float(trainer.train_step(trainer.loader.next_step()).sums[0])  # the host waits for the step
+            n += 1
+        return n * trainer.tokens_per_step / (time.perf_counter() - t0)
+    finally:
+        trainer.loader.close()
 
 
 def _record_command(out: Path) -> None:
@@ -544,7 +539,7 @@ def _start_run(config, data, out, overrides, resume: bool, init_from) -> Trainer
         init_model, full_cfg, init_tok = load_any_model(init_from, mlm_head=False)  # a head it lacks is trained fresh
         init_cfg = full_cfg.model
     cfg, stored = _resolve_config(config, overrides, out, resume, data, init_cfg)
-    schedule_from = _fill_rate_schedule_steps(cfg, batch_plan(cfg, data.seq_len))
+    schedule_from = fill_rate_schedule_steps(cfg, batch_plan(cfg, data.seq_len))
     note = check_resume_config(stored, cfg, out) if stored is not None else None
     if note:
         dist.print0(note)
