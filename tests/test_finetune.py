@@ -119,6 +119,28 @@ def test_heads_give_transformers_logits_and_loss(family, task):
         assert not torch.allclose(ours(ids, mask, torch.zeros_like(ids)), mine, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "modern"])
+def test_a_fresh_classifier_is_drawn_as_transformers_draws_it_for_the_same_class(family):
+    """transformers' own init of the class (from our config.json) is the reference: BERT N(0, 0.02); ModernBERT a
+    normal of std hidden^-0.5 truncated at 2 std (0.125 before truncation at hidden 64). 200 labels x 64: the std
+    of 12,800 draws is within 3% of the reference's, and no weight lies outside its bound."""
+    from maskedlm.model import MaskedLM
+
+    mcfg = ModelConfig(family=family, vocab_size=45, hidden=64, layers=2, heads=4, intermediate=96, max_positions=64,
+                       pad_vocab_multiple=8)
+    ours = TaskModel.from_mlm(MaskedLM(mcfg), "classify", 200, dropout=0.0, seed=3)
+    cfg = hf_task_config(ours, [str(i) for i in range(200)], {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    config_cls = transformers.BertConfig if family == "bert" else transformers.ModernBertConfig
+    torch.manual_seed(0)
+    theirs = getattr(transformers, cfg["architectures"][0])(
+        config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+    mine, ref = ours.classifier.weight.detach(), theirs.classifier.weight.detach()
+    assert mine.shape == ref.shape == (200, 64)
+    assert abs(mine.std().item() / ref.std().item() - 1) < 0.03, (mine.std().item(), ref.std().item())
+    assert mine.abs().max() <= (2 * 64 ** -0.5 if family == "modern" else 1.0)
+    assert not ours.classifier.bias.any()
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_finetune_learns_the_task_and_best_reloads_in_transformers(runs, tmp_path, capsys):
     files = _classify_files(tmp_path)

@@ -52,8 +52,12 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_mlm(cls, mlm: MaskedLM, task, num_labels: int, dropout: float, seed: int) -> "TaskModel":
-        """θ from a pretrained MaskedLM; new tensors N(0, initializer_range) from a private generator keyed by
-        `seed`, biases 0. ModernBERT's transform takes the MLM head's (same names, as transformers loads them)."""
+        """θ from a pretrained MaskedLM; new tensors drawn as transformers draws them for the same class, from a
+        private generator keyed by `seed`, biases 0: BERT's pooler and classifier N(0, initializer_range); ModernBERT's
+        classifier a normal of std hidden^-0.5 truncated at 2 std (its "final_out" init with the config's default
+        initializer_cutoff_factor 2: 0.0625 at hidden 256, three times BERT's 0.02, so the fresh head's logits start
+        larger). ModernBERT's transform takes the MLM head's
+        (same names, as transformers loads them)."""
         m = cls(mlm.cfg, task, num_labels, dropout)
         m.encoder.load_state_dict(mlm.encoder.state_dict())
         g = torch.Generator().manual_seed(int(seed))
@@ -64,6 +68,8 @@ class TaskModel(nn.Module):
                     lin.weight.normal_(0.0, std, generator=g)
                     lin.bias.zero_()
             if mlm.cfg.family == "modern":
+                out_std = mlm.cfg.hidden ** -0.5
+                nn.init.trunc_normal_(m.classifier.weight, 0.0, out_std, -2 * out_std, 2 * out_std, generator=g)
                 m.head.dense.weight.copy_(mlm.head.dense.weight)
                 m.head.norm.weight.copy_(mlm.head.norm.weight)
         return m.to(next(mlm.parameters()).device)
