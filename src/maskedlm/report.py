@@ -148,7 +148,8 @@ def _plt():
     try:
         import matplotlib
     except ImportError:
-        raise UserError("maskedlm report draws with matplotlib; install it: pip install 'maskedlm[report]'") from None
+        raise UserError("maskedlm report draws with matplotlib, a dependency of maskedlm that is missing here; "
+                        "install it: pip install 'matplotlib>=3.7'") from None
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
