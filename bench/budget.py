@@ -51,10 +51,16 @@ VARIANTS = {
     "L2": ("model.layers=2",),
     "L6": ("model.layers=6",),
     "H192": ("model.hidden=192", "model.heads=3", "model.intermediate=288"),
+    "H128": ("model.hidden=128", "model.heads=2", "model.intermediate=192"),
     "H384": ("model.hidden=384", "model.heads=6", "model.intermediate=576"),
     "heads8": ("model.heads=8",),
     "I768": ("model.intermediate=768",),
     "phase64": ("phase64=0.5",),
+    # The knobs of issue 22 as the trainer has them (on top of b16: the ramp starts at a quarter of 16 rows).
+    "bwarm": ("train.batch_warmup_tokens=204800", "train.batch_warmup_start_rows=4"),
+    "phases": ("train.seq_len_phases=64:0.3,128",),  # costed as 128-token rows: a 64-token row is a little cheaper
+    "stable": ("optim.name=stable_adamw",),
+    "sqrt": ("optim.decay_shape=1-sqrt",),
 }
 
 
