@@ -4,6 +4,10 @@ Each run trains in its own process (OMP_NUM_THREADS=1, at most --jobs at once) f
 M idle minutes of the baseline (tokens = M × 60 × --base-rate × the shape's rate relative to the baseline, from
 --rate), then scores the held-out text at the fixed evaluation mask (eval.*: 15%, seed 1234). Quality at a token
 budget does not depend on the machine's load; minutes do, so they come only through the measured rate ratios.
+
+--wall trains for M real minutes instead (train.max_minutes, one run at a time at --threads): the check that the
+token budgets' rate ratios hold, and the only honest number on a machine whose speed drifts. It needs an idle
+machine; run the variants interleaved (the order given, repeated per budget) so that a drift falls on all of them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ KJV_HELD_EVERY = 12
 VARIANTS = {
     "base": (),
     "lr5e-4": ("optim.lr=5e-4",),
+    "lr7e-4": ("optim.lr=7e-4",),
+    "lr1.5e-3": ("optim.lr=1.5e-3",),
     "lr2e-3": ("optim.lr=2e-3",),
     "lr3e-3": ("optim.lr=3e-3",),
     "lr4e-3": ("optim.lr=4e-3",),
@@ -48,6 +54,7 @@ VARIANTS = {
     "mask0.2": ("masking.mask_rate=0.2",),
     "wd0.1": ("optim.weight_decay=0.1",),
     "wd0": ("optim.weight_decay=0",),
+    "beta95": ("optim.betas=[0.9,0.95]",),
     "L2": ("model.layers=2",),
     "L6": ("model.layers=6",),
     "H192": ("model.hidden=192", "model.heads=3", "model.intermediate=288"),
@@ -173,17 +180,20 @@ def run_one(a) -> dict:
         decay = next((float(o.split("=")[1]) for o in overrides if o.startswith("optim.decay_fraction=")), 0.2)
         common += ["optim.warmup_steps=10", f"optim.decay_fraction={min(1.0, decay / (1 - phase)):.4f}"]
         init, tokens = run_dir / "p1", a.tokens - t1
-    res = _train(train_dir, run_dir / "run", [*common, f"train.max_tokens={tokens}"], init_from=init)
+    budget = f"train.max_minutes={a.minutes:g}" if a.wall else f"train.max_tokens={tokens}"
+    res = _train(train_dir, run_dir / "run", [*common, budget], init_from=init)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     model, cfg, tok = _load_model(run_dir / "run")
     held = open_data_dir(held_dir)
     ev = evaluate(model, held.open("train"), cfg.eval, special_ids(tok), held.vocab_size)
     curves = work / "curves"  # the training curve outlives the run dir (the weights do not: disk)
     curves.mkdir(exist_ok=True)
-    shutil.copy(run_dir / "run" / "metrics.jsonl", curves / f"{a.corpus}-{a.name}-m{a.minutes:g}-s{a.seed}.jsonl")
+    kind = "w" if a.wall else "m"
+    shutil.copy(run_dir / "run" / "metrics.jsonl", curves / f"{a.corpus}-{a.name}-{kind}{a.minutes:g}-s{a.seed}.jsonl")
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"variant": a.name, "overrides": a.overrides, "seed": a.seed, "corpus": a.corpus, "minutes": a.minutes,
-            "tokens": a.tokens, "steps": int(res["step"]), "loss": ev["loss"], "accuracy": ev["accuracy"],
+            "tokens": int(res["tokens"]) if a.wall else a.tokens, "wall": bool(a.wall), "steps": int(res["step"]),
+            "loss": ev["loss"], "accuracy": ev["accuracy"],
             "eval_tokens": ev["tokens"], "wall_s": wall, "cpu_s": cpu}
 
 
@@ -246,18 +256,21 @@ def parse_variant(spec: str) -> tuple[str, tuple]:
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: one row per (corpus, minutes, variant), seeds averaged, Δ against base at the same budget."""
+    """Markdown: one row per (corpus, budget, variant), seeds averaged, Δ against base at the same budget; a --wall
+    budget (real minutes, its tokens as reached) is its own group."""
     groups: dict[tuple, list] = {}
     for r in results:
-        groups.setdefault((r["corpus"], r["minutes"], r["variant"]), []).append(r)
-    base = {(c, m): sum(x["loss"] for x in g) / len(g) for (c, m, v), g in groups.items() if v == "base"}
-    lines = ["| corpus | idle min | variant | tokens | steps | seeds | held-out loss | Δ vs base |",
+        groups.setdefault((r["corpus"], bool(r.get("wall")), r["minutes"], r["variant"]), []).append(r)
+    base = {k[:3]: sum(x["loss"] for x in g) / len(g) for k, g in groups.items() if k[3] == "base"}
+    lines = ["| corpus | budget | variant | tokens | steps | seeds | held-out loss | Δ vs base |",
              "|---|---|---|---|---|---|---|---|"]
-    for (c, m, v), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "base", kv[0][2])):
+    for k, g in sorted(groups.items(), key=lambda kv: (*kv[0][:3], kv[0][3] != "base", kv[0][3])):
         mean = sum(x["loss"] for x in g) / len(g)
         losses = "/".join(f"{x['loss']:.3f}" for x in sorted(g, key=lambda x: x["seed"]))
-        d = f"{mean - base[(c, m)]:+.3f}" if (c, m) in base and v != "base" else ""
-        lines.append(f"| {c} | {m:g} | {v} | {g[0]['tokens']:,} | {g[0]['steps']:,} | {len(g)} | {mean:.3f} ({losses}) | {d} |")
+        d = f"{mean - base[k[:3]]:+.3f}" if k[:3] in base and k[3] != "base" else ""
+        budget = f"{k[2]:g} min" + (" wall" if k[1] else " idle-equiv.")
+        tokens = sum(x["tokens"] for x in g) // len(g)
+        lines.append(f"| {k[0]} | {budget} | {k[3]} | {tokens:,} | {g[0]['steps']:,} | {len(g)} | {mean:.3f} ({losses}) | {d} |")
     return "\n".join(lines)
 
 
@@ -269,7 +282,7 @@ def plan_jobs(a, variants: dict[str, tuple]) -> list[dict]:
         for seed in a.seeds:
             for name, ov in variants.items():
                 rel = rates.get(shape_key(ov), 1.0)
-                if shape_key(ov) not in rates and shape_key(ov) != "base":
+                if shape_key(ov) not in rates and shape_key(ov) != "base" and not a.wall:
                     print(f"note: no rate for {shape_key(ov)}: budget at the baseline's rate")
                 tokens = int(m * 60 * a.base_rate * rel)
                 jobs.append({"name": name, "overrides": list(ov), "seed": seed, "minutes": m, "tokens": tokens})
@@ -285,8 +298,9 @@ def run_jobs(a, jobs: list[dict], results_path: Path) -> None:
     while jobs or running:
         while jobs and len(running) < a.jobs:
             j = jobs.pop(0)
-            log = open(logs / f"{j['name']}-m{j['minutes']:g}-s{j['seed']}-{a.corpus}.log", "w")
-            cmd = [sys.executable, __file__, "--one", json.dumps({**j, "corpus": a.corpus}), "--work", a.work,
+            kind = "w" if a.wall else "m"
+            log = open(logs / f"{j['name']}-{kind}{j['minutes']:g}-s{j['seed']}-{a.corpus}.log", "w")
+            cmd = [sys.executable, __file__, "--one", json.dumps({**j, "corpus": a.corpus, "wall": a.wall}), "--work", a.work,
                    "--results", str(results_path), "--threads", str(a.threads), "--corpus", a.corpus]
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), j))
             print(f"started {j['name']} ({j['minutes']:g} min = {j['tokens']:,} tokens, seed {j['seed']})", flush=True)
@@ -307,6 +321,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--base-rate", type=float, default=BASE_RATE, help="baseline tokens/s, idle, 2 threads")
     p.add_argument("--rates", default=None, help="JSON of shape -> rate relative to base (--rate writes it); else 1.0")
+    p.add_argument("--wall", action="store_true",
+                   help="train M real minutes (train.max_minutes), one run at a time: an idle machine only")
     p.add_argument("--rate", action="store_true", help="measure the variants' rates (interleaved with base) only")
     p.add_argument("--rate-steps", type=int, default=25)
     p.add_argument("--rate-reps", type=int, default=2)
@@ -330,6 +346,10 @@ def main(argv=None):
         print(table([json.loads(x) for x in results_path.read_text().splitlines() if x.strip()]))
         return
     variants = dict(parse_variant(s) for s in a.variants)
+    if a.wall:
+        if any(any(o.startswith("phase64") for o in ov) for ov in variants.values()):
+            raise SystemExit("budget.py: --wall does not run phase64 variants (two trainings); use train.seq_len_phases")
+        a.jobs = 1  # minutes are only honest with nothing else running
     build_data(a.corpus, Path(a.work), 128)  # once, before children race for it
     if any(any(o.startswith("phase64") for o in ov) for ov in variants.values()):
         build_data(a.corpus, Path(a.work), 64)

@@ -155,6 +155,31 @@ def test_a_given_lr_runs_no_sweep(model, tmp_path):
     assert r["lr"] == 1e-3 and r["lr_sweep"] is None
 
 
+@pytest.mark.parametrize("family,own", [("bert", 0.1), ("modern", 0.0), ("modern", 0.2)])
+def test_default_dropout_is_the_models_own_as_transformers_loads_it(family, own):
+    """finetune.dropout=auto (the default) takes model.dropout, what transformers reads from config.json; a number
+    overrides it for every dropout of the task model (hidden, attention, classifier)."""
+    mcfg = ModelConfig(family=family, vocab_size=64, hidden=32, layers=1, heads=2, intermediate=48,
+                       max_positions=64, dropout=own, attention_dropout=own)
+    for overrides, want in (([], own), (["finetune.dropout=0.3"], 0.3)):
+        fcfg = load_finetune_config(overrides)
+        m = TaskModel(mcfg, get_task("classify"), 2, fcfg.dropout_for(mcfg))
+        drops = {mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)}
+        assert drops == {want} and m.cfg.attention_dropout == want, (overrides, drops)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_default_precision_is_bf16_on_a_cpu_that_runs_it(monkeypatch, supported):
+    import maskedlm.finetune as ft
+
+    monkeypatch.setattr(ft, "_cpu_bf16", lambda: supported)
+    with ft._autocast(load_finetune_config([]), torch.device("cpu")):
+        y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
+    assert y.dtype == (torch.bfloat16 if supported else torch.float32)
+    with ft._autocast(load_finetune_config(["finetune.precision=fp32"]), torch.device("cpu")):
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------------ padding
 @pytest.mark.parametrize("family", ["bert", "modern"])
 def test_length_sorted_batches_give_the_logits_of_full_padding_in_file_order(family):

@@ -40,9 +40,17 @@ MAX_SEEDS = 100  # --seeds: each is a whole run; 1000 would run for days where a
 CHECK_TOLERANCE = 1e-4  # DIR/best/ against transformers' logits, as `export` checks: a wrong key map is far above it
 
 
+def _cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (AVX-512 or newer); a torch without the query counts as no."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _autocast(fcfg: FinetuneConfig, device: torch.device):
-    bf16 = fcfg.precision == "bf16" or (fcfg.precision == "auto" and device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported())
+    auto = {"cuda": lambda: torch.cuda.is_bf16_supported(), "cpu": _cpu_bf16}.get(device.type, lambda: False)
+    bf16 = fcfg.precision == "bf16" or (fcfg.precision == "auto" and auto())
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
@@ -93,7 +101,7 @@ def _step(stepper: OptimizerStep, model, step: int, batch, task, autocast) -> fl
 
 def _setup_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, total: int):
     """A fresh task model for `seed`, its DDP wrapper, and the optimizer step: AdamW, warmup + linear decay."""
-    model = TaskModel.from_mlm(net, data.task, data.task.outputs(data.names), fcfg.dropout, seed).to(device)
+    model = TaskModel.from_mlm(net, data.task, data.task.outputs(data.names), fcfg.dropout_for(net.cfg), seed).to(device)
     sync = dist.wrap_model(model, "ddp")  # under torchrun each rank takes its share of every batch; else the model
     ocfg = OptimConfig(lr=fcfg.lr, weight_decay=fcfg.weight_decay, schedule="linear",
                        warmup_steps=int(fcfg.warmup_fraction * total), clip_grad_norm=1.0)
@@ -166,7 +174,7 @@ def train_seed(net, data: TaskData, fcfg: FinetuneConfig, seed: int, device, log
 
 
 def _model_for(net, data, fcfg, state) -> TaskModel:
-    model = TaskModel.from_mlm(net, data.task, data.task.outputs(data.names), fcfg.dropout, 0)
+    model = TaskModel.from_mlm(net, data.task, data.task.outputs(data.names), fcfg.dropout_for(net.cfg), 0)
     model.load_state_dict(state)
     return model.eval()
 
