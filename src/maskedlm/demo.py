@@ -50,19 +50,16 @@ class _Mode:
     overrides: tuple[str, ...] = ()
 
 
-# Full: modern-mini (the ModernBERT recipe at bert-mini size: 4 layers, hidden 256, pre-LN, GeGLU, RoPE, 30% masking)
-# with an 8k WordPiece vocabulary — the corpus is ~1.3M tokens, so a larger vocabulary would leave most rows of the
-# embedding matrix nearly untrained in 5 minutes. Not bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the
-# unigram plateau (every mask gets the same top-5 by frequency), while modern-mini leaves it within 100-150 steps
-# although each of its steps is ~20% slower on a CPU (fixed-step runs at 1 thread, 2 seeds each, held-out loss at 1M
-# tokens: bert-mini 6.34-6.52, modern-mini 4.99-5.02; modern-mini at 2.4M tokens 4.19-4.21; docs/runs.md; all at 32
-# rows per step, before the preset moved to 16).
-# Minutes on a CPU are hundreds of steps, unknown in advance: warmup is 30 steps rather than the preset's 100, and the
-# schedule is warmup-stable-decay as the preset's (peak LR until the last 20% of the time; Hu et al. 2024, MiniCPM)
-# rather than a linear decay from the first second (bert-mini, 2-minute runs on a shared CPU: held-out loss 8.44 with
-# wsd vs 8.69 linear at equal steps).
-_SHORT_BUDGET = ("optim.warmup_steps=30", "optim.schedule=wsd")
-FULL = _Mode("full", "modern-mini", 8000, 128, 5.0, 0, 0, 6, 40, _SHORT_BUDGET)
+# Full: `--config auto` (autoshape.py): modern-mini's recipe (the ModernBERT recipe at bert-mini size: pre-LN, GeGLU,
+# RoPE, 30% masking) at the width its rule picks for the budget on this machine, 16 rows per step, 30 warmup steps and
+# warmup-stable-decay (peak LR until the last 20% of the time; Hu et al. 2024, MiniCPM), because minutes on a CPU are
+# hundreds of steps, unknown in advance. On an idle 2-core CPU the rule picks hidden 192 for 5 minutes: in 5 real
+# minutes it reached 3.87 nats on the held-out play against 3.96 for modern-mini's 256 at 16 rows and 3.99 for the
+# demo's earlier modern-mini at 32 rows (bench/RESULTS.md, "Quality per compute"). An 8k WordPiece vocabulary: the corpus is
+# ~1.3M tokens, so a larger one would leave most rows of the embedding matrix nearly untrained in 5 minutes. Not
+# bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the unigram plateau (every mask gets the same top-5 by
+# frequency), while modern-mini leaves it within 100-150 steps (docs/runs.md).
+FULL = _Mode("full", "auto", 8000, 128, 5.0, 0, 0, 6, 40)
 # Quick (CI, under a minute): the tiny preset, six works, 2k vocabulary, 15 seconds of training.
 QUICK = _Mode("quick", "tiny", 2000, 64, 0.25, 6, 64, 3, 8, ("optim.schedule=wsd",))
 
@@ -289,23 +286,23 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
         ecfg = replace(ecfg, max_rows=mode.eval_rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    before = _evaluate_untrained(cfg, held, ecfg, special, vocab_size, device)
-
     run_dir = _fresh_run_dir(out, mode.name)
-    print(f"training {mode.preset} for {minutes:g} minutes into {run_dir}")
+    what = "--config auto (a shape for the budget, measured here)" if mode.preset == "auto" else mode.preset
+    print(f"training {what} for {minutes:g} minutes into {run_dir}")
     result = train(config=mode.preset, data=train_dir, out=run_dir, overrides=overrides)
     tokens_per_s = result["tokens"] / max(result["elapsed_s"], 1e-9)
     print(f"trained {result['step']:,} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f} s: "
           f"{tokens_per_s:,.0f} tokens/s")
 
     model, run_cfg, run_tok = load_any_model(run_dir, device=device)
+    # After training: with --config auto the run's shape is known only now (the run's config).
+    before = _evaluate_untrained(run_cfg, held, ecfg, special, vocab_size, device)
     after = evaluate(model, held, ecfg, special, vocab_size, device=device)
-    print(_metrics_line("held-out play, untrained", before))
     print(_metrics_line(f"held-out play, after {result['elapsed_s']:.0f} s of training", after))
 
     shown = _show_fills((model, run_cfg, run_tok), held_out, mode.fill_lines)
     untrained = MaskedLM(run_cfg.model)
-    untrained.init_weights(cfg.train.seed)  # the weights training started from
+    untrained.init_weights(run_cfg.train.seed)  # the weights training started from
     probe = _genre_probe(texts, run_dir, untrained, model, run_tok, mode, device)
 
     summary = {
