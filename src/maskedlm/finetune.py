@@ -49,8 +49,10 @@ def _cpu_bf16() -> bool:
 
 
 def _autocast(fcfg: FinetuneConfig, device: torch.device):
-    auto = {"cuda": lambda: torch.cuda.is_bf16_supported(), "cpu": _cpu_bf16}.get(device.type, lambda: False)
-    bf16 = fcfg.precision == "bf16" or (fcfg.precision == "auto" and auto())
+    if fcfg.precision == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and _cpu_bf16()
+    else:
+        bf16 = fcfg.precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
