@@ -38,8 +38,6 @@ KJV_HELD_EVERY = 12
 VARIANTS = {
     "base": (),
     "lr5e-4": ("optim.lr=5e-4",),
-    "lr7e-4": ("optim.lr=7e-4",),
-    "lr1.5e-3": ("optim.lr=1.5e-3",),
     "lr2e-3": ("optim.lr=2e-3",),
     "lr3e-3": ("optim.lr=3e-3",),
     "lr4e-3": ("optim.lr=4e-3",),
@@ -54,7 +52,6 @@ VARIANTS = {
     "mask0.2": ("masking.mask_rate=0.2",),
     "wd0.1": ("optim.weight_decay=0.1",),
     "wd0": ("optim.weight_decay=0",),
-    "beta95": ("optim.betas=[0.9,0.95]",),
     "L2": ("model.layers=2",),
     "L6": ("model.layers=6",),
     "H192": ("model.hidden=192", "model.heads=3", "model.intermediate=288"),
