@@ -168,11 +168,15 @@ def pick_fill_lines(text: str, tokenizer, n: int, seed: int = 0) -> list[tuple[s
     return out
 
 
-def _evaluate_untrained(cfg, held, ecfg, special, vocab_size: int, device: str) -> dict:
-    """Held-out metrics of the very weights train() starts from (it initialises with init_weights(train.seed) too)."""
+def _untrained(cfg, device: str) -> MaskedLM:
+    """The very weights train() starts from (it initialises with init_weights(train.seed) too)."""
     untrained = MaskedLM(cfg.model)
     untrained.init_weights(cfg.train.seed)
-    untrained.to(device)
+    return untrained.to(device)
+
+
+def _evaluate_untrained(untrained, held, ecfg, special, vocab_size: int, device: str) -> dict:
+    """Held-out metrics of the untrained weights, next to chance."""
     before = evaluate(untrained, held, ecfg, special, vocab_size, device=device)
     print(_metrics_line("held-out play, untrained", before))
     print(f"  (chance: a uniform guess over {vocab_size:,} tokens is {torch.log(torch.tensor(float(vocab_size))):.2f} nats, "
@@ -296,13 +300,12 @@ def run_demo(minutes: float | None = None, quick: bool = False, out="demo_out") 
 
     model, run_cfg, run_tok = load_any_model(run_dir, device=device)
     # After training: with --config auto the run's shape is known only now (the run's config).
-    before = _evaluate_untrained(run_cfg, held, ecfg, special, vocab_size, device)
+    untrained = _untrained(run_cfg, device)
+    before = _evaluate_untrained(untrained, held, ecfg, special, vocab_size, device)
     after = evaluate(model, held, ecfg, special, vocab_size, device=device)
     print(_metrics_line(f"held-out play, after {result['elapsed_s']:.0f} s of training", after))
 
     shown = _show_fills((model, run_cfg, run_tok), held_out, mode.fill_lines)
-    untrained = MaskedLM(run_cfg.model)
-    untrained.init_weights(run_cfg.train.seed)  # the weights training started from
     probe = _genre_probe(texts, run_dir, untrained, model, run_tok, mode, device)
 
     summary = {
