@@ -80,7 +80,7 @@ def test_choose_measures_only_until_a_shape_falls_short(data, monkeypatch):
     line = autoshape.choose(cfg, load_config("auto"), open_data_dir(data), fake_rate)
     # 3 minutes: H256 10.8M tokens, 4.85 per parameter; H384 180k, 0.02
     assert measured == [192, 256, 384] and (cfg.model.hidden, cfg.model.heads, cfg.model.intermediate) == (256, 4, 384)
-    assert (cfg.train.global_batch_rows, cfg.train.micro_batch_rows, cfg.optim.lr) == (16, 16, 1e-3)
+    assert (cfg.train.global_batch_rows, cfg.train.micro_batch_rows, cfg.optim.name, cfg.optim.lr) == (32, 32, "muon", 4e-3)
     assert "chose H256/L4" in line and "measured rates" in line
 
 
@@ -91,14 +91,16 @@ def test_cli_auto_with_a_tiny_budget_trains_the_chosen_shape_and_resume_keeps_it
     printed = capsys.readouterr().out
     assert "auto shape: H192/L4 trains" in printed and "chose H192/L4" in printed
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["model"]["hidden"], cfg["model"]["layers"], cfg["train"]["global_batch_rows"]) == (192, 4, 16)
+    assert (cfg["model"]["hidden"], cfg["model"]["layers"], cfg["train"]["global_batch_rows"]) == (192, 4, 32)
+    assert cfg["optim"]["name"] == "muon"
     assert cfg["train"]["auto_shape"] is True
     main(["train", "--config", "auto", "--resume", "--data", str(data), "--out", str(out), "train.max_minutes=0.02", *QUIET])
     assert "auto shape" not in capsys.readouterr().out  # the stored shape, no new calibration
     assert json.loads((out / "config.json").read_text())["model"]["hidden"] == 192
 
 
-@pytest.mark.parametrize("override", ["model.hidden=128", "optim.lr=3e-3", "train.global_batch_rows=64"])
+@pytest.mark.parametrize("override", ["model.hidden=128", "optim.lr=3e-3", "train.global_batch_rows=64",
+                                      "optim.name=stable_adamw"])
 def test_an_override_of_what_auto_chooses_is_refused_in_one_line(data, tmp_path, capsys, override):
     with pytest.raises(SystemExit) as e:
         main(["train", "--config", "auto", "--data", str(data), "--out", str(tmp_path / "r"), "train.max_steps=2", override])

@@ -129,7 +129,7 @@ def test_1_sqrt_differs_from_linear():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("optim.name=sgd", "optim.name must be adamw or stable_adamw, got 'sgd'"),
+    ("optim.name=sgd", "optim.name must be adamw, stable_adamw or muon, got 'sgd'"),
     ("optim.decay_shape=sqrt", "optim.decay_shape must be linear, cosine or 1-sqrt, got 'sqrt'"),
     ("optim.decay_shape=1-sqrt", "optim.decay_shape shapes the decay phase of optim.schedule=wsd"),
 ])

@@ -1,8 +1,9 @@
 """`--config auto` (train.auto_shape): a model shape, batch and learning rate for the run's budget on this machine.
 
 A time budget is turned into tokens with each candidate's step rate, measured here for a few seconds; then the rule
-picks the largest candidate that the budget gives at least TOKENS_PER_PARAM tokens per non-embedding parameter. The
-rule and the runs behind it are in docs/design.md, "A shape for the budget".
+picks the largest candidate that the budget gives at least TOKENS_PER_PARAM tokens per non-embedding parameter, and
+trains it with the short-budget recipe below (Muon, 32 rows per step, lr 4e-3, warmup-stable-decay). The rule and the
+runs behind it are in docs/design.md, "A shape for the budget".
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ CANDIDATES = ((192, 4), (256, 4), (384, 6), (512, 8))  # (hidden, layers)
 # minutes' worth of tokens, and 1.32 in 5 real idle minutes at 2 threads: 3.872 against 3.961 nats): the threshold
 # must be above those. 4 is the least round value that agrees; nothing above was measured.
 TOKENS_PER_PARAM = 4.0
-ROWS = 16  # rows per optimizer step: 16 beat 32 and 8 at 1-2 idle minutes (the same runs)
-LR = 1e-3  # 3e-3 stayed on the unigram plateau (+0.85 nats at 1 idle minute)
+# The optimizer, rows per step and LR: Muon (AdamW for embeddings and norms) at 32 rows and lr 4e-3 beat AdamW at 16
+# rows and lr 1e-3 (the best AdamW recipe: 16 rows beat 32 and 8, 1e-3 beat 7e-4 and 2e-3) by 0.14 nats in 5 real
+# idle minutes at 2 threads, and Muon at 16 rows by 0.08: its Newton-Schulz step costs the same at any batch, so 32
+# rows pay it half as often per token (bench/RESULTS.md "Quality per compute", phase 7).
+OPTIMIZER = "muon"
+ROWS = 32
+LR = 4e-3  # Muon at H192, 16 rows, 2 minutes of tokens: 4e-3 beat 1e-3 (+0.37), 2e-3 (+0.10) and 8e-3 (+0.11)
 WARMUP_STEPS = 30  # the demo's short-budget warmup, with the warmup-stable-decay schedule
 CALIBRATE_SECONDS = 3.0  # per candidate; at least MIN_TIMED steps after one untimed step
 MIN_TIMED = 2
 # The keys the rule sets; an override of any of them next to auto_shape would be silently replaced, so it is refused.
 AUTO_KEYS = ("model.hidden", "model.heads", "model.intermediate", "model.layers", "train.global_batch_rows",
-             "train.micro_batch_rows", "optim.lr", "optim.warmup_steps", "optim.schedule")
+             "train.micro_batch_rows", "optim.name", "optim.lr", "optim.warmup_steps", "optim.schedule")
 
 
 @dataclass
@@ -81,7 +87,7 @@ def apply(cfg, shape: Shape) -> None:
     m, t, o = cfg.model, cfg.train, cfg.optim
     m.hidden, m.layers, m.heads, m.intermediate = shape.hidden, shape.layers, shape.heads, shape.intermediate
     t.global_batch_rows = t.micro_batch_rows = ROWS
-    o.lr, o.warmup_steps, o.schedule = LR, WARMUP_STEPS, "wsd"
+    o.name, o.lr, o.warmup_steps, o.schedule = OPTIMIZER, LR, WARMUP_STEPS, "wsd"
 
 
 def _check_can_choose(cfg, preset_cfg, init_from: bool) -> None:
@@ -117,5 +123,5 @@ def choose(cfg, preset_cfg, data, measure_rate: Callable, init_from: bool = Fals
     apply(cfg, chosen)
     cfg.validate()
     source = "measured rates over max_minutes" if rates else "the budget in tokens, no calibration needed"
-    return (f"auto shape ({source}): {why}; {ROWS} rows per step, lr {LR:g}, warmup {WARMUP_STEPS} steps, wsd "
-            f"(rule: docs/design.md, 'A shape for the budget')")
+    return (f"auto shape ({source}): {why}; {ROWS} rows per step, optim {OPTIMIZER}, lr {LR:g}, warmup {WARMUP_STEPS} "
+            f"steps, wsd (rule: docs/design.md, 'A shape for the budget')")

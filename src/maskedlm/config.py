@@ -186,7 +186,7 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        _check(self.name in ("adamw", "stable_adamw"), f"optim.name must be adamw or stable_adamw, got {self.name!r}")
+        _check(self.name in ("adamw", "stable_adamw", "muon"), f"optim.name must be adamw, stable_adamw or muon, got {self.name!r}")
         _check(self.schedule in ("linear", "cosine", "constant", "wsd"), f"optim.schedule must be linear, cosine, constant or wsd, got {self.schedule!r}")
         _check(self.decay_shape in ("linear", "cosine", "1-sqrt"), f"optim.decay_shape must be linear, cosine or 1-sqrt, got {self.decay_shape!r}")
         _check(self.decay_shape == "linear" or self.schedule == "wsd",

@@ -51,14 +51,15 @@ class _Mode:
 
 
 # Full: `--config auto` (autoshape.py): modern-mini's recipe (the ModernBERT recipe at bert-mini size: pre-LN, GeGLU,
-# RoPE, 30% masking) at the width its rule picks for the budget on this machine, 16 rows per step, 30 warmup steps and
-# warmup-stable-decay (peak LR until the last 20% of the time; Hu et al. 2024, MiniCPM), because minutes on a CPU are
-# hundreds of steps, unknown in advance. On an idle 2-core CPU the rule picks hidden 192 for 5 minutes: in 5 real
-# minutes it reached 3.87 nats on the held-out play against 3.96 for modern-mini's 256 at 16 rows and 3.99 for the
-# demo's earlier modern-mini at 32 rows (bench/RESULTS.md, "Quality per compute"). An 8k WordPiece vocabulary: the corpus is
-# ~1.3M tokens, so a larger one would leave most rows of the embedding matrix nearly untrained in 5 minutes. Not
-# bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the unigram plateau (every mask gets the same top-5 by
-# frequency), while modern-mini leaves it within 100-150 steps (docs/runs.md).
+# RoPE, 30% masking) at the width its rule picks for the budget on this machine, trained with Muon (AdamW for embeddings
+# and norms) at 32 rows per step and lr 4e-3, 30 warmup steps and warmup-stable-decay (peak LR until the last 20% of
+# the time; Hu et al. 2024, MiniCPM), because minutes on a CPU are hundreds of steps, unknown in advance. On an idle
+# 2-core CPU the rule picks hidden 192 for 5 minutes: in 5 real minutes that reached 3.77 nats on the held-out play
+# against 3.91 with AdamW at 16 rows and 3.99 for the demo's earlier modern-mini at 32 rows (bench/RESULTS.md, "Quality
+# per compute"). An 8k WordPiece vocabulary: the corpus is ~1.3M tokens, so a larger one would leave most rows of the
+# embedding matrix nearly untrained in 5 minutes. Not bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the
+# unigram plateau (every mask gets the same top-5 by frequency), while modern-mini leaves it within 100-150 steps
+# (docs/runs.md).
 FULL = _Mode("full", "auto", 8000, 128, 5.0, 0, 0, 6, 40)
 # Quick (CI, under a minute): the tiny preset, six works, 2k vocabulary, 15 seconds of training.
 QUICK = _Mode("quick", "tiny", 2000, 64, 0.25, 6, 64, 3, 8, ("optim.schedule=wsd",))

@@ -267,7 +267,7 @@ def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, _optimizers(optimizer), options=opts)
 
 
 def load_model_state(model: torch.nn.Module, state: dict) -> None:
@@ -284,7 +284,13 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
     """The inverse of full_state_dicts for the optimizer: every rank passes the full state; FSDP2 keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, _optimizers(optimizer), state, options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizers(optimizer) -> tuple:
+    """The torch optimizers behind one (optim.MuonAdamW holds two), as torch's state-dict functions take them: their
+    state keyed by parameter name, one file for both."""
+    return tuple(getattr(optimizer, "optimizers", (optimizer,)))
 
 
 def shutdown() -> None:

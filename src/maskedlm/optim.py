@@ -1,4 +1,4 @@
-"""Parameter groups, AdamW (or StableAdamW), learning-rate and batch schedules.
+"""Parameter groups, AdamW (or StableAdamW, or Muon with AdamW), learning-rate and batch schedules.
 
 Weight decay applies to weight matrices only: biases, norms and embeddings are left alone unless configured. The LR and
 the batch plan (rows and row length per step) are pure functions of the step and the config, so resuming needs only the
@@ -96,15 +96,67 @@ class StableAdamW(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """optim.name: AdamW, fused where the device supports it (one kernel for all tensors), else the multi-tensor
-    (foreach) path; or StableAdamW."""
+    (foreach) path; StableAdamW; or Muon for the encoder's matrices with AdamW for the rest (MuonAdamW)."""
+    if cfg.name == "muon":
+        return MuonAdamW(model, cfg)
     groups = param_groups(model, cfg)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "stable_adamw":
-        return StableAdamW(groups, **kwargs)
+        return StableAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return adamw(groups, cfg)
+
+
+def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # fused unsupported on this device/dtype
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class MuonAdamW:
+    """optim.name=muon: Muon for the encoder's matrices (the weights of its nn.Linear layers), AdamW for the rest
+    (embeddings, the decoder, norms, biases), under one LR schedule.
+
+    Muon (Jordan et al. 2024; torch.optim.Muon) replaces each matrix's momentum-averaged gradient by its nearest
+    semi-orthogonal matrix (five Newton-Schulz iterations) before the step, so every direction of the matrix moves at
+    the same rate. With Moonshot's scaling ("Muon is Scalable for LLM Training", Liu et al. 2025: the update's RMS
+    matched to AdamW's, `adjust_lr_fn="match_rms_adamw"`) optim.lr and optim.weight_decay mean what they mean for
+    AdamW. Embedding and output rows are looked up one token at a time, not used as one linear map, and take AdamW, as
+    Muon's authors advise. The matrices must be whole on every rank: FSDP2's shards are refused.
+
+    Two torch optimizers behind one interface: `param_groups` lists both optimizers' groups, which the schedule sets
+    to one LR (a higher LR for the matrices alone did no better: bench/RESULTS.md), and `optimizers` hands both to
+    torch's distributed state-dict functions, which key their state by parameter name: one file, resumed exactly.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig):
+        linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+        groups = param_groups(model, cfg)
+        matrices = [p for g in groups for p in g["params"] if id(p) in linear and p.ndim == 2]
+        # An FSDP2 shard is a DTensor (it has full_tensor); asked here rather than via distributed.is_sharded, because
+        # optim.py sits below the ranks layer and imports nothing from it.
+        if any(hasattr(p, "full_tensor") for p in matrices):
+            raise UserError("optim.name=muon orthogonalises whole matrices and cannot step FSDP2's shards; use "
+                            "train.parallel=ddp (or optim.name=adamw)")
+        taken = {id(p) for p in matrices}
+        rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in groups]
+        self.muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.adamw = adamw([g for g in rest if g["params"]], cfg)
+        self.optimizers = (self.muon, self.adamw)
+        self.defaults: dict = {}  # not fused as a whole: OptimizerStep reads a bad step's flag on the host and skips
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read through each time: loading a state dict replaces an optimizer's group dicts with new ones
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
 
 
 class Schedule:
