@@ -76,6 +76,7 @@ VARIANTS = {
     "stable": ("optim.name=stable_adamw",),
     "muon": ("optim.name=muon",),
     "muon2e-3": ("optim.name=muon", "optim.lr=2e-3"),
+    "muon3e-3": ("optim.name=muon", "optim.lr=3e-3"),
     "muon4e-3": ("optim.name=muon", "optim.lr=4e-3"),
     "muon8e-3": ("optim.name=muon", "optim.lr=8e-3"),
     "muon6e-3": ("optim.name=muon", "optim.lr=6e-3"),
