@@ -4,18 +4,16 @@ refusal of FSDP2 shards."""
 
 import copy
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_data import make_data
+from train_data import eight_steps_and_a_resume_from_the_fourth
 
 from maskedlm.config import load_config
 from maskedlm.errors import UserError
 from maskedlm.model import MaskedLM
 from maskedlm.optim import MuonAdamW, build_optimizer, param_groups, set_lr
-from maskedlm.train import train
 
 
 def _model(*overrides):
@@ -83,19 +81,11 @@ def test_muon_refuses_fsdp2_shards():
 
 def test_a_muon_run_resumes_bit_identically(tmp_path):
     """Both optimizers' state (Muon's momentum, AdamW's moments) goes through one checkpoint file and back."""
-    data = make_data(tmp_path / "data", rows=64, val_rows=0, seq_len=32, words=40, cluster=4)
-    args = ["model.family=modern", "optim.name=muon", "train.max_steps=8", "checkpoint.every_steps=4",
-            "checkpoint.keep=5", "train.log_every_steps=1000", "eval.every_steps=0", "train.precision=fp32"]
-    train("tiny", data, tmp_path / "full", args)
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / "step_0000008")
-    (cut / "checkpoints" / "latest").write_text("step_0000004\n")
-    train(None, data, cut, resume=True)
+    full, cut = eight_steps_and_a_resume_from_the_fourth(tmp_path, ["model.family=modern", "optim.name=muon"])
     assert json.loads((cut / "config.json").read_text())["optim"]["name"] == "muon"
-    a, b = (load_file(str(r / "checkpoints" / "step_0000008" / "model.safetensors")) for r in (tmp_path / "full", cut))
+    a, b = (load_file(str(r / "checkpoints" / "step_0000008" / "model.safetensors")) for r in (full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the file holds both optimizers' state, keyed by parameter name: Muon's momentum and AdamW's moments
-    state = torch.load(tmp_path / "full" / "checkpoints" / "step_0000004" / "optimizer.pt", weights_only=True)["state"]
+    state = torch.load(full / "checkpoints" / "step_0000004" / "optimizer.pt", weights_only=True)["state"]
     assert {k for k, v in state.items() if "momentum_buffer" in v} >= {"encoder.blocks.0.attn.qkv.weight"}
     assert "exp_avg" in state["encoder.tok_embeddings.weight"]

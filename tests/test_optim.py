@@ -3,17 +3,15 @@ the WSD decay shapes against their closed forms, and their config checks."""
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_data import make_data
+from train_data import eight_steps_and_a_resume_from_the_fourth
 
 from maskedlm.config import OptimConfig, load_config
 from maskedlm.errors import UserError
 from maskedlm.optim import Schedule, StableAdamW, build_optimizer
-from maskedlm.train import train
 
 LR, BETAS, EPS, WD = 0.01, (0.9, 0.98), 1e-6, 0.1
 
@@ -88,17 +86,9 @@ def test_optim_name_builds_stable_adamw():
 
 def test_a_stable_adamw_run_resumes_bit_identically(tmp_path):
     """Its state (moments, step) goes through the checkpoint as AdamW's does."""
-    data = make_data(tmp_path / "data", rows=64, val_rows=0, seq_len=32, words=40, cluster=4)
-    args = ["optim.name=stable_adamw", "train.max_steps=8", "checkpoint.every_steps=4", "checkpoint.keep=5",
-            "train.log_every_steps=1000", "eval.every_steps=0", "train.precision=fp32"]
-    train("tiny", data, tmp_path / "full", args)
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / "step_0000008")
-    (cut / "checkpoints" / "latest").write_text("step_0000004\n")
-    train(None, data, cut, resume=True)
+    full, cut = eight_steps_and_a_resume_from_the_fourth(tmp_path, ["optim.name=stable_adamw"])
     assert json.loads((cut / "config.json").read_text())["optim"]["name"] == "stable_adamw"
-    a, b = (load_file(str(r / "checkpoints" / "step_0000008" / "model.safetensors")) for r in (tmp_path / "full", cut))
+    a, b = (load_file(str(r / "checkpoints" / "step_0000008" / "model.safetensors")) for r in (full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

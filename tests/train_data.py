@@ -70,3 +70,23 @@ def make_data(out, rows: int = 256, val_rows: int = 32, seq_len: int = 32, words
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def eight_steps_and_a_resume_from_the_fourth(tmp_path: Path, overrides: list[str]) -> tuple[Path, Path]:
+    """Train the tiny preset (plus `overrides`) 8 steps with checkpoints at 4 and 8 into tmp_path/full; copy it to
+    tmp_path/cut, drop step 8 there and resume from step 4 to 8. Returns (full, cut): a resume that restores every
+    piece of state leaves the two step-8 checkpoints equal."""
+    import shutil
+
+    from maskedlm.train import train
+
+    data = make_data(tmp_path / "data", rows=64, val_rows=0, seq_len=32, words=40, cluster=4)
+    args = [*overrides, "train.max_steps=8", "checkpoint.every_steps=4", "checkpoint.keep=5",
+            "train.log_every_steps=1000", "eval.every_steps=0", "train.precision=fp32"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train("tiny", data, full, args)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_0000008")
+    (cut / "checkpoints" / "latest").write_text("step_0000004\n")
+    train(None, data, cut, resume=True)
+    return full, cut
