@@ -121,8 +121,9 @@ class MuonAdamW:
     semi-orthogonal matrix (five Newton-Schulz iterations) before the step, so every direction of the matrix moves at
     the same rate. With Moonshot's scaling ("Muon is Scalable for LLM Training", Liu et al. 2025: the update's RMS
     matched to AdamW's, `adjust_lr_fn="match_rms_adamw"`) optim.lr and optim.weight_decay mean what they mean for
-    AdamW. Embedding and output rows are looked up one token at a time, not used as one linear map, and take AdamW, as
-    Muon's authors advise. The matrices must be whole on every rank: FSDP2's shards are refused.
+    AdamW. The embedding (a table read row by row) and the output layer (rows for tokens of very different
+    frequencies) take AdamW, as Muon's authors advise. The matrices must be whole on every rank: FSDP2's shards are
+    refused.
 
     Two torch optimizers behind one interface: `param_groups` lists both optimizers' groups, which the schedule sets
     to one LR (a higher LR for the matrices alone did no better: bench/RESULTS.md), and `optimizers` hands both to
