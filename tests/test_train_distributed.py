@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.micro_batch_rows=4", "eval.every_steps=3", "train.log_every_steps=1000"]
 
 
-def _run(args, nproc=1):
+def _run(args, nproc=1, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
     done = subprocess.run([*launcher, "-m", "maskedlm", "train", *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
@@ -60,14 +61,14 @@ def test_two_processes_equal_one_process_with_accumulation_and_resume_across_wor
     atol = 1e-3 if optim == "muon" else 1e-5
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol)
-    # the periodic evaluations (sharded over the 2 ranks) score the same rows and positions, at weights within 1e-5
+    # the periodic evaluations (sharded over the 2 ranks) score the same rows and positions, at weights within atol
     ev1, ev2 = _evals(tmp_path / "one"), _evals(tmp_path / "two")
     assert [e["step"] for e in ev1] == [e["step"] for e in ev2] == [3, 6]
     for e1, e2 in zip(ev1, ev2):
         assert (e2["val_rows"], e2["val_tokens"]) == (e1["val_rows"], e1["val_tokens"]) == (16, e1["val_tokens"])
         assert e2["val_loss"] == pytest.approx(e1["val_loss"], rel=1e-4)
     # the 2-process run's step-3 checkpoint, resumed by 1 process, continues as the 2-process run did ...
-    _resume_from(tmp_path / "two", tmp_path / "two_then_one", 3, data, nproc=1)  # (Muon's state in one file too)
+    _resume_from(tmp_path / "two", tmp_path / "two_then_one", 3, data, nproc=1)
     c = _weights(tmp_path / "two_then_one", 6)
     for k in a:
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=atol)
@@ -82,11 +83,8 @@ def test_two_processes_equal_one_process_with_accumulation_and_resume_across_wor
 def test_muon_under_fsdp2_is_refused_in_one_line(tmp_path):
     """Muon orthogonalises whole matrices; FSDP2 gives each rank a shard of each."""
     data = make_data(tmp_path / "data", rows=64, val_rows=0, seq_len=32)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "maskedlm",
-                           "train", "--config", "tiny", "--data", str(data), "--out", str(tmp_path / "r"),
-                           "optim.name=muon", "train.parallel=fsdp2", "train.max_steps=2", *COMMON],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = _run(["--config", "tiny", "--data", str(data), "--out", str(tmp_path / "r"), "optim.name=muon",
+                 "train.parallel=fsdp2", "train.max_steps=2", *COMMON], nproc=2, check=False)
     assert done.returncode != 0
     assert "optim.name=muon orthogonalises whole matrices and cannot step FSDP2's shards" in done.stderr
 
