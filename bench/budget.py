@@ -55,6 +55,8 @@ VARIANTS = {
     "wd0": ("optim.weight_decay=0",),
     "L2": ("model.layers=2",),
     "L6": ("model.layers=6",),
+    "L3": ("model.layers=3",),
+    "h6": ("model.heads=6",),  # after H192: six 32-wide heads
     "H192": ("model.hidden=192", "model.heads=3", "model.intermediate=288"),
     "H128": ("model.hidden=128", "model.heads=2", "model.intermediate=192"),
     "H384": ("model.hidden=384", "model.heads=6", "model.intermediate=576"),
@@ -254,7 +256,7 @@ def _rate_of(data_dir: Path, overrides: list[str], a) -> float:
 # ---- driver --------------------------------------------------------------------------------------------------------
 
 def parse_variant(spec: str) -> tuple[str, tuple]:
-    """NAME (from VARIANTS) or NAME=ov1,ov2,... (ad hoc; '+' joins VARIANTS names, e.g. lr2e-3+decay0.4)."""
+    """NAME (from VARIANTS) or NAME:ov1,ov2,... (ad hoc; '+' joins VARIANTS names, e.g. lr2e-3+decay0.4)."""
     if ":" in spec:
         name, ovs = spec.split(":", 1)
         return name, tuple(o for o in ovs.split(",") if o)

@@ -17,13 +17,15 @@ from maskedlm import distributed as dist
 from maskedlm.errors import UserError
 
 # Candidate shapes of the modern family (ModernBERT's GeGLU width 1.5 × hidden, 64-wide heads), smallest first.
-# H192/L4 and H256/L4 (modern-mini) were measured against each other (bench/RESULTS.md "Quality per compute"); the
-# two larger ones are there for faster machines and longer budgets, where the rule, not a measurement, picks them.
-CANDIDATES = ((192, 4), (256, 4), (384, 6), (512, 8))  # (hidden, layers)
+# H128/L4, H192/L4 and H256/L4 (modern-mini) were measured against each other (bench/RESULTS.md "Quality per
+# compute"); the two larger ones are there for faster machines and longer budgets, where the rule, not a
+# measurement, picks them.
+CANDIDATES = ((128, 4), (192, 4), (256, 4), (384, 6), (512, 8))  # (hidden, layers)
 # The least tokens per non-embedding parameter a budget must give a shape before the rule prefers it to a smaller
-# one. H192 beat H256 at equal time where H256 got 0.34 to 3.24 tokens per parameter (the demo at 1, 2 and 10 idle
-# minutes' worth of tokens, and 1.32 in 5 real idle minutes at 2 threads: 3.872 against 3.961 nats): the threshold
-# must be above those. 4 is the least round value that agrees; nothing above was measured.
+# one. H192 beat H256 at equal time where H256 got 0.34 to 3.24 tokens per parameter (AdamW: the demo at 1, 2 and 10
+# idle minutes' worth of tokens, and 1.32 in 5 real idle minutes at 2 threads: 3.872 against 3.961 nats), and with
+# Muon H128 beat H192 where H192 got 1.5 and 3.8 (2 and 5 idle minutes of tokens: 3.995 against 4.18, 3.606 against
+# 3.654): the threshold must be above those. 4 is the least round value that agrees; nothing above was measured.
 TOKENS_PER_PARAM = 4.0
 # The optimizer, rows per step and LR: Muon (AdamW for embeddings and norms) at 32 rows and lr 4e-3 beat AdamW at 16
 # rows and lr 1e-3 (the best AdamW recipe: 16 rows beat 32 and 8, 1e-3 beat 7e-4 and 2e-3) by 0.14 nats in 5 real
