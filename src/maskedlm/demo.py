@@ -54,9 +54,9 @@ class _Mode:
 # RoPE, 30% masking) at the width its rule picks for the budget on this machine, trained with Muon (AdamW for embeddings
 # and norms) at 32 rows per step and lr 4e-3, 30 warmup steps and warmup-stable-decay (peak LR until the last 20% of
 # the time; Hu et al. 2024, MiniCPM), because minutes on a CPU are hundreds of steps, unknown in advance. On an idle
-# 2-core CPU the rule picks hidden 192 for 5 minutes: in 5 real minutes that reached 3.77 nats on the held-out play
-# against 3.91 with AdamW at 16 rows and 3.99 for the demo's earlier modern-mini at 32 rows (bench/RESULTS.md, "Quality
-# per compute"). An 8k WordPiece vocabulary: the corpus is ~1.3M tokens, so a larger one would leave most rows of the
+# 2-core CPU the rule picks hidden 128 for 5 minutes: in 5 real minutes that reached 3.62 nats on the held-out play
+# against 3.77 at hidden 192 and 3.99 for the demo's earlier modern-mini with AdamW (bench/RESULTS.md, "Quality per
+# compute", phases 7 and 8). An 8k WordPiece vocabulary: the corpus is ~1.3M tokens, so a larger one would leave most rows of the
 # embedding matrix nearly untrained in 5 minutes. Not bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the
 # unigram plateau (every mask gets the same top-5 by frequency), while modern-mini leaves it within 100-150 steps
 # (docs/runs.md).
