@@ -45,7 +45,8 @@ def _tokens(rates: dict, minutes: float, seq_len: int = 128) -> dict:
     # the demo's 5 real idle minutes at 2 threads with Muon (bench/RESULTS.md: H192 12,140 tokens/s in a --wall run,
     # H128 1.58x that, H256 9,050): H128 gets 5.75M tokens, 10.3 per parameter; H192 3.64M, 2.91; the measured winner
     ({"H128/L4": 19_150, "H192/L4": 12_140, "H256/L4": 9_050}, 5, "H128/L4"),
-    # 2 minutes: H192 1.2 per parameter (H128 won by 0.16 nats in tokens, 2 seeds); 10 minutes: H192 5.8 (the rule moves on)
+    # 2 minutes: H192 1.2 per parameter (H128 won by 0.16 nats in tokens, 2 seeds); 10 minutes: H192 5.8 (the rule
+    # moves on)
     ({"H128/L4": 19_150, "H192/L4": 12_140, "H256/L4": 9_050}, 2, "H128/L4"),
     ({"H128/L4": 19_150, "H192/L4": 12_140, "H256/L4": 9_050}, 10, "H192/L4"),
     # 20 minutes: H256 4.9 per parameter (the rule, not a measurement, moves to it here)

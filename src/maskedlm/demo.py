@@ -56,10 +56,10 @@ class _Mode:
 # the time; Hu et al. 2024, MiniCPM), because minutes on a CPU are hundreds of steps, unknown in advance. On an idle
 # 2-core CPU the rule picks hidden 128 for 5 minutes: in 5 real minutes that reached 3.62 nats on the held-out play
 # against 3.77 at hidden 192 and 3.99 for the demo's earlier modern-mini with AdamW (bench/RESULTS.md, "Quality per
-# compute", phases 7 and 8). An 8k WordPiece vocabulary: the corpus is ~1.3M tokens, so a larger one would leave most rows of the
-# embedding matrix nearly untrained in 5 minutes. Not bert-mini: in 5 CPU minutes the post-LN bert-mini stays on the
-# unigram plateau (every mask gets the same top-5 by frequency), while modern-mini leaves it within 100-150 steps
-# (docs/runs.md).
+# compute", phases 7 and 8). An 8k WordPiece vocabulary: the corpus is ~1.3M tokens, so a larger one would leave most
+# rows of the embedding matrix nearly untrained in 5 minutes. Not bert-mini: in 5 CPU minutes the post-LN bert-mini
+# stays on the unigram plateau (every mask gets the same top-5 by frequency), while modern-mini leaves it within
+# 100-150 steps (docs/runs.md).
 FULL = _Mode("full", "auto", 8000, 128, 5.0, 0, 0, 6, 40)
 # Quick (CI, under a minute): the tiny preset, six works, 2k vocabulary, 15 seconds of training.
 QUICK = _Mode("quick", "tiny", 2000, 64, 0.25, 6, 64, 3, 8, ("optim.schedule=wsd",))
