@@ -194,6 +194,9 @@ def run_one(a) -> dict:
         init, tokens = run_dir / "p1", a.tokens - t1
     budget = f"train.max_minutes={a.minutes:g}" if a.wall else f"train.max_tokens={tokens}"
     res = _train(train_dir, run_dir / "run", [*common, budget], init_from=init)
+    if res.get("interrupted"):  # a signal stopped it short of its budget: its loss would pose as the budget's
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise SystemExit(f"budget.py: {a.name} was interrupted ({res['interrupted']}) at step {res['step']}; not recorded")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     model, cfg, tok = _load_model(run_dir / "run")
     held = open_data_dir(held_dir)
